@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Both install what is missing first.
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net clean
+
+deps:
+	@bash scripts/install-deps.sh
+
+demo: deps
+	$(PY) -m pyvirtio demo
+
+test: deps lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: deps
+	$(PY) -m pytest tests/unit tests/fuzz $(PYTEST_ARGS)
+
+lint: deps
+	$(PY) -m ruff check src tests benchmarks
+
+typecheck: deps
+	$(PY) -m mypy
+
+bench-blk: deps
+	$(PY) benchmarks/blk_vs_qsd.py
+
+bench-net: deps
+	$(PY) benchmarks/net_vs_bridge.py
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,44 @@
+"""Feature negotiation (VIRTIO 1.x §2.2, §3.1.1), in one place for both sides."""
+
+from __future__ import annotations
+
+from pyvirtio.errors import PeerError
+from pyvirtio.spec import features as F
+
+
+class FeatureError(PeerError):
+    """The driver acknowledged features the device did not offer, or an invalid combination."""
+
+
+def negotiate(device_features: int, driver_supported: int) -> int:
+    """The features a driver should acknowledge: what both sides support.
+
+    The vhost-user-only PROTOCOL_FEATURES bit is never passed to a virtio driver.
+    """
+    return device_features & driver_supported & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
+
+
+def check_acked(offered: int, acked: int) -> None:
+    """Raise :class:`FeatureError` unless ``acked`` is acceptable for a device that offered
+    ``offered``: a subset, and self-consistent (§6: dependencies between transport bits)."""
+    extra = acked & ~offered
+    if extra:
+        raise FeatureError(
+            f"driver acknowledged feature bits that were not offered: {describe(extra)}"
+        )
+    if F.has(acked, F.RING_PACKED) and not F.has(acked, F.VERSION_1):
+        raise FeatureError("RING_PACKED requires VERSION_1")
+
+
+def is_modern(features: int) -> bool:
+    """VERSION_1 negotiated: little-endian, FEATURES_OK step required."""
+    return F.has(features, F.VERSION_1)
+
+
+def describe(features: int, device_names: dict[int, str] | None = None) -> str:
+    """``'INDIRECT_DESC|EVENT_IDX|VERSION_1|bit 5'`` style rendering for logs and errors."""
+    names = []
+    for n in F.bits(features):
+        name = F.NAMES.get(n) or (device_names or {}).get(n) or f"bit {n}"
+        names.append(name)
+    return "|".join(names) or "none"

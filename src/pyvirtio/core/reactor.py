@@ -1,0 +1,35 @@
+"""The event-loop interface devices may use, defined here so devices never import the loop.
+
+:mod:`pyvirtio.io` implements it; a device with an I/O back-end (a console port on a socket,
+a tap, a rate-limited entropy source) registers readers and timers through it. Sans-I/O
+devices never need it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Reactor(Protocol):
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable."""
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (no error if it was not watched)."""
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is writable."""
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop watching ``fd`` for writability."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
+        """Call ``callback`` once after ``delay`` seconds."""
+
+    def time(self) -> float:
+        """The loop's monotonic clock."""

@@ -1,0 +1,351 @@
+"""The device framework: what every pyvirtio device has in common.
+
+A device type subclasses :class:`VirtioDevice`, sets ``device_id`` and its queues, offers its
+feature bits, lays out its config bytes, and implements :meth:`VirtioDevice.handle` for
+descriptor chains. The framework owns the rest: the status state machine, feature
+negotiation, config generation, queue setup from the transport, kick processing with
+notification suppression, and containment of misbehaving drivers (a broken queue puts the
+device into DEVICE_NEEDS_RESET instead of crashing anything).
+
+Transports (loopback, vhost-user, PCI...) drive a device only through the methods in the
+"transport interface" section and receive interrupts through :attr:`VirtioDevice.notify_queue`
+and :attr:`VirtioDevice.notify_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyvirtio.core import features as core_features
+from pyvirtio.core import status as core_status
+from pyvirtio.core.reactor import Reactor
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.memory import GuestMemory
+from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.spec import LE, Endian, ids
+from pyvirtio.spec import features as F
+from pyvirtio.spec import status as S
+
+log = logging.getLogger("pyvirtio.device")
+
+DEFAULT_QUEUE_SIZE = 256
+DEFAULT_TRANSPORT_FEATURES = F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+
+
+class ConfigAccessError(PeerError):
+    """The driver accessed config space out of range or wrote a read-only field."""
+
+
+@dataclass
+class QueueState:
+    """Per-queue transport state before and while a ring runs."""
+
+    max_size: int
+    size: int = 0
+    desc: int = 0
+    avail: int = 0
+    used: int = 0
+    enabled: bool = False
+    ring: DeviceQueue | None = None
+
+
+class VirtioDevice:
+    """Base class of every device implementation (the host side of virtio).
+
+    Subclasses set ``device_id``, pass ``num_queues`` and ``device_features`` to
+    ``__init__``, fill ``self.config`` and implement :meth:`handle`.
+    """
+
+    device_id: int = 0
+    vendor_id: int = 0x1AF4
+    #: names of device-specific feature bits, for logs
+    feature_names: dict[int, str] = {}
+
+    def __init__(
+        self,
+        num_queues: int,
+        device_features: int = 0,
+        *,
+        config_size: int = 0,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        transport_features: int = DEFAULT_TRANSPORT_FEATURES,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or ids.name(self.device_id)
+        self.log = logging.getLogger(f"pyvirtio.device.{self.name}")
+        self.offered_features = device_features | transport_features
+        self.driver_features = 0
+        self.status = 0
+        self.config = bytearray(config_size)
+        self.config_generation = 0
+        self.queues = [QueueState(max_size=queue_size) for _ in range(num_queues)]
+        self.memory: GuestMemory | None = None
+        self.reactor: Reactor | None = None
+        #: set by the transport: raise the queue's interrupt / the config interrupt
+        self.notify_queue: Callable[[int], None] = _ignore_queue
+        self.notify_config: Callable[[], None] = _ignore
+        self.problems: list[str] = []  # every peer misbehaviour seen, newest last
+
+    # ---- what subclasses implement ------------------------------------------------------
+
+    def handle(self, queue: int, chain: DescriptorChain) -> int | None:
+        """Process one chain from ``queue``. Return the bytes written into it to complete it
+        now, or None to complete it later with :meth:`complete` (asynchronous back-ends)."""
+        raise NotImplementedError
+
+    def validate_features(self, features: int) -> str | None:
+        """Return why ``features`` (a subset of the offer) is unacceptable, or None."""
+        return None
+
+    def on_features_ok(self) -> None:
+        """Features are final (:attr:`driver_features`)."""
+
+    def on_driver_ok(self) -> None:
+        """The driver is ready: the device may now use its queues."""
+
+    def on_reset(self) -> None:
+        """The device was reset: drop per-driver state."""
+
+    def on_config_write(self, offset: int, data: bytes) -> None:
+        """The driver wrote config bytes. Default: config space is read-only."""
+        raise ConfigAccessError(
+            f"{self.name}: config offset {offset} (+{len(data)}) is read-only"
+        )
+
+    # ---- helpers for subclasses ---------------------------------------------------------
+
+    def has_feature(self, bit: int) -> bool:
+        """Whether ``bit`` was negotiated."""
+        return bool(self.driver_features >> bit & 1)
+
+    @property
+    def endian(self) -> Endian:
+        """Byte order of rings and config: LE for VERSION_1; legacy is guest-native (we only
+        host little-endian guests, x86 and UML)."""
+        return LE
+
+    def ring(self, queue: int) -> DeviceQueue | None:
+        return self.queues[queue].ring if 0 <= queue < len(self.queues) else None
+
+    def complete(self, queue: int, chain: DescriptorChain | int, written: int,
+                 notify: bool = True) -> None:
+        """Push a chain handled asynchronously; interrupt the driver if it wants one."""
+        ring = self.ring(queue)
+        if ring is None:
+            return  # queue was reset meanwhile: the chain belongs to a dead ring
+        try:
+            ring.push(chain, written)
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+            return
+        if notify and ring.needs_notification():
+            self.notify_queue(queue)
+
+    def update_config(self, offset: int, data: bytes, notify: bool = True) -> None:
+        """Change config bytes from the device side and raise the config interrupt."""
+        self.config[offset : offset + len(data)] = data
+        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+        if notify and self.status & S.DRIVER_OK:
+            self.notify_config()
+
+    def _peer_problem(self, message: str, *, needs_reset: bool = False) -> None:
+        self.problems.append(message)
+        self.log.warning("%s", message)
+        if needs_reset and not self.status & S.DEVICE_NEEDS_RESET:
+            self.status |= S.DEVICE_NEEDS_RESET
+            if self.status & S.DRIVER_OK:
+                self.notify_config()
+
+    # ---- transport interface: features and status ---------------------------------------
+
+    def get_features(self) -> int:
+        return self.offered_features
+
+    def set_driver_features(self, features: int) -> None:
+        """The driver writes its acknowledged features (before FEATURES_OK)."""
+        if self.status & S.FEATURES_OK:
+            self._peer_problem(
+                f"{self.name}: driver wrote features {core_features.describe(features)} after "
+                "FEATURES_OK; ignored"
+            )
+            return
+        self.driver_features = features
+
+    def _features_problem(self) -> str | None:
+        try:
+            core_features.check_acked(self.offered_features, self.driver_features)
+        except core_features.FeatureError as exc:
+            return str(exc)
+        return self.validate_features(self.driver_features)
+
+    def set_status(self, value: int) -> None:
+        """The driver writes the status register."""
+        modern = core_features.is_modern(self.driver_features)
+        problem = None
+        if value & ~self.status & (S.FEATURES_OK | S.DRIVER_OK):
+            problem = self._features_problem()
+        t = core_status.judge(self.status, value, modern=modern, features_acceptable=problem)
+        if t.reset:
+            self.reset()
+            return
+        for p in t.problems:
+            self._peer_problem(f"{self.name}: {p}")
+        self.status = t.accepted
+        if t.features_ok or (t.driver_ok and not modern):
+            self.log.info("%s: features %s", self.name,
+                          core_features.describe(self.driver_features, self.feature_names))
+            self.on_features_ok()
+        if t.driver_ok:
+            self.on_driver_ok()
+        if t.failed:
+            self.log.warning("%s: driver set FAILED", self.name)
+
+    def get_status(self) -> int:
+        return self.status
+
+    def reset(self) -> None:
+        """Back to the initial state: status 0, no features, every queue stopped."""
+        for q in self.queues:
+            q.ring = None
+            q.enabled = False
+            q.size = 0
+            q.desc = q.avail = q.used = 0
+        self.status = 0
+        self.driver_features = 0
+        self.on_reset()
+
+    # ---- transport interface: config space ----------------------------------------------
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > len(self.config):
+            raise ConfigAccessError(
+                f"{self.name}: config read at offset {offset} +{length} is outside the "
+                f"{len(self.config)}-byte config space"
+            )
+        return bytes(self.config[offset : offset + length])
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > len(self.config):
+            raise ConfigAccessError(
+                f"{self.name}: config write at offset {offset} +{len(data)} is outside the "
+                f"{len(self.config)}-byte config space"
+            )
+        self.on_config_write(offset, bytes(data))
+
+    # ---- transport interface: queues ----------------------------------------------------
+
+    @property
+    def num_queues(self) -> int:
+        return len(self.queues)
+
+    def _queue(self, index: int) -> QueueState:
+        if not 0 <= index < len(self.queues):
+            raise PeerError(f"{self.name}: queue {index} does not exist "
+                            f"(the device has {len(self.queues)})")
+        return self.queues[index]
+
+    def start_queue(
+        self,
+        index: int,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+    ) -> DeviceQueue:
+        """Start running queue ``index`` on the given ring addresses (guest-physical).
+
+        Raises :class:`PeerError` (a RingError) if the ring lies outside guest memory or the
+        size is invalid; the queue then stays stopped.
+        """
+        q = self._queue(index)
+        if self.memory is None:
+            raise LocalError(f"{self.name}: queue {index} started before guest memory was set")
+        if size > q.max_size:
+            raise PeerError(f"{self.name}: queue {index} size {size} exceeds the maximum "
+                            f"{q.max_size}")
+        features = self.driver_features
+        ring = DeviceQueue(
+            self.memory, size, desc, avail, used,
+            event_idx=bool(features >> F.EVENT_IDX & 1),
+            indirect=bool(features >> F.INDIRECT_DESC & 1),
+            endian=self.endian,
+            last_avail_idx=last_avail_idx,
+            used_idx=used_idx,
+            name=f"{self.name} queue {index}",
+        )
+        q.size, q.desc, q.avail, q.used = size, desc, avail, used
+        q.ring = ring
+        q.enabled = True
+        self.on_queue_started(index, ring)
+        return ring
+
+    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+        """A queue began running (hook; e.g. flush pending input to a receive queue)."""
+
+    def stop_queue(self, index: int) -> int:
+        """Stop queue ``index``; returns its last_avail_idx (vhost-user GET_VRING_BASE)."""
+        q = self._queue(index)
+        ring = q.ring
+        q.ring = None
+        q.enabled = False
+        if ring is None:
+            return 0
+        self.on_queue_stopped(index, ring)
+        return ring.last_avail_idx
+
+    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+        """A queue stopped running (hook)."""
+
+    def kick(self, index: int) -> None:
+        """The driver notified queue ``index``: process what is available."""
+        q = self.queues[index] if 0 <= index < len(self.queues) else None
+        if q is None:
+            self._peer_problem(f"{self.name}: kick for queue {index}, which does not exist")
+            return
+        ring = q.ring
+        if ring is None or ring.broken:
+            return
+        self.process_queue(index, ring)
+
+    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+        """Drain ``ring`` through :meth:`handle`, with kicks suppressed while we work and the
+        enable-notification race closed (re-check after re-enabling)."""
+        pushed = False
+        try:
+            while True:
+                ring.disable_notifications()
+                while (chain := ring.pop()) is not None:
+                    written = self.handle(index, chain)
+                    if written is not None:
+                        ring.push(chain, written)
+                        pushed = True
+                    if self.queues[index].ring is not ring:
+                        return  # the handler reset the device or stopped this queue
+                if not ring.enable_notifications():
+                    break
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+        except PeerError as exc:
+            # A malformed request (not a malformed ring) that the handler refused to
+            # complete: the chain is lost to the driver, so the device needs a reset.
+            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
+        finally:
+            if pushed and self.queues[index].ring is ring and ring.needs_notification():
+                self.notify_queue(index)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(id={self.device_id}, status={S.describe(self.status)}, "
+                f"features={core_features.describe(self.driver_features)})")
+
+
+def _ignore_queue(index: int) -> None:
+    pass
+
+
+def _ignore() -> None:
+    pass

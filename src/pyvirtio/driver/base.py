@@ -1,0 +1,334 @@
+"""The paper's driver API in Python: config ops, virtqueue ops, and probe by device id.
+
+Layering, as in Linux:
+
+* a *transport* implements :class:`ConfigOps` (``virtio_config_ops``): features, status,
+  config bytes, queue setup and notification, for one device it has found;
+* :class:`Device` (``struct virtio_device``) is the driver's handle on that device and runs
+  the initialisation sequence through the shared status rules;
+* :class:`Virtqueue` (``virtqueue_ops``): add_buf / kick / get_buf / disable_cb / enable_cb,
+  plus the callback the transport calls on an interrupt;
+* :class:`Driver` subclasses register for device ids; :func:`probe` picks one and calls its
+  :meth:`Driver.probe`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from pyvirtio.core import features as core_features
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.memory import GuestMemory
+from pyvirtio.memory.alloc import Allocator
+from pyvirtio.ring import DriverQueue
+from pyvirtio.spec import features as F
+from pyvirtio.spec import ids
+from pyvirtio.spec import split as SP
+from pyvirtio.spec import status as S
+
+log = logging.getLogger("pyvirtio.driver")
+
+Callback = Callable[["Virtqueue"], None]
+
+#: transport features a driver uses when the device offers them
+DEFAULT_DRIVER_TRANSPORT_FEATURES = (
+    F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+)
+
+
+class DeviceRefusedFeatures(PeerError):
+    """The device did not accept FEATURES_OK for the features we acknowledged."""
+
+
+class NoDriverError(LocalError):
+    """No registered driver matches the device id."""
+
+
+class ConfigOps(abc.ABC):
+    """What a transport provides to drivers (Linux ``virtio_config_ops``).
+
+    ``memory`` is guest memory as the driver sees it and ``allocator`` hands out pieces of it
+    for rings and buffers.
+    """
+
+    device_id: int
+    vendor_id: int = 0x1AF4
+    memory: GuestMemory
+    allocator: Allocator
+
+    @abc.abstractmethod
+    def get_features(self) -> int: ...
+
+    @abc.abstractmethod
+    def set_features(self, features: int) -> None: ...
+
+    @abc.abstractmethod
+    def get_status(self) -> int: ...
+
+    @abc.abstractmethod
+    def set_status(self, status: int) -> None: ...
+
+    def reset(self) -> None:
+        self.set_status(0)
+
+    @abc.abstractmethod
+    def read_config(self, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def generation(self) -> int:
+        """The config generation counter (0 on transports without one)."""
+
+    @abc.abstractmethod
+    def queue_max_size(self, index: int) -> int:
+        """The device's maximum size for queue ``index``; 0 if the queue does not exist."""
+
+    @abc.abstractmethod
+    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+        """Tell the device where queue ``index``'s ring is and enable it."""
+
+    @abc.abstractmethod
+    def notify(self, index: int) -> None:
+        """Kick queue ``index``."""
+
+    def bind_queue(self, index: int, vq: Virtqueue) -> None:  # noqa: B027 - optional hook
+        """Remember ``vq`` so interrupts for ``index`` reach its callback."""
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for an interrupt and dispatch it to the queue
+        callbacks. Returns False on timeout. Synchronous transports return at once."""
+        return False
+
+    @property
+    def legacy(self) -> bool:
+        """Whether this is a legacy (pre-1.0) interface: no FEATURES_OK step."""
+        return False
+
+    def vring_layout_contiguous(self) -> int | None:
+        """Legacy transports need the three ring areas contiguous with this alignment."""
+        return None
+
+
+class Virtqueue:
+    """A driver's virtqueue: the paper's five operations plus the callback."""
+
+    def __init__(self, device: Device, index: int, ring: DriverQueue,
+                 callback: Callback | None) -> None:
+        self.device = device
+        self.index = index
+        self.ring = ring
+        self.callback = callback
+
+    def add_buf(self, out_sgs: Sequence[tuple[int, int]], in_sgs: Sequence[tuple[int, int]],
+                token: object) -> int:
+        return self.ring.add_buf(out_sgs, in_sgs, token)
+
+    def kick(self) -> bool:
+        """Notify the device if it wants to be; returns whether it was notified."""
+        if self.ring.kick_prepare():
+            self.device.transport.notify(self.index)
+            return True
+        return False
+
+    def get_buf(self) -> tuple[object, int] | None:
+        return self.ring.get_buf()
+
+    def disable_cb(self) -> None:
+        self.ring.disable_cb()
+
+    def enable_cb(self) -> bool:
+        return self.ring.enable_cb()
+
+    def enable_cb_delayed(self) -> bool:
+        return self.ring.enable_cb_delayed()
+
+    @property
+    def num_free(self) -> int:
+        return self.ring.num_free
+
+    def interrupt(self) -> None:
+        """Called by the transport when the device signals this queue."""
+        if self.callback is not None:
+            self.callback(self)
+
+    def wait_buf(self, timeout: float = 5.0) -> tuple[object, int]:
+        """Poll get_buf, waiting for interrupts in between, until a buffer is used."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.ring.get_buf()
+            if got is not None:
+                return got
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"queue {self.index}: no used buffer within {timeout} s")
+            self.device.transport.wait(min(remaining, 0.5))
+
+
+class Device:
+    """The driver's view of one device (Linux ``struct virtio_device``)."""
+
+    def __init__(self, transport: ConfigOps) -> None:
+        self.transport = transport
+        self.features = 0
+        self.vqs: list[Virtqueue] = []
+
+    @property
+    def device_id(self) -> int:
+        return self.transport.device_id
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.transport.memory
+
+    @property
+    def allocator(self) -> Allocator:
+        return self.transport.allocator
+
+    def has_feature(self, bit: int) -> bool:
+        return bool(self.features >> bit & 1)
+
+    def add_status(self, bit: int) -> None:
+        self.transport.set_status(self.transport.get_status() | bit)
+
+    def reset(self) -> None:
+        self.transport.reset()
+        self.features = 0
+
+    def finalize_features(self, driver_supported: int) -> int:
+        """Acknowledge the common subset; on a modern device set FEATURES_OK and check the
+        device kept it (§3.1.1 step 5-6)."""
+        offered = self.transport.get_features()
+        acked = core_features.negotiate(offered, driver_supported)
+        if self.transport.legacy:
+            acked &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
+        self.transport.set_features(acked)
+        self.features = acked
+        if core_features.is_modern(acked):
+            self.add_status(S.FEATURES_OK)
+            if not self.transport.get_status() & S.FEATURES_OK:
+                self.add_status(S.FAILED)
+                raise DeviceRefusedFeatures(
+                    f"device refused FEATURES_OK for {core_features.describe(acked)}"
+                )
+        return acked
+
+    def read_config(self, offset: int, length: int) -> bytes:
+        """Read config bytes consistently: retry while the generation changes (§2.5.1)."""
+        for _ in range(100):
+            before = self.transport.generation()
+            data = self.transport.read_config(offset, length)
+            if self.transport.generation() == before:
+                return data
+        raise PeerError("config generation kept changing while reading config space")
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.transport.write_config(offset, data)
+
+    def find_vqs(self, count: int, callbacks: Sequence[Callback | None] | None = None,
+                 size: int | None = None) -> list[Virtqueue]:
+        """Set up queues ``0..count-1`` (Linux ``find_vqs``)."""
+        cbs = list(callbacks) if callbacks is not None else [None] * count
+        return [self.setup_vq(i, cbs[i], size) for i in range(count)]
+
+    def setup_vq(self, index: int, callback: Callback | None = None,
+                 size: int | None = None) -> Virtqueue:
+        """Allocate and register queue ``index`` (sized ``size`` or the device maximum)."""
+        t = self.transport
+        max_size = t.queue_max_size(index)
+        if max_size == 0:
+            raise PeerError(f"device has no queue {index}")
+        num = min(size or max_size, max_size)
+        align = t.vring_layout_contiguous()
+        if align is not None:
+            base = t.allocator.alloc(SP.vring_size(num, align), align)
+            layout = SP.LegacyLayout(num, align)
+            desc, avail, used = base + layout.desc, base + layout.avail, base + layout.used
+        else:
+            desc = t.allocator.alloc(SP.desc_table_size(num), SP.DESC_ALIGN)
+            avail = t.allocator.alloc(SP.avail_size(num), SP.AVAIL_ALIGN)
+            used = t.allocator.alloc(SP.used_size(num), 4096)
+        ring = DriverQueue(
+            t.memory, num, desc, avail, used,
+            event_idx=self.has_feature(F.EVENT_IDX),
+            indirect=self.has_feature(F.INDIRECT_DESC),
+            allocator=t.allocator,
+            name=f"{ids.name(self.device_id)} queue {index}",
+        )
+        vq = Virtqueue(self, index, ring, callback)
+        t.bind_queue(index, vq)
+        t.setup_queue(index, ring)
+        self.vqs.append(vq)
+        return vq
+
+    def ready(self) -> None:
+        """Set DRIVER_OK (Linux ``virtio_device_ready``)."""
+        self.add_status(S.DRIVER_OK)
+
+
+class Driver:
+    """Base class of drivers. Subclasses list ``device_ids`` they handle, the device
+    ``features`` they support, and implement :meth:`probe` (set up queues, read config)."""
+
+    device_ids: ClassVar[tuple[int, ...]] = ()
+    vendor_id: ClassVar[int | None] = None
+    features: ClassVar[int] = 0
+    transport_features: ClassVar[int] = DEFAULT_DRIVER_TRANSPORT_FEATURES
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    def probe(self) -> None:
+        """Bring the device up; the device is set DRIVER_OK after this returns."""
+
+    def remove(self) -> None:
+        """Detach: the device is reset after this returns."""
+
+
+_registry: list[type[Driver]] = []
+
+
+def register_driver(cls: type[Driver]) -> type[Driver]:
+    """Class decorator: make ``cls`` eligible for :func:`probe`."""
+    if cls not in _registry:
+        _registry.append(cls)
+    return cls
+
+
+def find_driver(device_id: int, vendor_id: int) -> type[Driver]:
+    for cls in reversed(_registry):  # later registrations override earlier ones
+        if device_id in cls.device_ids and cls.vendor_id in (None, vendor_id):
+            return cls
+    raise NoDriverError(f"no driver registered for device {ids.name(device_id)}")
+
+
+def probe(transport: ConfigOps, driver: type[Driver] | None = None,
+          features: int | None = None) -> Driver:
+    """Initialise the device behind ``transport`` with a matching (or the given) driver,
+    following §3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, probe, DRIVER_OK.
+
+    ``features`` overrides what the driver acknowledges (tests use it to turn EVENT_IDX or
+    INDIRECT off).
+    """
+    device = Device(transport)
+    device.reset()
+    device.add_status(S.ACKNOWLEDGE)
+    cls = driver or find_driver(transport.device_id, transport.vendor_id)
+    device.add_status(S.DRIVER)
+    wanted = features if features is not None else cls.features | cls.transport_features
+    device.finalize_features(wanted)
+    instance = cls(device)
+    try:
+        instance.probe()
+    except BaseException:
+        device.add_status(S.FAILED)
+        raise
+    device.ready()
+    log.info("probed %s with %s: features %s", ids.name(transport.device_id), cls.__name__,
+             core_features.describe(device.features))
+    return instance

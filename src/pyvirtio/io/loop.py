@@ -1,0 +1,170 @@
+"""A small single-threaded event loop over ``selectors`` (epoll on Linux).
+
+It implements :class:`pyvirtio.core.reactor.Reactor` for devices, and runs vhost-user
+servers. Callbacks run one at a time; an exception escaping a callback is logged and the loop
+keeps serving (one misbehaving connection must not stop the others). SIGINT/SIGTERM stop
+``run()`` cleanly when installed with :meth:`EventLoop.stop_on_signals`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger("pyvirtio.io.loop")
+
+Callback = Callable[[], None]
+
+
+class Timer:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.add_reader(self._wake_r, self._drain_wake)
+        self._old_handlers: dict[int, object] = {}
+        self.stop_reason: str | None = None
+
+    # ---- Reactor ------------------------------------------------------------------------
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0
+        )
+        try:
+            key = self._sel.get_key(fd)
+        except KeyError:
+            key = None
+        if events == 0:
+            if key is not None:
+                self._sel.unregister(fd)
+        elif key is None:
+            self._sel.register(fd, events)
+        elif key.events != events:
+            self._sel.modify(fd, events)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        timer = Timer(self.time() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def call_soon(self, callback: Callback) -> Timer:
+        return self.call_later(0.0, callback)
+
+    # ---- running ------------------------------------------------------------------------
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Make ``run()`` return after the current callback (safe from signal handlers and
+        other threads)."""
+        self._stopping = True
+        self.stop_reason = reason
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def stop_on_signals(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Stop the loop on these signals (main thread only)."""
+        for sig in signals:
+            self._old_handlers[sig] = signal.signal(
+                sig, lambda s, _f: self.stop(f"signal {signal.Signals(s).name}")
+            )
+
+    def _run_callback(self, cb: Callback) -> None:
+        try:
+            cb()
+        except Exception:
+            log.exception("callback %r failed; the loop keeps running", cb)
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """Wait for events or the next timer (at most ``timeout`` s) and dispatch them."""
+        now = self.time()
+        if self._timers:
+            delay = max(0.0, self._timers[0][0] - now)
+            timeout = delay if timeout is None else min(timeout, delay)
+        for key, events in self._sel.select(timeout):
+            fd = key.fd
+            if events & selectors.EVENT_READ:
+                cb = self._readers.get(fd)
+                if cb is not None:
+                    self._run_callback(cb)
+            if events & selectors.EVENT_WRITE:
+                cb = self._writers.get(fd)
+                if cb is not None:
+                    self._run_callback(cb)
+        now = self.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._run_callback(timer.callback)
+
+    def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
+        """Serve until :meth:`stop`, until ``until()`` is true, or ``timeout`` seconds."""
+        self._stopping = False
+        deadline = None if timeout is None else self.time() + timeout
+        while not self._stopping:
+            if until is not None and until():
+                return
+            wait = None if deadline is None else deadline - self.time()
+            if wait is not None and wait <= 0:
+                return
+            self.run_once(1.0 if wait is None else min(wait, 1.0))
+
+    def close(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._old_handlers.clear()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._readers.clear()
+        self._writers.clear()
+        self._timers.clear()

@@ -1,0 +1,661 @@
+"""Split virtqueues, both ends, sans-I/O.
+
+:class:`DriverQueue` is what a guest driver runs (Linux ``virtio_ring.c``): it owns the
+descriptor table and the avail ring, adds buffers, decides whether a kick is needed and
+collects used buffers. :class:`DeviceQueue` is what a device runs (vhost, QEMU
+``virtio.c``): it pops descriptor chains from the avail ring, pushes them to the used ring
+and decides whether the driver needs an interrupt.
+
+Both are handed a :class:`~pyvirtio.memory.GuestMemory` and three guest-physical addresses.
+Neither ever notifies, sleeps or opens a file: ``kick_prepare()`` and
+``needs_notification()`` only *answer* whether to notify; the transport does it.
+
+Everything read from shared memory is untrusted. A violation by the peer marks the queue
+broken with a reason naming the descriptor and address (:class:`RingError`); nothing outside
+guest memory is ever read or written, because every access goes through GuestMemory views
+that were bounds-checked when created.
+
+All indices are free-running 16-bit counters (mod 2^16), as in the spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.memory.alloc import Allocator
+from pyvirtio.ring.barrier import full_barrier
+from pyvirtio.ring.chain import DescriptorChain
+from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.spec import LE, Endian
+from pyvirtio.spec import split as S
+
+_NEXT = S.VRING_DESC_F_NEXT
+_WRITE = S.VRING_DESC_F_WRITE
+_INDIRECT = S.VRING_DESC_F_INDIRECT
+U64_LIMIT = 1 << 64
+
+# Upper bound on descriptors in one indirect table. The spec bounds direct chains by the
+# queue size but says nothing for indirect tables; like QEMU and vhost we cap them so a
+# hostile table cannot make us build a huge segment list.
+MAX_INDIRECT_DESCRIPTORS = 4096
+
+
+def _map_area(memory: GuestMemory, addr: int, length: int, what: str) -> memoryview:
+    try:
+        return memory.view(addr, length)
+    except GuestMemoryError as exc:
+        raise RingError(f"{what} at 0x{addr:x} +{length} is outside guest memory: {exc}") from exc
+
+
+def _check_size(size: int) -> None:
+    if not S.is_valid_queue_size(size):
+        raise QueueUsageError(f"queue size {size} is not a power of two in 1..32768")
+
+
+class DeviceQueue:
+    """The device side of a split virtqueue.
+
+    ``last_avail_idx`` is the next avail ring slot to consume; ``used_idx`` the next used
+    ring slot to fill. Both are restored from outside for vhost-user (SET_VRING_BASE) and
+    reconnection; by default ``used_idx`` is read back from the ring itself.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        endian: Endian = LE,
+        last_avail_idx: int = 0,
+        used_idx: int | None = None,
+        name: str = "queue",
+    ) -> None:
+        _check_size(size)
+        self.memory = memory
+        self.size = size
+        self.name = name
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mask = size - 1
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        self._desc = _map_area(memory, desc_addr, S.desc_table_size(size), "descriptor table")
+        self._avail = _map_area(memory, avail_addr, S.avail_size(size), "avail ring")
+        self._used = _map_area(memory, used_addr, S.used_size(size), "used ring")
+        self._desc_struct = S.desc_struct(endian)
+        self._u16 = S.u16_struct(endian)
+        self._elem = S.used_elem_struct(endian)
+        self._used_event_off = S.used_event_offset(size)
+        self._avail_event_off = S.avail_event_offset(size)
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        if used_idx is None:
+            used_idx = self._u16.unpack_from(self._used, 2)[0]
+        self.used_idx = used_idx & 0xFFFF
+        self._signalled_used = self.used_idx
+        self._signalled_valid = False
+        self._kicks_enabled = True
+        self._inflight = bytearray(size)  # 1 while a head is popped and not yet pushed
+        self.broken: str | None = None
+        self.max_indirect = MAX_INDIRECT_DESCRIPTORS
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else "ok"
+        return (f"DeviceQueue({self.name}, size={self.size}, last_avail={self.last_avail_idx}, "
+                f"used={self.used_idx}, {state})")
+
+    # ---- errors -------------------------------------------------------------------------
+
+    def _break(self, reason: str) -> RingError:
+        if self.broken is None:
+            self.broken = f"{self.name}: {reason}"
+        return RingError(self.broken)
+
+    def _check_broken(self) -> None:
+        if self.broken is not None:
+            raise RingError(self.broken)
+
+    # ---- consuming available buffers ----------------------------------------------------
+
+    @property
+    def avail_idx(self) -> int:
+        """The driver's avail->idx as it is in memory now."""
+        idx: int = self._u16.unpack_from(self._avail, 2)[0]
+        return idx
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that were not popped yet."""
+        return (self.avail_idx - self.last_avail_idx) & 0xFFFF
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None when the avail ring is drained.
+
+        Raises :class:`RingError` (and the queue stays broken) on any malformed input.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        last = self.last_avail_idx
+        avail_idx = self._u16.unpack_from(self._avail, 2)[0]
+        pending = (avail_idx - last) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise self._break(
+                f"avail idx {avail_idx} is {pending} entries ahead of last_avail_idx {last}, "
+                f"more than the queue size {self.size}"
+            )
+        slot = last & self._mask
+        head = self._u16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if self.event_idx and self._kicks_enabled:
+            # Ask for a kick only for entries beyond what we have seen (libvhost-user does
+            # the same); saves a notification per request when the driver is ahead.
+            self._u16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+        if head >= self.size:
+            raise self._break(
+                f"avail ring slot {slot} holds descriptor index {head}, beyond the queue "
+                f"size {self.size}"
+            )
+        if self._inflight[head]:
+            raise self._break(f"descriptor {head} was made available again while in flight")
+        chain = self._read_chain(head)
+        self._inflight[head] = 1
+        return chain
+
+    def _read_chain(self, head: int) -> DescriptorChain:
+        memory = self.memory
+        unpack = self._desc_struct.unpack_from
+        table = self._desc
+        table_len = self.size
+        where = "descriptor"  # names the table in error messages
+        idx = head
+        count = 0
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        indirect_seen = False
+        while True:
+            if idx >= table_len:
+                raise self._break(
+                    f"chain {head}: {where} {idx} is beyond the table size {table_len}"
+                )
+            count += 1
+            if count > table_len:
+                raise self._break(
+                    f"chain {head} is longer than its table ({table_len} descriptors): a loop"
+                )
+            addr, length, flags, nxt = unpack(table, 16 * idx)
+            if flags & _INDIRECT:
+                if indirect_seen:
+                    raise self._break(
+                        f"chain {head}: {where} {idx} is INDIRECT inside an indirect table"
+                    )
+                if not self.indirect:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} is INDIRECT but "
+                        "VIRTIO_F_INDIRECT_DESC was not negotiated"
+                    )
+                if flags & _NEXT:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} has both INDIRECT and NEXT"
+                    )
+                if length == 0 or length % S.VRING_DESC_SIZE:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} has an indirect table of {length} "
+                        "bytes, not a positive multiple of 16"
+                    )
+                if length // S.VRING_DESC_SIZE > self.max_indirect:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} has an indirect table of "
+                        f"{length // 16} descriptors, over the limit of {self.max_indirect}"
+                    )
+                if addr + length > U64_LIMIT:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} indirect table 0x{addr:x} +{length} "
+                        "overflows 64 bits"
+                    )
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as exc:
+                    raise self._break(
+                        f"chain {head}: descriptor {idx} points its indirect table outside "
+                        f"guest memory: 0x{addr:x} +{length} ({exc})"
+                    ) from exc
+                table_len = length // S.VRING_DESC_SIZE
+                where = f"indirect descriptor (table of descriptor {idx})"
+                indirect_seen = True
+                idx = 0
+                count = 0
+                continue
+            if length:
+                if addr + length > U64_LIMIT:
+                    raise self._break(
+                        f"chain {head}: {where} {idx} range 0x{addr:x} +{length} overflows "
+                        "64 bits"
+                    )
+                try:
+                    views = memory.views(addr, length)
+                except GuestMemoryError as exc:
+                    raise self._break(
+                        f"chain {head}: {where} {idx} points outside guest memory: "
+                        f"0x{addr:x} +{length}"
+                    ) from exc
+                if flags & _WRITE:
+                    writable += views
+                    wlen += length
+                else:
+                    if writable:
+                        raise self._break(
+                            f"chain {head}: {where} {idx} is readable but follows a writable "
+                            "descriptor"
+                        )
+                    readable += views
+                    rlen += length
+            elif not flags & _WRITE and writable:
+                raise self._break(
+                    f"chain {head}: {where} {idx} is readable but follows a writable descriptor"
+                )
+            if not flags & _NEXT:
+                break
+            idx = nxt
+        return DescriptorChain(head, readable, writable, rlen, wlen)
+
+    # ---- returning used buffers ---------------------------------------------------------
+
+    def push(self, chain: DescriptorChain | int, written: int) -> None:
+        """Return a chain to the driver with the number of bytes written into it."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        head = self._take(chain, written)
+        slot = self.used_idx & self._mask
+        self._elem.pack_into(self._used, 4 + 8 * slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # The element is stored before the index (program order; x86 keeps stores ordered).
+        self._u16.pack_into(self._used, 2, self.used_idx)
+
+    def push_many(self, completions: Iterable[tuple[DescriptorChain | int, int]]) -> int:
+        """Return several chains with one used->idx update; returns how many."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        idx = self.used_idx
+        pack = self._elem.pack_into
+        used = self._used
+        n = 0
+        for chain, written in completions:
+            head = self._take(chain, written)
+            pack(used, 4 + 8 * (idx & self._mask), head, written)
+            idx = (idx + 1) & 0xFFFF
+            n += 1
+        if n:
+            self.used_idx = idx
+            self._u16.pack_into(used, 2, idx)
+        return n
+
+    def _take(self, chain: DescriptorChain | int, written: int) -> int:
+        if isinstance(chain, DescriptorChain):
+            head = chain.head
+            if written > chain.writable_len:
+                raise QueueUsageError(
+                    f"{self.name}: used length {written} for chain {head} exceeds its "
+                    f"{chain.writable_len} writable bytes"
+                )
+        else:
+            head = chain
+        if written < 0:
+            raise QueueUsageError(f"{self.name}: negative used length {written}")
+        if not 0 <= head < self.size or not self._inflight[head]:
+            raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
+        self._inflight[head] = 0
+        return head
+
+    def in_flight(self) -> list[int]:
+        """Heads popped and not yet pushed."""
+        return [i for i, f in enumerate(self._inflight) if f]
+
+    def rewind(self, count: int) -> None:
+        """Un-pop the last ``count`` chains (they are offered again by the next pops).
+
+        Only valid for chains not yet pushed; used when a back-end must give up mid-batch.
+        """
+        for i in range(count):
+            slot = (self.last_avail_idx - 1 - i) & self._mask
+            head = self._u16.unpack_from(self._avail, 4 + 2 * slot)[0]
+            if head < self.size:
+                self._inflight[head] = 0
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
+
+    # ---- notification suppression -------------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call.
+
+        With EVENT_IDX: iff used->idx moved past the driver's used_event. Without: iff
+        something was pushed and the driver did not set VRING_AVAIL_F_NO_INTERRUPT.
+        """
+        new = self.used_idx
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if new == old:
+            return False
+        full_barrier()  # our used->idx store must be visible before we read used_event
+        if self.event_idx:
+            if not valid:
+                return True  # no reference point yet (fresh or restored queue): be safe
+            used_event = self._u16.unpack_from(self._avail, self._used_event_off)[0]
+            return S.vring_need_event(used_event, new, old)
+        flags = self._u16.unpack_from(self._avail, 0)[0]
+        return not flags & S.VRING_AVAIL_F_NO_INTERRUPT
+
+    def disable_notifications(self) -> None:
+        """Tell the driver not to kick (we are polling)."""
+        self._kicks_enabled = False
+        if not self.event_idx:
+            self._u16.pack_into(self._used, 0, S.VRING_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again. Returns True if buffers arrived meanwhile (the device-side
+        mirror of the enable_cb race): the caller must pop again instead of sleeping."""
+        self._kicks_enabled = True
+        if self.event_idx:
+            self._u16.pack_into(self._used, self._avail_event_off, self.last_avail_idx)
+        else:
+            self._u16.pack_into(self._used, 0, 0)
+        full_barrier()
+        return self.avail_idx != self.last_avail_idx
+
+    @property
+    def used_event(self) -> int:
+        idx: int = self._u16.unpack_from(self._avail, self._used_event_off)[0]
+        return idx
+
+    @property
+    def avail_flags(self) -> int:
+        flags: int = self._u16.unpack_from(self._avail, 0)[0]
+        return flags
+
+
+class _InFlight:
+    __slots__ = ("descs", "in_capacity", "indirect_addr", "token")
+
+    def __init__(self, token: object, descs: list[int], in_capacity: int,
+                 indirect_addr: int | None) -> None:
+        self.token = token
+        self.descs = descs
+        self.in_capacity = in_capacity
+        self.indirect_addr = indirect_addr
+
+
+class DriverQueue:
+    """The driver side of a split virtqueue (the paper's virtqueue ops).
+
+    Buffers are scatter-gather lists of ``(guest_physical_address, length)`` pairs. The
+    driver's view of what it has in flight lives here in Python, never re-read from shared
+    memory, so a device scribbling over the descriptor table cannot confuse it.
+    ``allocator`` (needed for indirect descriptors) hands out guest memory for indirect tables.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        allocator: Allocator | None = None,
+        endian: Endian = LE,
+        name: str = "queue",
+    ) -> None:
+        _check_size(size)
+        if indirect and allocator is None:
+            raise QueueUsageError("indirect descriptors need an allocator for their tables")
+        self.memory = memory
+        self.size = size
+        self.name = name
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.allocator = allocator
+        self._mask = size - 1
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        self._desc = _map_area(memory, desc_addr, S.desc_table_size(size), "descriptor table")
+        self._avail = _map_area(memory, avail_addr, S.avail_size(size), "avail ring")
+        self._used = _map_area(memory, used_addr, S.used_size(size), "used ring")
+        self._desc_struct = S.desc_struct(endian)
+        self._u16 = S.u16_struct(endian)
+        self._elem = S.used_elem_struct(endian)
+        self._used_event_off = S.used_event_offset(size)
+        self._avail_event_off = S.avail_event_offset(size)
+        # A fresh ring: the driver owns initialisation of all three areas.
+        self._desc[:] = bytes(len(self._desc))
+        self._avail[:] = bytes(len(self._avail))
+        self._used[:] = bytes(len(self._used))
+        self._free: list[int] = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
+        self._inflight: list[_InFlight | None] = [None] * size
+        self.avail_idx = 0  # shadow of avail->idx
+        self.last_used_idx = 0
+        self._num_added = 0
+        self._avail_flags = 0
+        self.broken: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"DriverQueue({self.name}, size={self.size}, free={len(self._free)}, "
+                f"avail={self.avail_idx}, last_used={self.last_used_idx})")
+
+    def _break(self, reason: str) -> RingError:
+        if self.broken is None:
+            self.broken = f"{self.name}: {reason}"
+        return RingError(self.broken)
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors in the table."""
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers added and not yet returned by get_buf."""
+        return sum(1 for e in self._inflight if e is not None)
+
+    # ---- add ----------------------------------------------------------------------------
+
+    def add_buf(
+        self,
+        out_sgs: Sequence[tuple[int, int]],
+        in_sgs: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int:
+        """Expose a buffer: ``out_sgs`` the device reads, ``in_sgs`` it writes.
+
+        ``token`` comes back from :meth:`get_buf` when the device is done. Returns the head
+        descriptor id. Raises :class:`QueueFullError` without side effects if there is no room.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if token is None:
+            raise QueueUsageError("token must not be None (None means 'nothing used')")
+        total = len(out_sgs) + len(in_sgs)
+        if total == 0:
+            raise QueueUsageError("a buffer needs at least one scatter-gather entry")
+        pack = self._desc_struct.pack_into
+        in_capacity = 0
+        for _, length in in_sgs:
+            in_capacity += length
+        indirect_addr: int | None = None
+        if self.indirect and total > 1 and self.allocator is not None:
+            if not self._free:
+                raise QueueFullError(f"{self.name}: no free descriptor")
+            indirect_addr = self.allocator.alloc(16 * total, 16)
+            table = self.memory.view(indirect_addr, 16 * total)
+            i = 0
+            for addr, length in out_sgs:
+                pack(table, 16 * i, addr, length, _NEXT if i + 1 < total else 0, i + 1)
+                i += 1
+            for addr, length in in_sgs:
+                flags = _WRITE | (_NEXT if i + 1 < total else 0)
+                pack(table, 16 * i, addr, length, flags, i + 1)
+                i += 1
+            head = self._free.pop()
+            pack(self._desc, 16 * head, indirect_addr, 16 * total, _INDIRECT, 0)
+            descs = [head]
+        else:
+            if len(self._free) < total:
+                raise QueueFullError(
+                    f"{self.name}: {total} descriptors needed, {len(self._free)} free"
+                )
+            descs = [self._free.pop() for _ in range(total)]
+            i = 0
+            for addr, length in out_sgs:
+                nxt = descs[i + 1] if i + 1 < total else 0
+                pack(self._desc, 16 * descs[i], addr, length, _NEXT if i + 1 < total else 0, nxt)
+                i += 1
+            for addr, length in in_sgs:
+                nxt = descs[i + 1] if i + 1 < total else 0
+                flags = _WRITE | (_NEXT if i + 1 < total else 0)
+                pack(self._desc, 16 * descs[i], addr, length, flags, nxt)
+                i += 1
+            head = descs[0]
+        self._inflight[head] = _InFlight(token, descs, in_capacity, indirect_addr)
+        # Publish: ring entry first, then the index (stores stay ordered).
+        self._u16.pack_into(self._avail, 4 + 2 * (self.avail_idx & self._mask), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._u16.pack_into(self._avail, 2, self.avail_idx)
+        self._num_added += 1
+        return head
+
+    def kick_prepare(self) -> bool:
+        """Whether the device must be notified about buffers added since the last call.
+
+        Honours VRING_USED_F_NO_NOTIFY, or with EVENT_IDX the device's avail_event.
+        """
+        full_barrier()  # avail->idx must be visible before we read the device's suppression
+        new = self.avail_idx
+        old = (new - self._num_added) & 0xFFFF
+        self._num_added = 0
+        if self.event_idx:
+            avail_event = self._u16.unpack_from(self._used, self._avail_event_off)[0]
+            return S.vring_need_event(avail_event, new, old)
+        flags = self._u16.unpack_from(self._used, 0)[0]
+        return not flags & S.VRING_USED_F_NO_NOTIFY
+
+    # ---- collect used -------------------------------------------------------------------
+
+    @property
+    def used_idx(self) -> int:
+        """The device's used->idx as it is in memory now."""
+        idx: int = self._u16.unpack_from(self._used, 2)[0]
+        return idx
+
+    def has_used(self) -> bool:
+        """Whether get_buf would return something (virtqueue_poll)."""
+        return self.used_idx != self.last_used_idx
+
+    def get_buf(self) -> tuple[object, int] | None:
+        """The next used buffer as ``(token, bytes_written)``, or None.
+
+        Buffers may come back in any order. Raises :class:`RingError` if the device returns
+        an id that is not in flight or claims more bytes than the buffer could hold.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        used_idx = self._u16.unpack_from(self._used, 2)[0]
+        last = self.last_used_idx
+        if used_idx == last:
+            return None
+        ahead = (used_idx - last) & 0xFFFF
+        if ahead > self.size:
+            raise self._break(
+                f"device moved used idx to {used_idx}, {ahead} entries past {last}, more than "
+                f"the queue size {self.size}"
+            )
+        head, written = self._elem.unpack_from(self._used, 4 + 8 * (last & self._mask))
+        entry = self._inflight[head] if head < self.size else None
+        if entry is None:
+            raise self._break(
+                f"device returned id {head} in used slot {last & self._mask}, which is not an "
+                "in-flight buffer"
+            )
+        if written > entry.in_capacity:
+            raise self._break(
+                f"device claims {written} bytes written into buffer {head}, which has only "
+                f"{entry.in_capacity} writable bytes"
+            )
+        self._inflight[head] = None
+        self._free.extend(reversed(entry.descs))
+        if entry.indirect_addr is not None and self.allocator is not None:
+            self.allocator.free(entry.indirect_addr)
+        self.last_used_idx = (last + 1) & 0xFFFF
+        if self.event_idx and not self._avail_flags & S.VRING_AVAIL_F_NO_INTERRUPT:
+            # Interrupt us when the next entry is used (Linux does the same).
+            self._u16.pack_into(self._avail, self._used_event_off, self.last_used_idx)
+        return entry.token, written
+
+    def detach_unused(self) -> list[object]:
+        """After a device reset: take back every buffer still in flight, returning tokens."""
+        tokens = []
+        for head, entry in enumerate(self._inflight):
+            if entry is not None:
+                tokens.append(entry.token)
+                self._inflight[head] = None
+                self._free.extend(reversed(entry.descs))
+                if entry.indirect_addr is not None and self.allocator is not None:
+                    self.allocator.free(entry.indirect_addr)
+        return tokens
+
+    # ---- interrupt suppression (the paper's callback control) ---------------------------
+
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt (we will poll)."""
+        if self._avail_flags & S.VRING_AVAIL_F_NO_INTERRUPT:
+            return
+        self._avail_flags |= S.VRING_AVAIL_F_NO_INTERRUPT
+        if self.event_idx:
+            # An event index the device will not cross for another 65535 buffers.
+            self._u16.pack_into(self._avail, self._used_event_off,
+                                (self.last_used_idx - 1) & 0xFFFF)
+        else:
+            self._u16.pack_into(self._avail, 0, self._avail_flags)
+
+    def enable_cb_prepare(self) -> int:
+        """Re-enable interrupts; returns the opaque index to pass to :meth:`poll`."""
+        if self._avail_flags & S.VRING_AVAIL_F_NO_INTERRUPT:
+            self._avail_flags &= ~S.VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._u16.pack_into(self._avail, 0, self._avail_flags)
+        self._u16.pack_into(self._avail, self._used_event_off, self.last_used_idx)
+        return self.last_used_idx
+
+    def poll(self, last_used_idx: int) -> bool:
+        """Whether buffers were used since :meth:`enable_cb_prepare` returned ``last_used_idx``."""
+        full_barrier()
+        return self.used_idx != last_used_idx
+
+    def enable_cb(self) -> bool:
+        """Re-enable interrupts. Returns False if buffers were used in the meantime (the
+        paper's §3.1 race): the caller must call get_buf again rather than wait."""
+        return not self.poll(self.enable_cb_prepare())
+
+    def enable_cb_delayed(self) -> bool:
+        """Re-enable interrupts but ask for one only after ~3/4 of the outstanding buffers
+        are used (transmit completion batching). Returns False if that many already are."""
+        if self._avail_flags & S.VRING_AVAIL_F_NO_INTERRUPT:
+            self._avail_flags &= ~S.VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._u16.pack_into(self._avail, 0, self._avail_flags)
+        bufs = ((self.avail_idx - self.last_used_idx) & 0xFFFF) * 3 // 4
+        self._u16.pack_into(self._avail, self._used_event_off,
+                            (self.last_used_idx + bufs) & 0xFFFF)
+        full_barrier()
+        return (self.used_idx - self.last_used_idx) & 0xFFFF <= bufs
+
+    @property
+    def avail_event(self) -> int:
+        idx: int = self._u16.unpack_from(self._used, self._avail_event_off)[0]
+        return idx

@@ -1,0 +1,54 @@
+"""Device-independent feature bits (VIRTIO 1.x §6) and legacy transport bits.
+
+Values are bit *numbers*; use ``1 << BIT`` for masks. Bits 0-23 and 50-127 are device-specific.
+"""
+
+NOTIFY_ON_EMPTY = 24  # legacy only
+ANY_LAYOUT = 27  # legacy only; implied by VERSION_1
+INDIRECT_DESC = 28
+EVENT_IDX = 29
+VHOST_USER_PROTOCOL_FEATURES = 30  # vhost-user only: never offered to the driver
+VERSION_1 = 32
+ACCESS_PLATFORM = 33
+RING_PACKED = 34
+IN_ORDER = 35
+ORDER_PLATFORM = 36
+SR_IOV = 37
+NOTIFICATION_DATA = 38
+NOTIF_CONFIG_DATA = 39
+RING_RESET = 40
+
+TRANSPORT_FEATURES_START = 28
+TRANSPORT_FEATURES_END = 41  # exclusive
+
+NAMES = {
+    NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
+    ANY_LAYOUT: "ANY_LAYOUT",
+    INDIRECT_DESC: "INDIRECT_DESC",
+    EVENT_IDX: "EVENT_IDX",
+    VHOST_USER_PROTOCOL_FEATURES: "PROTOCOL_FEATURES",
+    VERSION_1: "VERSION_1",
+    ACCESS_PLATFORM: "ACCESS_PLATFORM",
+    RING_PACKED: "RING_PACKED",
+    IN_ORDER: "IN_ORDER",
+    ORDER_PLATFORM: "ORDER_PLATFORM",
+    SR_IOV: "SR_IOV",
+    NOTIFICATION_DATA: "NOTIFICATION_DATA",
+    NOTIF_CONFIG_DATA: "NOTIF_CONFIG_DATA",
+    RING_RESET: "RING_RESET",
+}
+
+
+def bit(n: int) -> int:
+    """The mask of feature bit ``n``."""
+    return 1 << n
+
+
+def has(features: int, n: int) -> bool:
+    """Whether feature bit ``n`` is set in ``features``."""
+    return bool(features >> n & 1)
+
+
+def bits(features: int) -> list[int]:
+    """The bit numbers set in ``features``, ascending."""
+    return [n for n in range(features.bit_length()) if features >> n & 1]

@@ -1,1 +1,78 @@
+"""Build tiny Linux guests and boot them, for integration tests and demos.
 
+* :mod:`~pyvirtio.guest.image`: a busybox initramfs (pure-Python cpio) with the virtio
+  modules, a generated ``/init`` and the caller's script; cached by content hash.
+* :mod:`~pyvirtio.guest.uml`: User-Mode Linux, any virtio device over vhost-user
+  (``virtio_uml``), ~1.5 s per boot, native speed, host files through hostfs.
+* :mod:`~pyvirtio.guest.qemu`: QEMU TCG with the Debian cloud kernel, virtio PCI,
+  vhost-user blk/net/rng.
+* :mod:`~pyvirtio.guest.base`: what both share: :class:`GuestResult`, console capture,
+  ``PYVIRTIO-*`` markers, timeouts, cleanup of every process.
+
+Example::
+
+    from pyvirtio.guest import UmlGuest, VhostUserDevice
+    r = UmlGuest("result size $(cat /sys/block/vda/size)",
+                 devices=[VhostUserDevice("/tmp/blk.sock", 2)]).run().check()
+
+Only the standard library is used; a missing host package raises
+:class:`MissingDependencyError` naming the Debian package to install.
+"""
+
+from pyvirtio.guest.base import Guest, GuestResult, session_processes
+from pyvirtio.guest.errors import (
+    GuestError,
+    GuestTimeoutError,
+    ImageError,
+    MissingDependencyError,
+)
+from pyvirtio.guest.image import (
+    DEFAULT_MODULES,
+    ExtraFiles,
+    GuestKind,
+    Initramfs,
+    KernelTree,
+    build_initramfs,
+    default_cache_dir,
+    find_busybox,
+    find_qemu_kernel,
+    find_uml_kernel,
+)
+from pyvirtio.guest.qemu import (
+    QemuDevice,
+    QemuGuest,
+    VhostUserBlk,
+    VhostUserNet,
+    VhostUserRng,
+    find_qemu_binary,
+)
+from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary
+
+__all__ = [
+    "DEFAULT_MODULES",
+    "ExtraFiles",
+    "Guest",
+    "GuestError",
+    "GuestKind",
+    "GuestResult",
+    "GuestTimeoutError",
+    "ImageError",
+    "Initramfs",
+    "KernelTree",
+    "MissingDependencyError",
+    "QemuDevice",
+    "QemuGuest",
+    "UmlGuest",
+    "VhostUserBlk",
+    "VhostUserDevice",
+    "VhostUserNet",
+    "VhostUserRng",
+    "build_initramfs",
+    "default_cache_dir",
+    "find_busybox",
+    "find_qemu_binary",
+    "find_qemu_kernel",
+    "find_uml_binary",
+    "find_uml_kernel",
+    "session_processes",
+]

@@ -205,6 +205,42 @@ class VirtioDevice:
     def get_status(self) -> int:
         return self.status
 
+    def accept_features(self, features: int, *, tolerate: int = 0) -> str | None:
+        """Take ``features`` as final in one step, as if the driver wrote them and then
+        FEATURES_OK was accepted (status becomes ACKNOWLEDGE|DRIVER|FEATURES_OK).
+
+        For transports whose front-end does not relay the status register: a vhost-user
+        front-end without the STATUS protocol feature only sends SET_FEATURES, which is final.
+        Sending the same features again is a no-op; different features are refused while a
+        queue runs. ``tolerate`` names bits the device did not offer but accepts anyway
+        because the transport knows the rings implement them (QEMU's vhost-user front-ends
+        pass on guest-acked ring features the back-end never offered). Returns why the
+        features are refused (nothing changes then, the problem is recorded) or None.
+        """
+        if self.status & S.FEATURES_OK and features == self.driver_features:
+            return None
+        problem: str | None
+        if any(q.ring is not None for q in self.queues):
+            problem = (f"{self.name}: features {core_features.describe(features)} set while "
+                       "queues are running")
+        else:
+            try:
+                core_features.check_acked(self.offered_features | (tolerate & features),
+                                          features)
+                problem = self.validate_features(features)
+            except core_features.FeatureError as exc:
+                problem = str(exc)
+        if problem is not None:
+            self._peer_problem(problem)
+            return problem
+        self.driver_features = features
+        self.status = (S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK
+                       | self.status & (S.DEVICE_NEEDS_RESET | S.FAILED))
+        self.log.info("%s: features %s", self.name,
+                      core_features.describe(features, self.feature_names))
+        self.on_features_ok()
+        return None
+
     def reset(self) -> None:
         """Back to the initial state: status 0, no features, every queue stopped."""
         for q in self.queues:
@@ -332,7 +368,10 @@ class VirtioDevice:
             self._peer_problem(str(exc), needs_reset=True)
         except PeerError as exc:
             # A malformed request (not a malformed ring) that the handler refused to
-            # complete: the chain is lost to the driver, so the device needs a reset.
+            # complete: the chain is lost to the driver, so the device needs a reset. The
+            # queue is broken too (as a ring error would): later kicks are ignored.
+            if ring.broken is None:
+                ring.broken = f"{ring.name}: {exc}"
             self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
         finally:
             if pushed and self.queues[index].ring is ring and ring.needs_notification():

@@ -1,3 +1,6 @@
 """Importing this module registers every built-in driver."""
 
-from pyvirtio.driver import rng  # noqa: F401
+from pyvirtio.driver import (
+    blk,  # noqa: F401
+    rng,  # noqa: F401
+)

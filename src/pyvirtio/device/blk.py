@@ -1,0 +1,669 @@
+"""The block device (virtio-blk, VIRTIO 1.x §5.2; Linux ``uapi/linux/virtio_blk.h``).
+
+A request is one descriptor chain: a readable 16-byte header (type, ioprio, sector), then
+data (writable for IN and GET_ID, readable for OUT, DISCARD and WRITE_ZEROES), then one
+writable status byte, the *last* writable byte of the chain.
+
+Three steps, kept apart so storage can be swapped and tested on its own:
+
+1. :func:`parse_request` turns a chain into a :class:`BlkRequest` (zero-copy: the request
+   holds memoryviews into guest memory). A chain that cannot carry a request at all (no
+   writable status byte, header shorter than 16 bytes) raises :class:`BlkFramingError`; the
+   device framework then breaks the queue and sets DEVICE_NEEDS_RESET, as QEMU does.
+2. :meth:`BlkDevice.check` applies the protocol rules (capacity, read-only, alignment,
+   discard limits, negotiated features) and answers IOERR / UNSUPP without touching storage.
+3. A :class:`BlkBackend` runs what is left: synchronously (:meth:`BlkBackend.execute`, the
+   fast path) or asynchronously (:meth:`BlkBackend.submit` with a completion callback, for a
+   future io_uring or thread-pool back-end); the device then writes the status byte and
+   returns the chain with its used length.
+
+The used length is always the whole writable part of the chain: on success the data area is
+filled (IN, GET_ID); on failure, and for writable bytes the request type does not use, the
+device zeroes them first. So "the first ``len`` writable bytes were written" (§2.7.8) holds
+and the status byte is covered by ``len``.
+
+Cache modes (§5.2.6.2): a write is made stable before completion ("writethrough": the
+backend calls ``fdatasync`` after it) when CONFIG_WCE was negotiated and ``writeback`` is 0,
+or when FLUSH was offered but neither FLUSH nor CONFIG_WCE were negotiated. Otherwise the
+driver flushes explicitly. Offering no FLUSH at all (``flush=False``) makes the device fast
+and unsafe across host crashes, which the spec allows only in that configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pyvirtio.device.base import ConfigAccessError, VirtioDevice
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.ring import DescriptorChain, DeviceQueue
+from pyvirtio.ring.chain import gather, scatter, split_segments
+from pyvirtio.spec import LE, ids
+from pyvirtio.spec import blk as B
+
+log = logging.getLogger("pyvirtio.device.blk")
+
+SECTOR_SIZE = B.SECTOR_SIZE
+_OUTHDR = B.outhdr_struct(LE)
+_SEGMENT = B.discard_write_zeroes_struct(LE)
+_OUTHDR_SIZE = B.OUTHDR_SIZE
+_SEGMENT_SIZE = B.DISCARD_WRITE_ZEROES_SIZE
+
+T_IN = B.VIRTIO_BLK_T_IN
+T_OUT = B.VIRTIO_BLK_T_OUT
+T_FLUSH = B.VIRTIO_BLK_T_FLUSH
+T_GET_ID = B.VIRTIO_BLK_T_GET_ID
+T_DISCARD = B.VIRTIO_BLK_T_DISCARD
+T_WRITE_ZEROES = B.VIRTIO_BLK_T_WRITE_ZEROES
+S_OK = B.VIRTIO_BLK_S_OK
+S_IOERR = B.VIRTIO_BLK_S_IOERR
+S_UNSUPP = B.VIRTIO_BLK_S_UNSUPP
+
+#: request types whose data the device reads (everything else: the device writes the data)
+_READABLE_DATA_TYPES = frozenset(
+    {T_OUT, T_DISCARD, T_WRITE_ZEROES, B.VIRTIO_BLK_T_SECURE_ERASE}
+)
+
+# QEMU's defaults: a request of up to 2^22 - 1 sectors (just under 2 GiB).
+DEFAULT_MAX_DISCARD_SECTORS = (1 << 22) - 1
+DEFAULT_MAX_WRITE_ZEROES_SECTORS = (1 << 22) - 1
+DEFAULT_MAX_DISCARD_SEG = 32
+DEFAULT_MAX_WRITE_ZEROES_SEG = 32
+DEFAULT_SIZE_MAX = 1 << 20
+DEFAULT_SERIAL = "pyvirtio-blk"
+
+FEATURE_NAMES = {
+    B.VIRTIO_BLK_F_SIZE_MAX: "SIZE_MAX",
+    B.VIRTIO_BLK_F_SEG_MAX: "SEG_MAX",
+    B.VIRTIO_BLK_F_GEOMETRY: "GEOMETRY",
+    B.VIRTIO_BLK_F_RO: "RO",
+    B.VIRTIO_BLK_F_BLK_SIZE: "BLK_SIZE",
+    B.VIRTIO_BLK_F_FLUSH: "FLUSH",
+    B.VIRTIO_BLK_F_TOPOLOGY: "TOPOLOGY",
+    B.VIRTIO_BLK_F_CONFIG_WCE: "CONFIG_WCE",
+    B.VIRTIO_BLK_F_MQ: "MQ",
+    B.VIRTIO_BLK_F_DISCARD: "DISCARD",
+    B.VIRTIO_BLK_F_WRITE_ZEROES: "WRITE_ZEROES",
+}
+
+_ZEROS = bytes(64 << 10)
+
+
+class BlkFramingError(PeerError):
+    """A chain that cannot be a blk request: the driver broke the framing rules, so the
+    request cannot even be answered with a status byte."""
+
+
+# ---- the parsed request -----------------------------------------------------------------
+
+
+class BlkRequest:
+    """One parsed request, ready for a back-end.
+
+    ``data`` are zero-copy views of the data area (guest memory): the bytes to write for
+    OUT, the buffer to fill for IN and GET_ID, the raw segment array for DISCARD and
+    WRITE_ZEROES. After :meth:`BlkDevice.check` accepted it, ``offset``/``length`` are the
+    byte range of an IN/OUT and ``ranges`` the ``(offset, length, unmap)`` byte ranges of a
+    DISCARD/WRITE_ZEROES, all already inside the capacity. ``sync`` asks the back-end to make
+    a modification stable (fdatasync) before reporting success: writethrough mode.
+    """
+
+    __slots__ = (
+        "chain",
+        "data",
+        "data_len",
+        "error",
+        "length",
+        "offset",
+        "pad",
+        "queue",
+        "ranges",
+        "ring",
+        "sector",
+        "status_view",
+        "sync",
+        "type",
+    )
+
+    def __init__(self, queue: int, chain: DescriptorChain, rtype: int, sector: int,
+                 data: list[memoryview], data_len: int, status_view: memoryview,
+                 pad: list[memoryview] | None) -> None:
+        self.queue = queue
+        self.chain = chain
+        self.type = rtype
+        self.sector = sector
+        self.data = data
+        self.data_len = data_len
+        self.status_view = status_view
+        self.pad = pad  # writable bytes before the status that this type does not fill
+        self.offset = 0
+        self.length = 0
+        self.ranges: list[tuple[int, int, bool]] | None = None
+        self.sync = False
+        self.ring: DeviceQueue | None = None
+        self.error: OSError | None = None
+
+    def __repr__(self) -> str:
+        return (f"BlkRequest(queue={self.queue}, head={self.chain.head}, type={self.type}, "
+                f"sector={self.sector}, data_len={self.data_len})")
+
+
+def parse_request(queue: int, chain: DescriptorChain) -> BlkRequest:
+    """Split a chain into header, data and status byte (no copies, no validation of the
+    request's meaning). Raises :class:`BlkFramingError` for a chain without a writable
+    status byte or with fewer than 16 readable header bytes."""
+    writable = chain.writable
+    if not writable:
+        raise BlkFramingError(
+            f"chain {chain.head} has no writable status byte "
+            f"({chain.readable_len} readable bytes, 0 writable)"
+        )
+    readable = chain.readable
+    first = readable[0] if readable else None
+    if first is not None and len(first) >= _OUTHDR_SIZE:
+        rtype, _ioprio, sector = _OUTHDR.unpack_from(first)
+    elif chain.readable_len >= _OUTHDR_SIZE:
+        rtype, _ioprio, sector = _OUTHDR.unpack(gather(readable, _OUTHDR_SIZE))
+    else:
+        raise BlkFramingError(
+            f"chain {chain.head} has a {chain.readable_len}-byte request header, shorter "
+            f"than the {_OUTHDR_SIZE}-byte virtio_blk_outhdr"
+        )
+    last = writable[-1]
+    status_view = last if len(last) == 1 else last[-1:]
+    if rtype in _READABLE_DATA_TYPES:
+        # Data follows the header in the readable part.
+        if first is not None and len(first) == _OUTHDR_SIZE:
+            data = readable[1:]
+        else:
+            _, data = split_segments(readable, _OUTHDR_SIZE)
+        data_len = chain.readable_len - _OUTHDR_SIZE
+        pad = _before_status(writable, last) if chain.writable_len > 1 else None
+    else:
+        # Data (if any) is the writable part before the status byte.
+        data = _before_status(writable, last)
+        data_len = chain.writable_len - 1
+        pad = None
+    return BlkRequest(queue, chain, rtype, sector, data, data_len, status_view, pad)
+
+
+def _before_status(writable: list[memoryview], last: memoryview) -> list[memoryview]:
+    """The writable views without the final status byte."""
+    if len(last) == 1:
+        return writable[:-1]
+    return [*writable[:-1], last[:-1]]
+
+
+def zero_views(views: Sequence[memoryview]) -> None:
+    """Fill views with zero bytes (error paths only: it copies from a shared zero block)."""
+    zlen = len(_ZEROS)
+    for view in views:
+        n = len(view)
+        pos = 0
+        while pos < n:
+            take = min(zlen, n - pos)
+            view[pos : pos + take] = _ZEROS[:take]
+            pos += take
+
+
+# ---- storage back-ends ------------------------------------------------------------------
+
+#: callback an asynchronous back-end calls when a request is done: (request, status)
+Completion = Callable[[BlkRequest, int], None]
+
+
+class BlkBackend:
+    """The storage behind a :class:`BlkDevice`.
+
+    A back-end sees only requests the device already validated: byte offsets and lengths
+    inside :attr:`size`, aligned to :attr:`block_size`. It raises ``OSError`` for storage
+    failures; :meth:`execute` turns those into IOERR (the guest sees an I/O error, the
+    process keeps running).
+
+    Synchronous back-ends implement the five primitives (:meth:`readv`, :meth:`writev`,
+    :meth:`flush`, :meth:`discard`, :meth:`write_zeroes`). An asynchronous one (io_uring,
+    a thread pool) sets :attr:`asynchronous`, overrides :meth:`submit` to start the I/O and
+    calls ``done(request, status)`` later from the event loop's thread, and makes
+    :meth:`drain` wait for everything in flight (called on device reset, before guest memory
+    may go away).
+    """
+
+    #: whether :meth:`submit` completes later (True) or :meth:`execute` answers at once
+    asynchronous: bool = False
+    read_only: bool = False
+    #: the smallest unit of I/O (offsets and lengths are multiples); >= 512, a power of two
+    block_size: int = SECTOR_SIZE
+    #: physical block size (a hint for the guest: TOPOLOGY)
+    physical_block_size: int = SECTOR_SIZE
+    #: whether discard can give space back (otherwise discards succeed as no-ops)
+    can_discard: bool = False
+
+    @property
+    def size(self) -> int:
+        """Bytes of storage exposed (a multiple of :attr:`block_size`)."""
+        raise NotImplementedError
+
+    def refresh_size(self) -> int:
+        """Re-read the size of the storage (it was resized); returns :attr:`size`."""
+        return self.size
+
+    def readv(self, offset: int, views: Sequence[memoryview], length: int) -> None:
+        """Fill ``views`` (``length`` bytes in total) from ``offset``."""
+        raise NotImplementedError
+
+    def writev(self, offset: int, views: Sequence[memoryview], length: int) -> None:
+        """Store ``views`` (``length`` bytes in total) at ``offset``."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make every completed write stable."""
+        raise NotImplementedError
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give back the space of a range (its contents become unspecified)."""
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make a range read as zeroes; ``unmap`` allows deallocating it."""
+        raise NotImplementedError
+
+    def execute(self, req: BlkRequest) -> int:
+        """Run a validated request now; returns the status byte."""
+        try:
+            rtype = req.type
+            if rtype == T_IN:
+                self.readv(req.offset, req.data, req.length)
+                return S_OK
+            if rtype == T_OUT:
+                self.writev(req.offset, req.data, req.length)
+            elif rtype == T_FLUSH:
+                self.flush()
+                return S_OK
+            elif rtype == T_DISCARD:
+                for offset, length, _ in req.ranges or ():
+                    self.discard(offset, length)
+            elif rtype == T_WRITE_ZEROES:
+                for offset, length, unmap in req.ranges or ():
+                    self.write_zeroes(offset, length, unmap)
+            else:
+                return S_UNSUPP
+            if req.sync:
+                self.flush()
+            return S_OK
+        except OSError as exc:
+            req.error = exc
+            log.warning("blk back-end: %s of %s failed: %s", _type_name(req.type), req, exc)
+            return S_IOERR
+
+    def submit(self, req: BlkRequest, done: Completion) -> None:
+        """Start a request and call ``done(req, status)`` when it finishes. The default
+        runs it synchronously."""
+        done(req, self.execute(req))
+
+    def drain(self) -> None:
+        """Wait until no request is in flight (device reset). Synchronous: nothing to do."""
+
+    def close(self) -> None:
+        """Release the storage."""
+
+
+def _type_name(rtype: int) -> str:
+    return {
+        T_IN: "read",
+        T_OUT: "write",
+        T_FLUSH: "flush",
+        T_GET_ID: "get-id",
+        T_DISCARD: "discard",
+        T_WRITE_ZEROES: "write-zeroes",
+    }.get(rtype, f"type {rtype}")
+
+
+# ---- the device -------------------------------------------------------------------------
+
+
+@dataclass
+class BlkStats:
+    """Counters of completed requests, for tests and benchmarks."""
+
+    reads: int = 0
+    writes: int = 0
+    flushes: int = 0
+    discards: int = 0
+    write_zeroes: int = 0
+    get_ids: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    ioerr: int = 0
+    unsupp: int = 0
+
+
+class BlkDevice(VirtioDevice):
+    """virtio-blk over a :class:`BlkBackend` (or the path of a raw image file).
+
+    Given a path, the device opens it as a raw image (``blk_file.FileBackend``, with
+    ``read_only`` and ``direct`` for O_DIRECT) and closes it in :meth:`close`.
+    ``num_queues`` > 1 offers MQ; every queue is served independently by the same back-end.
+    ``writeback`` is the cache mode after reset when the driver negotiates CONFIG_WCE (it
+    may change it through the config byte). ``read_only`` forces RO even on a writable
+    back-end. ``flush=False`` offers no FLUSH (and then no CONFIG_WCE): writes are never
+    synced, fast and unsafe. ``blk_size`` raises the logical block size (never below the
+    back-end's). The discard and write-zeroes limits are published in config space and
+    enforced: a request beyond them gets IOERR. Every argument is JSON-friendly, so the
+    device can be built in a child process (``ProcessDevicePair``).
+    """
+
+    device_id = ids.BLOCK
+    feature_names = FEATURE_NAMES
+
+    def __init__(
+        self,
+        backend: BlkBackend | str | os.PathLike[str],
+        *,
+        num_queues: int = 1,
+        read_only: bool = False,
+        direct: bool = False,
+        serial: str | bytes = DEFAULT_SERIAL,
+        writeback: bool = True,
+        flush: bool = True,
+        config_wce: bool = True,
+        discard: bool = True,
+        write_zeroes: bool = True,
+        size_max: int = DEFAULT_SIZE_MAX,
+        seg_max: int | None = None,
+        blk_size: int | None = None,
+        opt_io_size: int = 0,
+        max_discard_sectors: int = DEFAULT_MAX_DISCARD_SECTORS,
+        max_discard_seg: int = DEFAULT_MAX_DISCARD_SEG,
+        max_write_zeroes_sectors: int = DEFAULT_MAX_WRITE_ZEROES_SECTORS,
+        max_write_zeroes_seg: int = DEFAULT_MAX_WRITE_ZEROES_SEG,
+        **kwargs: object,
+    ) -> None:
+        if num_queues < 1 or num_queues > 0xFFFF:
+            raise LocalError(f"num_queues must be in 1..65535, not {num_queues}")
+        if config_wce and not flush:
+            # §5.2.5.2: CONFIG_WCE MUST NOT be offered without FLUSH.
+            raise LocalError("CONFIG_WCE requires FLUSH")
+        if isinstance(backend, BlkBackend):
+            self.backend = backend
+            self._owns_backend = False
+        else:
+            from pyvirtio.device.backends.blk_file import FileBackend
+
+            self.backend = FileBackend(backend, read_only=read_only, direct=direct)
+            self._owns_backend = True
+        be = self.backend
+        self.read_only = read_only or be.read_only
+        lbs = max(blk_size or SECTOR_SIZE, be.block_size)
+        if lbs < SECTOR_SIZE or lbs & (lbs - 1) or lbs % be.block_size:
+            self.close()
+            raise LocalError(f"block size {lbs} must be a power of two >= 512 and a multiple "
+                             f"of the back-end's {be.block_size}")
+        self.block_size = lbs
+        self._lbs_mask = lbs - 1
+        self._sector_mask = lbs // SECTOR_SIZE - 1
+        offer_discard = discard and not self.read_only
+        offer_wz = write_zeroes and not self.read_only
+        features = (
+            _bit(B.VIRTIO_BLK_F_SEG_MAX)
+            | _bit(B.VIRTIO_BLK_F_BLK_SIZE)
+            | _bit(B.VIRTIO_BLK_F_TOPOLOGY)
+            | (_bit(B.VIRTIO_BLK_F_SIZE_MAX) if size_max else 0)
+            | (_bit(B.VIRTIO_BLK_F_FLUSH) if flush else 0)
+            | (_bit(B.VIRTIO_BLK_F_CONFIG_WCE) if config_wce else 0)
+            | (_bit(B.VIRTIO_BLK_F_RO) if self.read_only else 0)
+            | (_bit(B.VIRTIO_BLK_F_MQ) if num_queues > 1 else 0)
+            | (_bit(B.VIRTIO_BLK_F_DISCARD) if offer_discard else 0)
+            | (_bit(B.VIRTIO_BLK_F_WRITE_ZEROES) if offer_wz else 0)
+        )
+        super().__init__(num_queues, features, config_size=B.CONFIG_SIZE,
+                         **kwargs)  # type: ignore[arg-type]
+        queue_size = self.queues[0].max_size
+        serial_bytes = serial.encode() if isinstance(serial, str) else bytes(serial)
+        self.serial = serial_bytes[: B.VIRTIO_BLK_ID_BYTES]
+        self.default_writeback = writeback
+        self.max_discard_sectors = max_discard_sectors
+        self.max_discard_seg = max_discard_seg
+        self.max_write_zeroes_sectors = max_write_zeroes_sectors
+        self.max_write_zeroes_seg = max_write_zeroes_seg
+        pbs = max(be.physical_block_size, lbs)
+        self._size = 0
+        self._writethrough = True  # until features are known, the safe mode
+        self.stats = BlkStats()
+        B.config_struct(LE).pack_into(
+            self.config, 0,
+            0,  # capacity, set below
+            size_max,
+            seg_max if seg_max is not None else max(queue_size - 2, 1),
+            0, 0, 0,  # geometry (not offered)
+            lbs,
+            (pbs // lbs).bit_length() - 1,  # physical_block_exp
+            0,  # alignment_offset
+            1,  # min_io_size, in logical blocks
+            opt_io_size,
+            1 if writeback else 0,
+            num_queues,
+            max_discard_sectors,
+            max_discard_seg,
+            max(pbs // SECTOR_SIZE, 1),  # discard_sector_alignment
+            max_write_zeroes_sectors,
+            max_write_zeroes_seg,
+            1 if be.can_discard else 0,  # write_zeroes_may_unmap
+            0, 0, 0,  # secure erase (not offered)
+        )
+        self._set_capacity(notify=False)
+
+    # ---- capacity and cache mode --------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Capacity in 512-byte sectors."""
+        return self._size // SECTOR_SIZE
+
+    def _set_capacity(self, notify: bool) -> None:
+        size = self.backend.refresh_size()
+        size -= size & self._lbs_mask  # whole logical blocks only
+        self._size = size
+        self.update_config(B.CFG_CAPACITY, (size // SECTOR_SIZE).to_bytes(8, "little"),
+                           notify=notify)
+
+    def update_capacity(self) -> None:
+        """Re-read the back-end's size (after a resize) and tell the driver."""
+        self._set_capacity(notify=True)
+
+    @property
+    def writeback(self) -> bool:
+        """The cache mode in the config byte (True: writeback)."""
+        return bool(self.config[B.CFG_WRITEBACK])
+
+    @property
+    def writethrough(self) -> bool:
+        """Whether every modification is made stable before it completes."""
+        return self._writethrough
+
+    def _update_cache_mode(self) -> None:
+        offered_flush = bool(self.offered_features >> B.VIRTIO_BLK_F_FLUSH & 1)
+        if not offered_flush:
+            self._writethrough = False  # no FLUSH offered: explicitly unsafe (spec note)
+        elif self.has_feature(B.VIRTIO_BLK_F_CONFIG_WCE):
+            self._writethrough = not self.config[B.CFG_WRITEBACK]
+        else:
+            self._writethrough = not self.has_feature(B.VIRTIO_BLK_F_FLUSH)
+
+    def on_features_ok(self) -> None:
+        if self.has_feature(B.VIRTIO_BLK_F_CONFIG_WCE):
+            if not self.has_feature(B.VIRTIO_BLK_F_FLUSH):
+                self.config[B.CFG_WRITEBACK] = 0  # §5.2.5.2: MUST start writethrough
+        else:
+            # Not configurable: show the mode the spec implies.
+            self.config[B.CFG_WRITEBACK] = 1 if self.has_feature(B.VIRTIO_BLK_F_FLUSH) else 0
+        self._update_cache_mode()
+
+    def on_config_write(self, offset: int, data: bytes) -> None:
+        if (offset == B.CFG_WRITEBACK and len(data) == 1
+                and self.has_feature(B.VIRTIO_BLK_F_CONFIG_WCE)):
+            self.config[B.CFG_WRITEBACK] = 1 if data[0] else 0
+            self._update_cache_mode()
+            self.log.info("%s: cache mode %s", self.name,
+                          "writethrough" if self._writethrough else "writeback")
+            return
+        raise ConfigAccessError(
+            f"{self.name}: config write at offset {offset} +{len(data)}: only the 1-byte "
+            f"writeback field (offset {B.CFG_WRITEBACK}) is writable, and only with "
+            "CONFIG_WCE"
+        )
+
+    def on_reset(self) -> None:
+        self.backend.drain()
+        self.config[B.CFG_WRITEBACK] = 1 if self.default_writeback else 0
+        self._writethrough = True
+
+    def close(self) -> None:
+        """Close the back-end if the device opened it (given a path)."""
+        if self._owns_backend:
+            self.backend.close()
+
+    # ---- requests -----------------------------------------------------------------------
+
+    def handle(self, queue: int, chain: DescriptorChain) -> int | None:
+        req = parse_request(queue, chain)
+        status = self.check(req)
+        if status is None:
+            backend = self.backend
+            if backend.asynchronous:
+                req.ring = self.queues[queue].ring
+                backend.submit(req, self._complete_async)
+                return None
+            status = backend.execute(req)
+        return self.finish(req, status)
+
+    def check(self, req: BlkRequest) -> int | None:
+        """Apply the protocol rules. Returns the status to answer now (IOERR, UNSUPP, or OK
+        for requests the device answers itself), or None when the back-end must run it
+        (``offset``/``length``/``ranges``/``sync`` are then set)."""
+        rtype = req.type
+        if rtype == T_IN or rtype == T_OUT:
+            if rtype == T_OUT:
+                if self.read_only:
+                    return S_IOERR
+                req.sync = self._writethrough
+            length = req.data_len
+            sector = req.sector
+            offset = sector * SECTOR_SIZE  # Python ints never wrap: no 64-bit overflow
+            if (length & self._lbs_mask or sector & self._sector_mask
+                    or offset + length > self._size):
+                return S_IOERR
+            req.offset = offset
+            req.length = length
+            return None
+        if rtype == T_FLUSH:
+            return None
+        if rtype == T_GET_ID:
+            return S_OK  # answered by finish()
+        if rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
+            return self._check_segments(req)
+        return S_UNSUPP
+
+    def _check_segments(self, req: BlkRequest) -> int | None:
+        discard = req.type == T_DISCARD
+        feature = B.VIRTIO_BLK_F_DISCARD if discard else B.VIRTIO_BLK_F_WRITE_ZEROES
+        if not self.has_feature(feature):
+            return S_IOERR if self.read_only else S_UNSUPP
+        if self.read_only:
+            return S_IOERR
+        if req.data_len == 0 or req.data_len % _SEGMENT_SIZE:
+            return S_IOERR
+        count = req.data_len // _SEGMENT_SIZE
+        if discard:
+            max_seg, max_sectors = self.max_discard_seg, self.max_discard_sectors
+            allowed_flags = 0
+        else:
+            max_seg, max_sectors = self.max_write_zeroes_seg, self.max_write_zeroes_sectors
+            allowed_flags = B.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+        if count > max_seg:
+            return S_IOERR  # checked first: a hostile driver cannot make us parse megabytes
+        raw = gather(req.data)
+        ranges: list[tuple[int, int, bool]] = []
+        status: int | None = None
+        for i in range(count):
+            sector, num, flags = _SEGMENT.unpack_from(raw, i * _SEGMENT_SIZE)
+            if flags & ~allowed_flags:
+                return S_UNSUPP  # a MUST, whatever else is wrong (§5.2.6.2)
+            offset = sector * SECTOR_SIZE
+            length = num * SECTOR_SIZE
+            if (num > max_sectors or offset + length > self._size
+                    or sector & self._sector_mask or num & self._sector_mask):
+                status = S_IOERR
+            ranges.append((offset, length, bool(flags & B.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)))
+        if status is not None:
+            return status  # nothing was touched: all segments are checked before any runs
+        req.ranges = ranges
+        req.sync = self._writethrough
+        return None
+
+    def finish(self, req: BlkRequest, status: int) -> int:
+        """Fill what the device owes the driver, write the status byte, count, and return
+        the used length (the whole writable part of the chain)."""
+        stats = self.stats
+        rtype = req.type
+        if status == S_OK:
+            if rtype == T_IN:
+                stats.reads += 1
+                stats.bytes_read += req.length
+            elif rtype == T_OUT:
+                stats.writes += 1
+                stats.bytes_written += req.length
+            elif rtype == T_GET_ID:
+                stats.get_ids += 1
+                zero_views(req.data)
+                scatter(req.data, self.serial)
+            else:
+                if rtype == T_FLUSH:
+                    stats.flushes += 1
+                    if req.data_len:
+                        zero_views(req.data)  # writable bytes a flush does not use
+                elif rtype == T_DISCARD:
+                    stats.discards += 1
+                elif rtype == T_WRITE_ZEROES:
+                    stats.write_zeroes += 1
+                if (rtype != T_FLUSH and self.config[B.CFG_WRITE_ZEROES_MAY_UNMAP]
+                        and not self.backend.can_discard):
+                    # The back-end just learnt it cannot punch holes: say so (§5.2.6.2).
+                    self.update_config(B.CFG_WRITE_ZEROES_MAY_UNMAP, b"\0")
+        else:
+            if status == S_UNSUPP:
+                stats.unsupp += 1
+            else:
+                stats.ioerr += 1
+            if rtype not in _READABLE_DATA_TYPES and req.data_len:
+                zero_views(req.data)  # never leave stale guest bytes claimed as written
+        if req.pad is not None:
+            zero_views(req.pad)
+        req.status_view[0] = status
+        return req.chain.writable_len
+
+    def _complete_async(self, req: BlkRequest, status: int) -> None:
+        ring = self.ring(req.queue)
+        if ring is None or ring is not req.ring:
+            # The queue was reset or restarted while the I/O ran: the chain belongs to a
+            # ring that no longer exists. Dropping it is what a reset means.
+            self.log.info("%s: dropping completion of %r for a queue that was reset",
+                          self.name, req)
+            return
+        self.complete(req.queue, req.chain, self.finish(req, status))
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+__all__ = [
+    "BlkBackend",
+    "BlkDevice",
+    "BlkFramingError",
+    "BlkRequest",
+    "BlkStats",
+    "Completion",
+    "parse_request",
+    "zero_views",
+]

@@ -66,6 +66,8 @@ VIRTIO_PCI_ISR_CONFIG = 0x2
 # ---- modern capabilities ----
 PCI_CAP_ID_VNDR = 0x09
 PCI_CAP_ID_MSIX = 0x11
+PCI_MSIX_FLAGS = 2  # le16 message control, from the MSI-X capability start
+PCI_MSIX_FLAGS_ENABLE = 0x8000
 VIRTIO_PCI_CAP_COMMON_CFG = 1
 VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3

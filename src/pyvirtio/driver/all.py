@@ -2,5 +2,6 @@
 
 from pyvirtio.driver import (
     blk,  # noqa: F401
+    console,  # noqa: F401
     rng,  # noqa: F401
 )

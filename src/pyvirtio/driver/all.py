@@ -3,5 +3,6 @@
 from pyvirtio.driver import (
     blk,  # noqa: F401
     console,  # noqa: F401
+    net,  # noqa: F401
     rng,  # noqa: F401
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from functools import cache
+from typing import NamedTuple
 
 from pyvirtio.spec import LE, Endian
 
@@ -74,6 +75,22 @@ def net_hdr_struct(endian: Endian = LE) -> struct.Struct:
 def net_hdr_mrg_struct(endian: Endian = LE) -> struct.Struct:
     """``struct virtio_net_hdr_mrg_rxbuf``: the 10-byte header plus num_buffers (u16)."""
     return struct.Struct(endian + "BBHHHHH")
+
+
+class NetHdr(NamedTuple):
+    """The fields of ``struct virtio_net_hdr`` that describe a frame (everything but
+    ``num_buffers``, which only says how a received frame was placed in receive buffers).
+
+    Shared by both ends: the device parses it from transmit chains, the driver from receive
+    buffers; back-ends (tap, switch) pass it along with the frame bytes.
+    """
+
+    flags: int = 0
+    gso_type: int = 0
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
 
 
 # struct virtio_net_config field offsets

@@ -1,0 +1,991 @@
+"""The network device (virtio-net, VIRTIO 1.x §5.1).
+
+Queues: receiveq/transmitq pairs (``2*i`` receives, ``2*i + 1`` transmits), then the control
+queue (index 2 without MQ, ``2 * max_queue_pairs`` with it), as Linux ``virtio_net.c`` lays
+them out.
+
+The device is a :class:`~pyvirtio.device.net_endpoint.NetEndpoint`: it is linked to a peer
+(a tap, a switch port, another device) and exchanges frames with it through ``receive``
+(answering DELIVERED, BUSY or DROPPED) and ``peer_ready``.
+
+Transmit: on a kick the device drains the transmit queue with kicks disabled, parses and
+checks each chain's virtio-net header, hands the frame to the peer *zero-copy* (memoryviews
+straight into guest memory, valid only during the call) and returns the chains in batches
+with one used-index update and at most one interrupt per batch, only if the driver wants it
+(EVENT_IDX / NO_INTERRUPT: the suppression of the paper). If the peer answers BUSY the
+chain is un-popped and the queue waits for ``peer_ready``: backpressure, not loss.
+
+Receive: a frame is copied straight from the sender's buffers into receive buffers popped
+from the guest's receive queue; with MRG_RXBUF it may span several, ``num_buffers`` in the
+first header. Used entries are batched: :meth:`NetDevice.receive` with ``flush=False`` only
+queues them, :meth:`NetDevice.flush_rx` publishes the batch with one index update and one
+interrupt. The used length of each buffer is exactly the bytes we wrote into it. Frames
+carrying offloads this guest did not negotiate (partial checksum, TSO) are completed or
+segmented in software (:mod:`pyvirtio.device.net_offload`), so any endpoint may send any
+valid frame to any device: this is why CSUM/HOST_TSO4/HOST_TSO6 can be offered whatever the
+peer is (the tap's kernel and the switch both accept them; the final receiver converts).
+
+Hostile guests: a transmit chain with a truncated header, an invalid offload request or an
+oversized frame is dropped and counted (``stats.tx_errors``); a malformed ring (descriptor
+outside guest memory...) breaks that queue and sets DEVICE_NEEDS_RESET, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import deque
+from dataclasses import dataclass, fields
+
+from pyvirtio.device.base import VirtioDevice
+from pyvirtio.device.net_endpoint import (
+    BROADCAST,
+    ETH_ALEN,
+    ETH_HLEN,
+    Delivery,
+    Frame,
+    FrameSink,
+    NetEndpoint,
+    Offload,
+    format_mac,
+    frame_bytes,
+    link,
+    parse_mac,
+    random_mac,
+)
+from pyvirtio.device.net_offload import OffloadError, complete_checksum, segment_tcp
+from pyvirtio.errors import LocalError
+from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError, gather, scatter
+from pyvirtio.ring.chain import split_segments
+from pyvirtio.spec import features as F
+from pyvirtio.spec import ids
+from pyvirtio.spec import net as N
+from pyvirtio.spec import status as S
+from pyvirtio.spec.net import NetHdr
+
+__all__ = [
+    "Delivery",
+    "Frame",
+    "FrameSink",
+    "NetDevice",
+    "NetEndpoint",
+    "NetHdr",
+    "NetStats",
+    "Offload",
+    "RxFilter",
+    "format_mac",
+    "frame_bytes",
+    "link",
+    "parse_mac",
+]
+
+log = logging.getLogger("pyvirtio.device.net")
+
+#: largest frame accepted: a 64 KiB IP packet (TSO) behind an Ethernet header and a VLAN tag
+MAX_FRAME_LEN = 65535 + ETH_HLEN + 4
+#: MAC table entries per kind before the device falls back to accepting all (QEMU: 64)
+MAC_TABLE_ENTRIES = 64
+#: control commands larger than this are refused (a MAC table of 2 * 10000 entries fits)
+MAX_CTRL_LEN = 1 << 17
+#: transmit chains handled per kick before yielding to the reactor (fairness between guests)
+DEFAULT_TX_BUDGET = 256
+#: transmit completions published together (one used-index update)
+TX_PUSH_BATCH = 64
+
+_HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass
+class NetStats:
+    """Counters of one device, from the guest's point of view."""
+
+    tx_frames: int = 0  # frames the guest transmitted that we handed on
+    tx_bytes: int = 0
+    tx_errors: int = 0  # transmit chains dropped as malformed (header, offload, size)
+    tx_dropped: int = 0  # well-formed frames the peer refused, or no peer connected
+    rx_frames: int = 0  # frames placed in the guest's receive buffers
+    rx_bytes: int = 0
+    rx_dropped: int = 0  # frames we refused: too big for the buffers, link down, bad offload
+    rx_filtered: int = 0  # frames the guest's receive filter (CTRL_RX, MAC table) excluded
+    rx_busy: int = 0  # times we answered BUSY (no receive buffers)
+    rx_converted: int = 0  # frames checksummed or segmented in software for this guest
+    rx_bad_buffers: int = 0  # receive buffers too small to hold even a header: returned empty
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class RxFilter:
+    """The receive filter the driver programs over the control queue (§5.1.6.5.1).
+
+    After reset the device is promiscuous, as QEMU's is: a driver without CTRL_RX receives
+    everything, and Linux turns promiscuity off itself when it opens the interface.
+    """
+
+    promisc: bool = True
+    allmulti: bool = False
+    alluni: bool = False
+    nomulti: bool = False
+    nouni: bool = False
+    nobcast: bool = False
+    unicast: frozenset[bytes] = frozenset()
+    multicast: frozenset[bytes] = frozenset()
+    uni_overflow: bool = False
+    multi_overflow: bool = False
+
+    def accepts(self, dst: bytes, own_mac: bytes) -> bool:
+        if self.promisc:
+            return True
+        if dst[0] & 1:
+            if dst == BROADCAST:
+                return not self.nobcast
+            if self.nomulti:
+                return False
+            return self.allmulti or self.multi_overflow or dst in self.multicast
+        if self.nouni:
+            return False
+        return (self.alluni or self.uni_overflow or dst == own_mac or dst in self.unicast)
+
+
+class _Source:
+    """A read cursor over a frame's segments for copying into receive buffers."""
+
+    __slots__ = ("i", "left", "off", "segs")
+
+    def __init__(self, segs: Frame, length: int) -> None:
+        self.segs = segs
+        self.i = 0
+        self.off = 0
+        self.left = length
+
+    def copy_into(self, dst: memoryview) -> int:
+        """Fill ``dst`` from the cursor; returns the bytes copied."""
+        room = len(dst)
+        done = 0
+        segs = self.segs
+        while done < room and self.left:
+            seg = segs[self.i]
+            avail = len(seg) - self.off
+            if avail <= 0:
+                self.i += 1
+                self.off = 0
+                continue
+            take = min(avail, room - done, self.left)
+            dst[done : done + take] = seg[self.off : self.off + take]
+            done += take
+            self.off += take
+            self.left -= take
+        return done
+
+
+class NetDevice(VirtioDevice, NetEndpoint):
+    """virtio-net.
+
+    ``mac``: the address in config space (random locally administered if None).
+    ``queue_pairs``: > 1 offers MQ. ``offloads``: offer CSUM/GUEST_CSUM/HOST_TSO4/6/
+    GUEST_TSO4/6 and CTRL_GUEST_OFFLOADS. ``mrg_rxbuf``, ``ctrl``: offer MRG_RXBUF and the
+    control queue (CTRL_RX, CTRL_RX_EXTRA, CTRL_MAC_ADDR, GUEST_ANNOUNCE). ``mtu``: offer MTU.
+    ``capture``: a :class:`FrameSink` that sees every frame the guest sends and receives.
+    """
+
+    device_id = ids.NET
+    feature_names = {
+        N.VIRTIO_NET_F_CSUM: "CSUM", N.VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
+        N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS", N.VIRTIO_NET_F_MTU: "MTU",
+        N.VIRTIO_NET_F_MAC: "MAC", N.VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4",
+        N.VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6", N.VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4",
+        N.VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6", N.VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF",
+        N.VIRTIO_NET_F_STATUS: "STATUS", N.VIRTIO_NET_F_CTRL_VQ: "CTRL_VQ",
+        N.VIRTIO_NET_F_CTRL_RX: "CTRL_RX", N.VIRTIO_NET_F_CTRL_RX_EXTRA: "CTRL_RX_EXTRA",
+        N.VIRTIO_NET_F_GUEST_ANNOUNCE: "GUEST_ANNOUNCE", N.VIRTIO_NET_F_MQ: "MQ",
+        N.VIRTIO_NET_F_CTRL_MAC_ADDR: "CTRL_MAC_ADDR",
+    }
+
+    def __init__(
+        self,
+        mac: bytes | str | None = None,
+        *,
+        queue_pairs: int = 1,
+        offloads: bool = True,
+        mrg_rxbuf: bool = True,
+        ctrl: bool = True,
+        mtu: int | None = None,
+        link_up: bool = True,
+        tx_budget: int = DEFAULT_TX_BUDGET,
+        capture: FrameSink | None = None,
+        **kwargs: object,
+    ) -> None:
+        if not 1 <= queue_pairs <= N.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX:
+            raise LocalError(f"queue_pairs must be in 1..32768, not {queue_pairs}")
+        if queue_pairs > 1 and not ctrl:
+            raise LocalError("multiqueue needs the control queue (ctrl=True)")
+        feats = F.bit(N.VIRTIO_NET_F_MAC) | F.bit(N.VIRTIO_NET_F_STATUS)
+        if mrg_rxbuf:
+            feats |= F.bit(N.VIRTIO_NET_F_MRG_RXBUF)
+        if offloads:
+            for b in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
+                      N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6,
+                      N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6):
+                feats |= F.bit(b)
+        if ctrl:
+            for b in (N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX,
+                      N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_GUEST_ANNOUNCE,
+                      N.VIRTIO_NET_F_CTRL_MAC_ADDR):
+                feats |= F.bit(b)
+            if offloads:
+                feats |= F.bit(N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+            if queue_pairs > 1:
+                feats |= F.bit(N.VIRTIO_NET_F_MQ)
+        if mtu is not None:
+            if not 68 <= mtu <= 65535:
+                raise LocalError(f"mtu must be in 68..65535, not {mtu}")
+            feats |= F.bit(N.VIRTIO_NET_F_MTU)
+        num_queues = 2 * queue_pairs + (1 if ctrl else 0)
+        super().__init__(num_queues, feats, config_size=N.CONFIG_SIZE, **kwargs)  # type: ignore[arg-type]
+        self.initial_mac = parse_mac(mac) if mac is not None else random_mac()
+        self.max_queue_pairs = queue_pairs
+        self.mtu = mtu
+        self.tx_budget = tx_budget
+        self.capture = capture
+        self.stats = NetStats()
+        self.last_error: str | None = None  # the newest dropped-frame reason, for humans
+        self._link_up = link_up
+        self._announce = False
+        self._hdr_len = N.NET_HDR_SIZE
+        self._mrg = False
+        self._ctrl_index: int | None = None
+        self._active_pairs = 1
+        self._guest_offloads = Offload.NONE
+        self._host_csum = self._host_tso4 = self._host_tso6 = False
+        self.rx_filter = RxFilter()
+        nq = num_queues
+        self._rx_spare: list[deque[DescriptorChain]] = [deque() for _ in range(nq)]
+        self._rx_pending: list[list[tuple[DescriptorChain, int]]] = [[] for _ in range(nq)]
+        self._rx_waiting = [False] * nq
+        self._tx_active = [False] * nq
+        self._tx_again = [False] * nq
+        self._tx_blocked = [False] * nq
+        self._tx_resume_scheduled = [False] * nq
+        self._fill_config()
+
+    # ---- config space -------------------------------------------------------------------
+
+    @property
+    def mac(self) -> bytes:
+        """The MAC address the driver currently uses (config space)."""
+        return self._mac
+
+    @property
+    def link_up(self) -> bool:
+        return self._link_up
+
+    def _status_word(self) -> int:
+        return ((N.VIRTIO_NET_S_LINK_UP if self._link_up else 0)
+                | (N.VIRTIO_NET_S_ANNOUNCE if self._announce else 0))
+
+    def _fill_config(self) -> None:
+        c = self.config
+        c[N.CFG_MAC : N.CFG_MAC + ETH_ALEN] = self.initial_mac
+        self._mac = self.initial_mac
+        _U16.pack_into(c, N.CFG_STATUS, self._status_word())
+        _U16.pack_into(c, N.CFG_MAX_VIRTQUEUE_PAIRS, self.max_queue_pairs)
+        _U16.pack_into(c, N.CFG_MTU, self.mtu or 1500)
+        _U32.pack_into(c, N.CFG_SPEED, 0xFFFFFFFF)  # SPEED_UNKNOWN
+        c[N.CFG_DUPLEX] = 0xFF  # DUPLEX_UNKNOWN
+
+    def set_link(self, up: bool) -> None:
+        """Carrier up or down; the driver sees a config change (with STATUS)."""
+        if up == self._link_up:
+            return
+        self._link_up = up
+        self.update_config(N.CFG_STATUS, _U16.pack(self._status_word()))
+
+    def announce(self) -> bool:
+        """Ask the guest to announce itself (gratuitous ARP after migration; GUEST_ANNOUNCE).
+        Returns False if the driver did not negotiate it."""
+        if not self.has_feature(N.VIRTIO_NET_F_GUEST_ANNOUNCE) or not self.status & S.DRIVER_OK:
+            return False
+        self._announce = True
+        self.update_config(N.CFG_STATUS, _U16.pack(self._status_word()))
+        return True
+
+    @property
+    def announce_pending(self) -> bool:
+        return self._announce
+
+    def on_config_write(self, offset: int, data: bytes) -> None:
+        # Legacy drivers without CTRL_MAC_ADDR set the MAC by writing config space.
+        if not self.has_feature(F.VERSION_1) and offset + len(data) <= ETH_ALEN:
+            self.config[offset : offset + len(data)] = data
+            self._mac = bytes(self.config[N.CFG_MAC : N.CFG_MAC + ETH_ALEN])
+            return
+        super().on_config_write(offset, data)
+
+    # ---- negotiation --------------------------------------------------------------------
+
+    _DEPENDS = (
+        (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_CSUM),
+        (N.VIRTIO_NET_F_GUEST_TSO6, N.VIRTIO_NET_F_GUEST_CSUM),
+        (N.VIRTIO_NET_F_GUEST_UFO, N.VIRTIO_NET_F_GUEST_CSUM),
+        (N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_CSUM),
+        (N.VIRTIO_NET_F_HOST_TSO6, N.VIRTIO_NET_F_CSUM),
+        (N.VIRTIO_NET_F_HOST_UFO, N.VIRTIO_NET_F_CSUM),
+        (N.VIRTIO_NET_F_CTRL_RX, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_CTRL_VLAN, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_GUEST_ANNOUNCE, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_MQ, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_CTRL_MAC_ADDR, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, N.VIRTIO_NET_F_CTRL_VQ),
+        (N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_CTRL_RX),
+    )
+
+    def validate_features(self, features: int) -> str | None:
+        """Feature dependencies of §5.1.3.1."""
+        for feat, needs in self._DEPENDS:
+            if F.has(features, feat) and not F.has(features, needs):
+                names = self.feature_names
+                return (f"{names.get(feat, feat)} requires {names.get(needs, needs)}, "
+                        "which was not acknowledged")
+        return None
+
+    def on_features_ok(self) -> None:
+        feats = self.driver_features
+        self._mrg = F.has(feats, N.VIRTIO_NET_F_MRG_RXBUF)
+        self._hdr_len = N.net_hdr_size(F.has(feats, F.VERSION_1), self._mrg)
+        self._host_csum = F.has(feats, N.VIRTIO_NET_F_CSUM)
+        self._host_tso4 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO4)
+        self._host_tso6 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO6)
+        self._guest_offloads = Offload.from_guest_features(feats)
+        if F.has(feats, N.VIRTIO_NET_F_CTRL_VQ):
+            pairs = self.max_queue_pairs if F.has(feats, N.VIRTIO_NET_F_MQ) else 1
+            self._ctrl_index = 2 * pairs
+        else:
+            self._ctrl_index = None
+        self._active_pairs = 1
+        if self.peer is not None:
+            self.peer.peer_offloads_changed()
+
+    def on_driver_ok(self) -> None:
+        if self.peer is not None:
+            self.peer.peer_ready()  # frames may have waited for the guest to come up
+        for index, q in enumerate(self.queues):
+            # Transmit kicks before DRIVER_OK were ignored: look at those queues now.
+            if (index % 2 == 1 and index != self._ctrl_index and q.ring is not None
+                    and not q.ring.broken and q.ring.pending()):
+                self._process_tx(index, q.ring)
+
+    def on_reset(self) -> None:
+        nq = self.num_queues
+        for i in range(nq):
+            self._rx_spare[i].clear()
+            self._rx_pending[i].clear()
+        self._rx_waiting = [False] * nq
+        self._tx_blocked = [False] * nq
+        self._tx_again = [False] * nq
+        self._announce = False
+        self._mrg = False
+        self._hdr_len = N.NET_HDR_SIZE
+        self._ctrl_index = None
+        self._active_pairs = 1
+        self._guest_offloads = Offload.NONE
+        self._host_csum = self._host_tso4 = self._host_tso6 = False
+        self.rx_filter = RxFilter()
+        self._fill_config()
+        if self.peer is not None:
+            self.peer.peer_offloads_changed()
+
+    @property
+    def hdr_len(self) -> int:
+        """The negotiated virtio-net header length (10 or 12)."""
+        return self._hdr_len
+
+    @property
+    def active_queue_pairs(self) -> int:
+        return self._active_pairs
+
+    # ---- queue roles --------------------------------------------------------------------
+
+    def _is_rx(self, index: int) -> bool:
+        return index != self._ctrl_index and index % 2 == 0
+
+    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+        self._rx_spare[index].clear()
+        self._rx_pending[index].clear()
+        self._rx_waiting[index] = False
+        self._tx_blocked[index] = False
+        if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
+            self.peer.peer_ready()
+
+    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+        # Publish what was written, then give back the receive buffers popped but unused so
+        # last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed.
+        pending = self._rx_pending[index]
+        spare = self._rx_spare[index]
+        try:
+            if pending:
+                ring.push_many(pending)
+            if spare:
+                ring.rewind(len(spare))
+        except RingError as exc:
+            self._peer_problem(str(exc))
+        pending.clear()
+        spare.clear()
+
+    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+        if index == self._ctrl_index:
+            super().process_queue(index, ring)
+        elif index % 2 == 1:
+            self._process_tx(index, ring)
+        else:
+            self._rx_kick(index, ring)
+
+    # ---- control queue ------------------------------------------------------------------
+
+    def handle(self, queue: int, chain: DescriptorChain) -> int | None:
+        """A control command: {class, command} + data readable, one ack byte writable."""
+        if chain.writable_len < 1:
+            self._peer_problem(f"{self.name}: control command (chain {chain.head}) has no "
+                               "writable ack byte")
+            return 0
+        if chain.readable_len < 2 or chain.readable_len > MAX_CTRL_LEN:
+            ack = N.VIRTIO_NET_ERR
+        else:
+            raw = chain.read()
+            ack = self._control(raw[0], raw[1], raw[2:])
+        chain.write(bytes((ack,)))
+        return 1
+
+    def _control(self, cls: int, cmd: int, data: bytes) -> int:
+        ok, err = N.VIRTIO_NET_OK, N.VIRTIO_NET_ERR
+        if cls == N.VIRTIO_NET_CTRL_RX and self.has_feature(N.VIRTIO_NET_F_CTRL_RX):
+            if len(data) != 1:
+                return err
+            on = bool(data[0])
+            basic = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc",
+                     N.VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
+            extra = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni",
+                     N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+                     N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
+                     N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
+            attr = basic.get(cmd)
+            if attr is None and self.has_feature(N.VIRTIO_NET_F_CTRL_RX_EXTRA):
+                attr = extra.get(cmd)
+            if attr is None:
+                return err
+            setattr(self.rx_filter, attr, on)
+            return ok
+        if cls == N.VIRTIO_NET_CTRL_MAC:
+            if cmd == N.VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(
+                    N.VIRTIO_NET_F_CTRL_RX):
+                return self._mac_table_set(data)
+            if cmd == N.VIRTIO_NET_CTRL_MAC_ADDR_SET and self.has_feature(
+                    N.VIRTIO_NET_F_CTRL_MAC_ADDR):
+                if len(data) != ETH_ALEN:
+                    return err
+                self.config[N.CFG_MAC : N.CFG_MAC + ETH_ALEN] = data
+                self._mac = bytes(data)
+                return ok
+            return err
+        if (cls == N.VIRTIO_NET_CTRL_ANNOUNCE and cmd == N.VIRTIO_NET_CTRL_ANNOUNCE_ACK
+                and self.has_feature(N.VIRTIO_NET_F_GUEST_ANNOUNCE)):
+            if self._announce:
+                self._announce = False
+                self.update_config(N.CFG_STATUS, _U16.pack(self._status_word()), notify=False)
+            return ok
+        if (cls == N.VIRTIO_NET_CTRL_MQ and cmd == N.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+                and self.has_feature(N.VIRTIO_NET_F_MQ)):
+            if len(data) != 2:
+                return err
+            pairs = _U16.unpack(data)[0]
+            if not 1 <= pairs <= self.max_queue_pairs:
+                return err
+            self._active_pairs = pairs
+            return ok
+        if (cls == N.VIRTIO_NET_CTRL_GUEST_OFFLOADS
+                and cmd == N.VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET
+                and self.has_feature(N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)):
+            if len(data) != 8:
+                return err
+            wanted = _U64.unpack(data)[0]
+            guest_bits = (F.bit(N.VIRTIO_NET_F_GUEST_CSUM) | F.bit(N.VIRTIO_NET_F_GUEST_TSO4)
+                          | F.bit(N.VIRTIO_NET_F_GUEST_TSO6) | F.bit(N.VIRTIO_NET_F_GUEST_ECN)
+                          | F.bit(N.VIRTIO_NET_F_GUEST_UFO))
+            if wanted & ~(self.driver_features & guest_bits):
+                return err  # only negotiated receive offloads may be (re-)enabled
+            self._guest_offloads = Offload.from_guest_features(wanted)
+            if self.peer is not None:
+                self.peer.peer_offloads_changed()
+            return ok
+        return err
+
+    def _mac_table_set(self, data: bytes) -> int:
+        tables: list[frozenset[bytes]] = []
+        overflow: list[bool] = []
+        pos = 0
+        for _ in range(2):  # unicast, then multicast
+            if pos + 4 > len(data):
+                return N.VIRTIO_NET_ERR
+            n = _U32.unpack_from(data, pos)[0]
+            pos += 4
+            if n > (len(data) - pos) // ETH_ALEN:
+                return N.VIRTIO_NET_ERR
+            macs = [data[pos + ETH_ALEN * i : pos + ETH_ALEN * (i + 1)] for i in range(n)]
+            pos += ETH_ALEN * n
+            overflow.append(n > MAC_TABLE_ENTRIES)
+            tables.append(frozenset(macs) if n <= MAC_TABLE_ENTRIES else frozenset())
+        if pos != len(data):
+            return N.VIRTIO_NET_ERR
+        f = self.rx_filter
+        f.unicast, f.multicast = tables
+        f.uni_overflow, f.multi_overflow = overflow
+        return N.VIRTIO_NET_OK
+
+    # ---- transmit -----------------------------------------------------------------------
+
+    def _tx_error(self, message: str) -> None:
+        self.stats.tx_errors += 1
+        self.last_error = f"{self.name}: {message}"
+        if self.stats.tx_errors <= 10:  # a hostile guest must not flood the log
+            self.log.warning("%s (frame dropped)", self.last_error)
+
+    def _check_tx_hdr(self, hdr: NetHdr, length: int) -> str | None:
+        if length < ETH_HLEN:
+            return f"frame of {length} bytes is shorter than an Ethernet header"
+        if length > MAX_FRAME_LEN:
+            return f"frame of {length} bytes exceeds {MAX_FRAME_LEN}"
+        if hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if not self._host_csum:
+                return "NEEDS_CSUM set but VIRTIO_NET_F_CSUM was not negotiated"
+            if (hdr.csum_start < ETH_HLEN
+                    or hdr.csum_start + hdr.csum_offset + 2 > length):
+                return (f"checksum start {hdr.csum_start} + offset {hdr.csum_offset} is "
+                        f"outside the {length}-byte frame")
+        gso = hdr.gso_type
+        if gso != N.VIRTIO_NET_HDR_GSO_NONE:
+            if gso == N.VIRTIO_NET_HDR_GSO_TCPV4:
+                allowed = self._host_tso4
+            elif gso == N.VIRTIO_NET_HDR_GSO_TCPV6:
+                allowed = self._host_tso6
+            else:
+                allowed = False  # ECN, UFO, USO: never offered
+            if not allowed:
+                return f"GSO type 0x{gso:x} was not negotiated"
+            if hdr.gso_size == 0:
+                return "GSO frame with gso_size 0"
+            if not hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                return "GSO frame without NEEDS_CSUM"
+        return None
+
+    def _transmit(self, chain: DescriptorChain) -> Delivery:
+        """Hand one transmit chain's frame to the peer (zero-copy)."""
+        hlen = self._hdr_len
+        segs = chain.readable
+        if chain.readable_len < hlen:
+            self._tx_error(f"transmit chain {chain.head} has {chain.readable_len} readable "
+                           f"bytes, less than the {hlen}-byte virtio-net header")
+            return Delivery.DROPPED
+        first = segs[0]
+        if len(first) >= hlen:
+            fields_ = _HDR.unpack_from(first, 0)
+            if len(first) == hlen:
+                frame: list[memoryview] = segs[1:]
+            else:
+                frame = [first[hlen:], *segs[1:]]
+        else:
+            fields_ = _HDR.unpack_from(gather(segs, hlen), 0)
+            frame = split_segments(segs, hlen)[1]
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = fields_
+        # Drivers set only NEEDS_CSUM on transmit (§5.1.6.2); other bits mean nothing here.
+        hdr = NetHdr(flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size,
+                     csum_start, csum_offset)
+        length = chain.readable_len - hlen
+        problem = self._check_tx_hdr(hdr, length)
+        if problem is not None:
+            self._tx_error(f"transmit chain {chain.head}: {problem}")
+            return Delivery.DROPPED
+        peer = self.peer
+        if peer is None:
+            self.stats.tx_dropped += 1
+            return Delivery.DROPPED
+        result = peer.receive(hdr, frame, length, flush=False)
+        if result == Delivery.BUSY:
+            return result
+        if self.capture is not None:
+            self.capture.write_frame(frame, length)
+        self.stats.tx_frames += 1
+        self.stats.tx_bytes += length
+        if result == Delivery.DROPPED:
+            self.stats.tx_dropped += 1
+        return result
+
+    def _process_tx(self, index: int, ring: DeviceQueue) -> None:
+        if self._tx_active[index]:
+            # Re-entered (the peer's peer_ready or a nested kick): the running loop repeats.
+            self._tx_again[index] = True
+            return
+        if not self.status & S.DRIVER_OK:
+            return
+        self._tx_active[index] = True
+        self._tx_blocked[index] = False
+        done: list[tuple[DescriptorChain, int]] = []
+        budget = self.tx_budget if self.reactor is not None else -1
+        yielded = False
+        try:
+            while True:
+                self._tx_again[index] = False
+                ring.disable_notifications()
+                while True:
+                    if budget == 0:
+                        yielded = True
+                        break
+                    chain = ring.pop()
+                    if chain is None:
+                        break
+                    if self._transmit(chain) == Delivery.BUSY:
+                        ring.rewind(1)
+                        self._tx_blocked[index] = True
+                        break
+                    done.append((chain, 0))
+                    budget -= 1
+                    if len(done) >= TX_PUSH_BATCH:
+                        self._publish_tx(index, ring, done)
+                    if self.queues[index].ring is not ring:
+                        return  # the peer reset us meanwhile
+                if self._tx_blocked[index]:
+                    if self._tx_again[index]:
+                        self._tx_blocked[index] = False
+                        continue  # the peer became ready while we were busy
+                    break  # wait for peer_ready; kicks stay off, we know there is work
+                if yielded:
+                    self._schedule_tx(index, ring)
+                    break
+                if not ring.enable_notifications() and not self._tx_again[index]:
+                    break
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+        finally:
+            self._tx_active[index] = False
+            if done and self.queues[index].ring is ring:
+                self._publish_tx(index, ring, done)
+            if self.peer is not None:
+                self.peer.flush_rx()
+
+    def _publish_tx(self, index: int, ring: DeviceQueue,
+                    done: list[tuple[DescriptorChain, int]]) -> None:
+        try:
+            ring.push_many(done)
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+        done.clear()
+        if not ring.broken and ring.needs_notification():
+            self.notify_queue(index)
+
+    def _schedule_tx(self, index: int, ring: DeviceQueue) -> None:
+        """Out of budget: continue on the next loop iteration so other guests get a turn."""
+        if self._tx_resume_scheduled[index] or self.reactor is None:
+            return
+        self._tx_resume_scheduled[index] = True
+
+        def resume() -> None:
+            self._tx_resume_scheduled[index] = False
+            current = self.queues[index].ring
+            if current is ring and not ring.broken:
+                self._process_tx(index, ring)
+
+        self.reactor.call_later(0.0, resume)
+
+    def peer_ready(self) -> None:
+        """The peer can take frames again: resume transmit queues that it blocked."""
+        for index, blocked in enumerate(self._tx_blocked):
+            if blocked:
+                ring = self.queues[index].ring
+                if ring is None or ring.broken:
+                    self._tx_blocked[index] = False
+                    continue
+                self._process_tx(index, ring)
+
+    # ---- receive ------------------------------------------------------------------------
+
+    def rx_offloads(self) -> Offload:
+        return self._guest_offloads
+
+    def _rx_kick(self, index: int, ring: DeviceQueue) -> None:
+        """The driver posted receive buffers. We only asked for this kick when we ran out."""
+        ring.disable_notifications()
+        if self._rx_waiting[index]:
+            self._rx_waiting[index] = False
+            if self.peer is not None:
+                self.peer.peer_ready()
+
+    def _rx_drop(self, reason: str) -> Delivery:
+        self.stats.rx_dropped += 1
+        self.last_error = f"{self.name}: {reason}"
+        return Delivery.DROPPED
+
+    def receive(self, hdr: NetHdr, frame: Frame, length: int, *,
+                flush: bool = True) -> Delivery:
+        """Place a frame in the guest's receive buffers (see the module docstring)."""
+        if not self._link_up:
+            return self._rx_drop("link is down")
+        if not self.status & S.DRIVER_OK or self.status & S.DEVICE_NEEDS_RESET:
+            self.stats.rx_busy += 1
+            return Delivery.BUSY  # on_driver_ok calls peer_ready
+        if length < ETH_HLEN or length > MAX_FRAME_LEN:
+            return self._rx_drop(f"frame of {length} bytes")
+        first = frame[0]
+        dst = bytes(first[:ETH_ALEN]) if len(first) >= ETH_ALEN else frame_bytes(frame, ETH_ALEN)
+        if not self.rx_filter.accepts(dst, self._mac):
+            self.stats.rx_filtered += 1
+            return Delivery.DROPPED
+        guest = self._guest_offloads
+        gso = hdr.gso_type
+        needs_csum = bool(hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM)
+        if gso != N.VIRTIO_NET_HDR_GSO_NONE:
+            wanted = (Offload.TSO4 if gso == N.VIRTIO_NET_HDR_GSO_TCPV4
+                      else Offload.TSO6 if gso == N.VIRTIO_NET_HDR_GSO_TCPV6 else None)
+            if wanted is None or not guest & wanted:
+                return self._receive_converted(hdr, frame, length, flush)
+        elif needs_csum and not guest & Offload.CSUM:
+            return self._receive_converted(hdr, frame, length, flush)
+        if not guest & Offload.CSUM:
+            hdr = NetHdr()  # no GUEST_CSUM: flags must be zero (§5.1.6.4)
+        elif not needs_csum and gso == N.VIRTIO_NET_HDR_GSO_NONE:
+            hdr = NetHdr(hdr.flags & N.VIRTIO_NET_HDR_F_DATA_VALID)
+        return self._place(self._select_rx(frame), hdr, frame, length, flush)
+
+    def _receive_converted(self, hdr: NetHdr, frame: Frame, length: int,
+                           flush: bool) -> Delivery:
+        """Finish an offload the guest did not negotiate, then place the result.
+
+        All resulting frames are placed or none: buffers for every segment are reserved
+        first, so a BUSY answer leaves nothing half-delivered and the sender can retry.
+        """
+        data = bytearray(frame_bytes(frame, length))
+        try:
+            if hdr.gso_type != N.VIRTIO_NET_HDR_GSO_NONE:
+                pieces = segment_tcp(hdr, data)
+            else:
+                complete_checksum(data, hdr.csum_start, hdr.csum_offset)
+                pieces = [bytes(data)]
+        except OffloadError as exc:
+            return self._rx_drop(f"cannot complete offload: {exc}")
+        index = self._select_rx((pieces[0],))  # segments of one flow share a queue
+        ring = self.queues[index].ring
+        if ring is None:
+            self.stats.rx_busy += 1
+            return Delivery.BUSY
+        if ring.broken:
+            return self._rx_drop(f"receive queue {index} is broken")
+        needs = [self._hdr_len + len(p) for p in pieces]
+        spare = self._rx_spare[index]
+        try:
+            while not self._fits(index, ring, needs):
+                if len(spare) >= min(ring.size, 0xFFFF):
+                    break  # the ring can never hold them all at once: place what fits
+                if not self._out_of_buffers(index, ring):
+                    return Delivery.BUSY
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+            return self._rx_drop(f"receive queue {index} broke: {exc}")
+        self.stats.rx_converted += 1
+        out_hdr = (NetHdr(N.VIRTIO_NET_HDR_F_DATA_VALID) if self._guest_offloads & Offload.CSUM
+                   else NetHdr())
+        delivered = 0
+        for i, piece in enumerate(pieces):
+            res = self._place(index, out_hdr, (piece,), len(piece), False)
+            if res == Delivery.BUSY:
+                # Only when the ring is too small for the whole burst: the rest is lost (as
+                # on a wire; TCP retransmits), counted, and nothing stalls.
+                self.stats.rx_dropped += len(pieces) - i
+                break
+            delivered += res == Delivery.DELIVERED
+        if flush:
+            self.flush_rx()
+        return Delivery.DELIVERED if delivered else Delivery.DROPPED
+
+    def _fits(self, index: int, ring: DeviceQueue, needs: list[int]) -> bool:
+        """Whether the receive buffers available now hold frames of ``needs`` bytes (header
+        included), each starting in a fresh buffer as :meth:`_place` will put them."""
+        pos = 0
+        for need in needs:
+            capacity = 0
+            while capacity < need:
+                chain = self._take_chain(index, ring, pos)
+                if chain is None:
+                    return False
+                pos += 1
+                if not self._mrg:
+                    break  # one buffer per frame; a too-small one drops just that frame
+                capacity += chain.writable_len
+        return True
+
+    def _out_of_buffers(self, index: int, ring: DeviceQueue) -> bool:
+        """No room for a frame: publish what was placed (the driver refills on that
+        interrupt) and ask for a kick. True if buffers arrived meanwhile (try again now);
+        False: answer BUSY, and the kick will call the peer's ``peer_ready``."""
+        self.stats.rx_busy += 1
+        self._flush_queue(index)
+        if self.queues[index].ring is not ring or ring.broken:
+            return False
+        if ring.enable_notifications():
+            ring.disable_notifications()
+            return True
+        self._rx_waiting[index] = True
+        return False
+
+    def _select_rx(self, frame: Frame) -> int:
+        """The receive queue for a frame: by flow (addresses and ports) so one flow is
+        never reordered across queues."""
+        pairs = self._active_pairs
+        if pairs == 1:
+            return 0
+        first = frame[0]
+        head = first[:58] if len(first) >= 58 else frame_bytes(frame, 58)
+        ethertype = head[12:14]
+        if ethertype == b"\x08\x00" and len(head) >= 34:
+            ihl = (head[14] & 0x0F) * 4
+            key = bytes(head[23:24]) + bytes(head[26:34]) + bytes(head[14 + ihl : 18 + ihl])
+        elif ethertype == b"\x86\xdd" and len(head) >= 58:
+            key = bytes(head[20:21]) + bytes(head[22:58])
+        else:
+            key = bytes(head[:12])
+        return 2 * (zlib.crc32(key) % pairs)
+
+    def _take_chain(self, index: int, ring: DeviceQueue, pos: int) -> DescriptorChain | None:
+        """The ``pos``-th receive buffer we hold, popping more from the ring as needed."""
+        spare = self._rx_spare[index]
+        while len(spare) <= pos:
+            chain = ring.pop()
+            if chain is None:
+                return None
+            spare.append(chain)
+        return spare[pos]
+
+    def _place(self, index: int, hdr: NetHdr, frame: Frame, length: int,
+               flush: bool) -> Delivery:
+        ring = self.queues[index].ring
+        if ring is None:
+            self.stats.rx_busy += 1
+            return Delivery.BUSY  # on_queue_started calls peer_ready
+        if ring.broken:
+            return self._rx_drop(f"receive queue {index} is broken")
+        hlen = self._hdr_len
+        need = hlen + length
+        spare = self._rx_spare[index]
+        pending = self._rx_pending[index]
+        try:
+            while True:
+                # Pick the chains this frame will fill (nothing is written yet).
+                count = 0
+                capacity = 0
+                short = False
+                while capacity < need:
+                    chain = self._take_chain(index, ring, count)
+                    if chain is None:
+                        short = True
+                        break
+                    if count == 0 and chain.writable_len < (hlen + ETH_HLEN if not self._mrg
+                                                            else hlen):
+                        # Cannot hold even a header: give it back empty (the driver counts a
+                        # length error), rather than letting it block the queue forever.
+                        spare.popleft()
+                        pending.append((chain, 0))
+                        self.stats.rx_bad_buffers += 1
+                        continue
+                    count += 1
+                    capacity += chain.writable_len
+                    if not self._mrg:
+                        break
+                if not short and capacity < need:
+                    # Without MRG_RXBUF a frame needs one buffer big enough (Linux posts
+                    # hdr + 1518 bytes without GUEST_TSO): drop it, keep the buffer.
+                    return self._rx_drop(
+                        f"frame of {length} bytes does not fit the {capacity - hlen}-byte "
+                        "receive buffer (MRG_RXBUF not negotiated)")
+                if not short:
+                    break
+                if len(spare) >= min(ring.size, 0xFFFF):
+                    return self._rx_drop(
+                        f"frame of {length} bytes does not fit all {len(spare)} receive "
+                        "buffers posted")
+                if not self._out_of_buffers(index, ring):
+                    return Delivery.BUSY
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+            return self._rx_drop(f"receive queue {index} broke: {exc}")
+        self._fill(hdr, frame, length, count, spare, pending)
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += length
+        if self.capture is not None:
+            self.capture.write_frame(frame, length)
+        if flush:
+            self._flush_queue(index)
+        return Delivery.DELIVERED
+
+    def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
+              spare: deque[DescriptorChain], pending: list[tuple[DescriptorChain, int]]
+              ) -> None:
+        """Write header and frame into the first ``count`` spare chains; queue their used
+        entries with exactly the bytes written into each."""
+        hlen = self._hdr_len
+        src = _Source(frame, length)
+        for k in range(count):
+            chain = spare.popleft()
+            segs = chain.writable
+            if k == 0:
+                head = segs[0]
+                if len(head) >= hlen:
+                    _HDR.pack_into(head, 0, *hdr)
+                    if hlen == N.NET_HDR_SIZE:
+                        _U16.pack_into(head, N.NET_HDR_SIZE_LEGACY, count)
+                else:
+                    raw = _HDR.pack(*hdr) + (_U16.pack(count) if hlen == N.NET_HDR_SIZE
+                                             else b"")
+                    scatter(segs, raw)
+                skip = hlen
+                written = hlen
+            else:
+                skip = 0
+                written = 0
+            for seg in segs:
+                if src.left == 0:
+                    break
+                n = len(seg)
+                if skip >= n:
+                    skip -= n
+                    continue
+                written += src.copy_into(seg[skip:] if skip else seg)
+                skip = 0
+            pending.append((chain, written))
+
+    def _flush_queue(self, index: int) -> None:
+        pending = self._rx_pending[index]
+        if not pending:
+            return
+        ring = self.queues[index].ring
+        batch = pending[:]
+        pending.clear()
+        if ring is None:
+            return
+        try:
+            ring.push_many(batch)
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+            return
+        if ring.needs_notification():
+            self.notify_queue(index)
+
+    def flush_rx(self) -> None:
+        """Publish every received frame still batched: one used-index update and at most
+        one interrupt per receive queue."""
+        for index, pending in enumerate(self._rx_pending):
+            if pending:
+                self._flush_queue(index)
+
+    def __repr__(self) -> str:
+        return f"NetDevice({self.name}, mac={format_mac(self.mac)}, {super().__repr__()})"

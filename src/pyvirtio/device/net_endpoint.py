@@ -1,0 +1,164 @@
+"""Endpoints that carry Ethernet frames with their virtio-net header, and how they talk.
+
+A :class:`NetEndpoint` is anything frames flow in and out of: a virtio-net device (its
+guest's queues), a tap (the host kernel), a switch port. Two endpoints are joined with
+:func:`link`; each hands frames to its peer with :meth:`NetEndpoint.receive`, which answers
+with a :class:`Delivery`:
+
+* ``DELIVERED`` - taken (copied out: the caller may reuse its buffers at once),
+* ``BUSY`` - no room now; the receiver will call :meth:`NetEndpoint.peer_ready` on the
+  sender when it has room again (a guest posted receive buffers, a socket became writable),
+* ``DROPPED`` - refused for good (filtered, malformed, too big); counted by the receiver.
+
+Frames are sequences of buffers (zero-copy views into a guest's transmit buffers, or bytes)
+plus a :class:`~pyvirtio.spec.net.NetHdr`. Every receiver accepts every *valid* offload
+(partial checksum, TCP segmentation) and completes in software what its own consumer cannot
+take; :meth:`NetEndpoint.rx_offloads` only tells senders that can choose (the kernel behind a
+tap) what is cheapest.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+from pyvirtio.errors import LocalError
+from pyvirtio.spec import features as F
+from pyvirtio.spec import net as N
+from pyvirtio.spec.net import NetHdr
+
+Buffer = bytes | bytearray | memoryview
+#: a frame as a list of segments (zero-copy views into a guest's transmit buffers, or bytes)
+Frame = Sequence[Buffer]
+
+ETH_HLEN = 14
+ETH_ALEN = 6
+BROADCAST = b"\xff" * 6
+
+
+class Delivery(enum.IntEnum):
+    """What :meth:`NetEndpoint.receive` did with a frame."""
+
+    DELIVERED = 0
+    BUSY = 1  # no room now; the receiver calls the sender's peer_ready() later
+    DROPPED = 2  # refused for good and counted by the receiver
+
+
+class Offload(enum.IntFlag):
+    """Offloads a frame may carry (values equal Linux ``TUN_F_*``)."""
+
+    NONE = 0
+    CSUM = 1  # partial checksum (NEEDS_CSUM)
+    TSO4 = 2
+    TSO6 = 4
+
+    @classmethod
+    def from_guest_features(cls, features: int) -> Offload:
+        """The offloads a driver accepts in received frames, from its GUEST_* bits."""
+        out = cls.NONE
+        if F.has(features, N.VIRTIO_NET_F_GUEST_CSUM):
+            out |= cls.CSUM
+            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO4):
+                out |= cls.TSO4
+            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO6):
+                out |= cls.TSO6
+        return out
+
+
+ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6
+
+
+class FrameSink(Protocol):
+    """Where captured frames go (:class:`pyvirtio.io.pcap.PcapWriter`)."""
+
+    def write_frame(self, frame: Frame, length: int) -> None: ...
+
+
+class NetEndpoint:
+    """One end of a link that carries Ethernet frames with their virtio-net header.
+
+    Subclasses implement :meth:`receive`; the other methods default to no-ops. ``peer`` is
+    the endpoint this one sends to (set by :func:`link`).
+    """
+
+    peer: NetEndpoint | None = None
+    name: str = "endpoint"
+
+    def connect(self, peer: NetEndpoint | None) -> None:
+        """Send frames to ``peer`` from now on (None: disconnect)."""
+        self.peer = peer
+
+    def receive(self, hdr: NetHdr, frame: Frame, length: int, *,
+                flush: bool = True) -> Delivery:
+        """Take one frame of ``length`` bytes from the peer.
+
+        ``frame`` may be views into the sender's guest memory: copy what you keep before
+        returning. With ``flush=False`` the receiver may batch its completion work until
+        :meth:`flush_rx`.
+        """
+        raise NotImplementedError
+
+    def flush_rx(self) -> None:
+        """Publish frames received with ``flush=False`` (end of the sender's batch)."""
+
+    def peer_ready(self) -> None:
+        """The peer, which answered BUSY before, can take frames again."""
+
+    def rx_offloads(self) -> Offload:
+        """Offloads frames given to :meth:`receive` may carry without the receiver having to
+        convert them (a hint for senders that can choose, like the kernel behind a tap)."""
+        return Offload.NONE
+
+    def peer_offloads_changed(self) -> None:
+        """The peer's :meth:`rx_offloads` changed."""
+
+
+def frame_bytes(frame: Frame, limit: int | None = None) -> bytes:
+    """Copy a frame's segments into one bytes object (up to ``limit`` bytes)."""
+    if len(frame) == 1:
+        seg = frame[0]
+        return bytes(seg if limit is None else seg[:limit])
+    out = bytearray()
+    for seg in frame:
+        if limit is not None:
+            need = limit - len(out)
+            if need <= 0:
+                break
+            out += seg[:need]
+        else:
+            out += seg
+    return bytes(out)
+
+
+def link(a: NetEndpoint, b: NetEndpoint) -> None:
+    """Join two endpoints: each sends to the other."""
+    a.connect(b)
+    b.connect(a)
+
+
+def parse_mac(mac: bytes | str) -> bytes:
+    """``b'\\x52\\x54...'`` or ``'52:54:00:12:34:56'`` -> 6 bytes."""
+    if isinstance(mac, str):
+        parts = mac.replace("-", ":").split(":")
+        if len(parts) != 6:
+            raise LocalError(f"MAC address {mac!r} does not have six octets")
+        try:
+            return bytes(int(p, 16) for p in parts)
+        except ValueError as exc:
+            raise LocalError(f"MAC address {mac!r} is not hexadecimal") from exc
+    if len(mac) != ETH_ALEN:
+        raise LocalError(f"MAC address must be 6 bytes, not {len(mac)}")
+    return bytes(mac)
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def random_mac() -> bytes:
+    """A random locally administered unicast address."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return bytes(b)

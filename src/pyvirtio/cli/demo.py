@@ -34,14 +34,15 @@ def say(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     n = args.bytes
     say("in one process: a pyvirtio rng driver probes a pyvirtio rng device over loopback")
-    with DevicePair(RngDevice()) as pair:
+    device = RngDevice()
+    with DevicePair(device) as pair:
         driver = pair.probe()
         assert isinstance(driver, RngDriver)
         say(f"negotiated features: {describe(driver.device.features)}")
         start = time.perf_counter()
         data = driver.read(n)
         elapsed = time.perf_counter() - start
-        same = hashlib.sha256(data).hexdigest() == pair.device.digest.hexdigest()
+        same = hashlib.sha256(data).hexdigest() == device.digest.hexdigest()
         say(f"read {len(data)} bytes in {elapsed * 1000:.1f} ms "
             f"({len(data) / elapsed / 1e6:.1f} MB/s), {pair.transport.kicks} kicks, "
             f"{pair.transport.interrupts} interrupts; digest matches what the device served: "

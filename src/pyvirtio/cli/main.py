@@ -28,15 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="more logging (-v: info, -vv: per-message traces)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from pyvirtio.cli import demo
+    import pyvirtio.cli.demo
 
-    demo.register(sub)
-    try:
-        from pyvirtio.cli import serve
-    except ImportError:  # pragma: no cover - serve lands with the vhost-user back-end
-        pass
-    else:
-        serve.register(sub)
+    pyvirtio.cli.demo.register(sub)
     return parser
 
 

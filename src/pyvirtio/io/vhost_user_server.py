@@ -1,0 +1,688 @@
+"""The vhost-user back-end server: serve a VirtioDevice to QEMU, UML or pyvirtio front-ends.
+
+::
+
+    loop = EventLoop()
+    server = VhostUserServer("/tmp/rng.sock", RngDevice, loop)
+    print(server.qemu_args())         # what to add to a QEMU command line
+    server.serve_forever()            # until loop.stop() / SIGTERM with stop_on_signals=True
+    server.close()                    # closes connections, removes the socket file
+
+Connections: ``device_factory()`` is called for each accepted front-end, so each connection
+gets a fresh device (return the same instance to keep one device across front-ends: it is
+reset between them). By default one front-end is served at a time (``max_connections=1``);
+others wait in the listen backlog until it goes. When a front-end disconnects, however it
+dies (clean close, SIGKILL, protocol violation), its rings are stopped, the device is reset,
+the guest memory and every fd it sent are released, and the next connection is accepted.
+
+Per connection the epoll loop watches the socket and every kick fd (a kick runs
+``device.kick(i)``); the device's ``notify_queue`` writes the vring's call fd and its
+``notify_config`` sends CONFIG_CHANGE_MSG on the back-end channel. Every message is traced
+at DEBUG on logger ``pyvirtio.vhost_user.backend``; refusals are WARNINGs there; connection
+events are logged on ``pyvirtio.io.vhost_user_server``.
+
+For tests: :meth:`VhostUserServer.in_thread` runs the loop in a background thread, and
+:class:`ServerProcess` runs ``python -m pyvirtio.io.vhost_user_server`` as a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pyvirtio.device.base import VirtioDevice
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.io import unixsock
+from pyvirtio.io.loop import EventLoop, Timer
+from pyvirtio.spec import ids
+from pyvirtio.transport.vhost_user import codec as C
+from pyvirtio.transport.vhost_user.backend import (
+    DEFAULT_MAX_MEM_SLOTS,
+    DEFAULT_PROTOCOL_FEATURES,
+    BackendProtocol,
+    ConnectionFatal,
+)
+from pyvirtio.transport.vhost_user.extension import BackendExtension
+
+log = logging.getLogger("pyvirtio.io.vhost_user_server")
+
+DeviceFactory = Callable[[], VirtioDevice]
+ExtensionsFactory = Callable[[VirtioDevice], Iterable[BackendExtension]]
+
+_ONE = (1).to_bytes(8, sys.byteorder)
+#: replies queued for a front-end that does not read them; beyond this it is disconnected
+MAX_PENDING_OUTPUT = 1 << 20
+#: messages handled per readiness event before the loop serves other fds
+MESSAGES_PER_WAKEUP = 64
+DEFAULT_POLL_INTERVAL = 0.005
+#: finished connections remembered in closed_reasons / requests_seen
+KEEP_HISTORY = 100
+
+#: QEMU 7.2 ``-device`` names of the vhost-user devices, by virtio device id
+QEMU_DEVICES = {
+    ids.BLOCK: "vhost-user-blk-pci",
+    ids.RNG: "vhost-user-rng-pci",
+    ids.SCSI: "vhost-user-scsi-pci",
+    ids.INPUT: "vhost-user-input-pci",
+    ids.VSOCK: "vhost-user-vsock-pci",
+    ids.FS: "vhost-user-fs-pci",
+    ids.GPU: "vhost-user-gpu-pci",
+    ids.I2C_ADAPTER: "vhost-user-i2c-pci",
+    ids.GPIO: "vhost-user-gpio-pci",
+}
+
+
+def qemu_args(path: str, device_id: int, *, chardev_id: str = "vu0",
+              extra: str = "") -> list[str]:
+    """The QEMU 7.2 arguments that attach a vhost-user back-end listening on ``path``.
+
+    Guest RAM must be shareable too: add :func:`qemu_memory_args`. ``extra`` is appended to
+    the ``-device`` (e.g. ``",num-queues=2"``). Network devices go through ``-netdev``.
+    """
+    chardev = ["-chardev", f"socket,id={chardev_id},path={path}"]
+    if device_id == ids.NET:
+        return [*chardev, "-netdev", f"vhost-user,id={chardev_id}-net,chardev={chardev_id}",
+                "-device", f"virtio-net-pci,netdev={chardev_id}-net{extra}"]
+    name = QEMU_DEVICES.get(device_id)
+    if name is None:
+        raise LocalError(f"QEMU 7.2 has no vhost-user front-end for {ids.name(device_id)} "
+                         "devices; use UML (uml_args) instead")
+    return [*chardev, "-device", f"{name},chardev={chardev_id}{extra}"]
+
+
+def qemu_memory_args(size_mb: int = 512, machine: str = "q35") -> list[str]:
+    """Guest RAM in a shared memfd, which vhost-user needs (the back-end maps it)."""
+    return ["-machine", f"{machine},memory-backend=mem", "-object",
+            f"memory-backend-memfd,id=mem,size={size_mb}M,share=on", "-m", f"{size_mb}M"]
+
+
+def uml_args(path: str, device_id: int) -> list[str]:
+    """The User-Mode Linux kernel parameter attaching device ``device_id`` at ``path``."""
+    return [f"virtio_uml.device={path}:{device_id}"]
+
+
+class _Connection:
+    """One front-end: socket, decoder, protocol, and the BackendHost services."""
+
+    def __init__(self, server: VhostUserServer, sock: socket.socket, number: int,
+                 device: VirtioDevice) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.number = number
+        self.device = device
+        self.name = f"vhost-user[{number}] {device.name}"
+        self.decoder = C.Decoder()
+        self._out: list[tuple[bytes, list[int]]] = []
+        self._out_bytes = 0
+        self._kicks: dict[int, int] = {}  # fd -> vring index
+        self._polls: dict[int, Timer] = {}
+        self._bad_signal_fds: set[int] = set()
+        self.closed = False
+        self.close_reason = ""
+        extensions = list(server.extensions(device)) if server.extensions else []
+        self.protocol = BackendProtocol(
+            device, self, reactor=self.loop, protocol_features=server.protocol_features,
+            extensions=extensions, max_mem_slots=server.max_mem_slots, name=self.name,
+        )
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    # ---- socket -------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        for _ in range(MESSAGES_PER_WAKEUP):
+            if self.closed or self._out:
+                return
+            try:
+                data, fds, truncated = unixsock.recv_with_fds(self.sock, self.decoder.wanted)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(f"receive failed: {exc}", warn=True)
+                return
+            if not data:
+                unixsock.close_fds(fds)
+                if self.decoder.in_progress:
+                    self.close(f"front-end hung up mid-message ({self.decoder.describe_partial()})",
+                               warn=True)
+                else:
+                    self.close("front-end disconnected")
+                return
+            try:
+                messages = self.decoder.feed(data, fds, truncated)
+            except C.FramingError as exc:
+                self.close(f"unusable message stream: {exc}", warn=True)
+                return
+            for msg in messages:
+                if not self._handle(msg):
+                    return
+
+    def _handle(self, msg: C.Message) -> bool:
+        try:
+            replies = self.protocol.handle(msg)
+        except ConnectionFatal as exc:
+            self.close(str(exc), warn=True)
+            return False
+        except Exception as exc:  # a bug of ours: this connection dies, the server lives
+            log.exception("%s: internal error handling %s", self.name, msg.name)
+            self.close(f"internal error handling {msg.name}: {exc!r}", warn=True)
+            return False
+        for reply in replies:
+            self._send(reply.encode(), reply.fds)
+        return not self.closed
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        if not self._out:
+            try:
+                sent = unixsock.send_with_fds(self.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                unixsock.close_fds(fds)
+                self.close(f"send failed: {exc}", warn=True)
+                return
+            if sent:
+                unixsock.close_fds(fds)  # our copies: the front-end has its own now
+                fds = []
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append((data, fds))
+        self._out_bytes += len(data)
+        if self._out_bytes > MAX_PENDING_OUTPUT:
+            self.close(f"front-end does not read its replies ({self._out_bytes} bytes pending)",
+                       warn=True)
+            return
+        # Backpressure: stop reading requests until the replies are gone.
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self._out:
+            data, fds = self._out[0]
+            try:
+                sent = unixsock.send_with_fds(self.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(f"send failed: {exc}", warn=True)
+                return
+            if sent:
+                unixsock.close_fds(fds)
+            self._out_bytes -= sent
+            if sent < len(data):
+                self._out[0] = (data[sent:], [])
+                return
+            self._out.pop(0)
+        self.loop.remove_writer(self.sock.fileno())
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    # ---- BackendHost ------------------------------------------------------------------------
+
+    def watch_kick(self, index: int, fd: int) -> None:
+        try:
+            self.loop.add_reader(fd, lambda: self._on_kick(index, fd))
+        except (ValueError, KeyError) as exc:
+            raise OSError(str(exc)) from exc
+        self._kicks[fd] = index
+
+    def unwatch_kick(self, index: int, fd: int) -> None:
+        if self._kicks.pop(fd, None) is not None:
+            self.loop.remove_reader(fd)
+
+    def _on_kick(self, index: int, fd: int) -> None:
+        try:
+            data = os.read(fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: reading vring %d kick fd failed (%s); no longer watched",
+                        self.name, index, exc)
+            self.unwatch_kick(index, fd)
+            return
+        if not data:
+            log.warning("%s: vring %d kick fd reached end of file; no longer watched",
+                        self.name, index)
+            self.unwatch_kick(index, fd)
+            return
+        self.protocol.on_kick(index)
+
+    def start_polling(self, index: int) -> None:
+        self.stop_polling(index)
+
+        def tick() -> None:
+            if index in self._polls and not self.closed:
+                self.protocol.on_kick(index)
+                self._polls[index] = self.loop.call_later(self.server.poll_interval, tick)
+
+        self._polls[index] = self.loop.call_later(0.0, tick)
+
+    def stop_polling(self, index: int) -> None:
+        timer = self._polls.pop(index, None)
+        if timer is not None:
+            timer.cancel()
+
+    def adopt_signal_fd(self, fd: int) -> None:
+        # Ours alone in practice (UML closes its copy of the write end; QEMU's eventfds are
+        # already non-blocking), and a blocked write would stall every connection.
+        os.set_blocking(fd, False)
+        self._bad_signal_fds.discard(fd)
+
+    def signal(self, fd: int) -> None:
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            pass  # eventfd counter saturated or pipe full: a wake-up is pending anyway
+        except OSError as exc:
+            if fd not in self._bad_signal_fds:
+                self._bad_signal_fds.add(fd)
+                log.warning("%s: writing notification fd %d failed: %s", self.name, fd, exc)
+
+    def send_backend(self, fd: int, data: bytes) -> None:
+        try:
+            n = os.write(fd, data)
+        except BlockingIOError:
+            log.warning("%s: back-end channel full; %d-byte request dropped", self.name,
+                        len(data))
+            return
+        except OSError as exc:
+            log.warning("%s: back-end channel write failed: %s", self.name, exc)
+            return
+        if n != len(data):
+            log.warning("%s: back-end channel took %d of %d bytes", self.name, n, len(data))
+
+    # ---- teardown -----------------------------------------------------------------------------
+
+    def close(self, reason: str, warn: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        (log.warning if warn else log.info)("%s: connection closed: %s", self.name, reason)
+        fileno = self.sock.fileno()
+        self.loop.remove_reader(fileno)
+        self.loop.remove_writer(fileno)
+        for fd in list(self._kicks):
+            self.loop.remove_reader(fd)
+        self._kicks.clear()
+        for timer in self._polls.values():
+            timer.cancel()
+        self._polls.clear()
+        try:
+            self.protocol.close()
+        except Exception:
+            log.exception("%s: releasing the connection failed", self.name)
+        for _, fds in self._out:
+            unixsock.close_fds(fds)
+        self._out.clear()
+        self.decoder.close()
+        self.sock.close()
+        self.server._connection_closed(self)
+
+
+class VhostUserServer:
+    """Listen on ``path`` and serve a device made by ``device_factory`` to each front-end.
+
+    ``loop``: the EventLoop to run on (a new one if None). ``max_connections``: front-ends
+    served at once. ``extensions(device)``: extra protocol extensions per connection.
+    ``protocol_features``: the protocol feature offer. ``poll_interval``: seconds between
+    polls of a vring whose front-end asked for polling instead of a kick fd.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        device_factory: DeviceFactory,
+        loop: EventLoop | None = None,
+        *,
+        max_connections: int = 1,
+        extensions: ExtensionsFactory | None = None,
+        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        max_mem_slots: int = DEFAULT_MAX_MEM_SLOTS,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        backlog: int = 8,
+    ) -> None:
+        if max_connections < 1:
+            raise LocalError(f"max_connections must be at least 1, not {max_connections}")
+        self.path = os.fspath(path)
+        self.device_factory = device_factory
+        self._own_loop = loop is None
+        self.loop = loop if loop is not None else EventLoop()
+        self.max_connections = max_connections
+        self.extensions = extensions
+        self.protocol_features = protocol_features
+        self.max_mem_slots = max_mem_slots
+        self.poll_interval = poll_interval
+        self.connections: list[_Connection] = []
+        self.accepted = 0
+        #: the device of the most recent connection (tests inspect it)
+        self.last_device: VirtioDevice | None = None
+        #: why each finished connection ended, oldest first (the last KEEP_HISTORY)
+        self.closed_reasons: list[str] = []
+        #: the request names each finished connection sent (its last 1000), oldest first
+        self.requests_seen: list[list[str]] = []
+        self._listener: socket.socket | None = unixsock.listen(self.path, backlog)
+        self._listening = False
+        self._closed = False
+        self._listen()
+        log.info("vhost-user server listening on %s", self.path)
+
+    # ---- accepting ------------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        if self._listener is not None and not self._listening:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
+            self._listening = True
+
+    def _unlisten(self) -> None:
+        if self._listener is not None and self._listening:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listening = False
+
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        while len(self.connections) < self.max_connections:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", self.path, exc)
+                return
+            sock.set_inheritable(False)
+            self.accepted += 1
+            try:
+                device = self.device_factory()
+            except Exception:
+                log.exception("device factory failed; refusing the front-end")
+                sock.close()
+                continue
+            self.last_device = device
+            conn = _Connection(self, sock, self.accepted, device)
+            self.connections.append(conn)
+            log.info("%s: front-end connected on %s", conn.name, self.path)
+        self._unlisten()  # at capacity: the rest wait in the backlog
+
+    def _connection_closed(self, conn: _Connection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+            self.closed_reasons.append(conn.close_reason)
+            self.requests_seen.append(list(conn.protocol.requests))
+            del self.closed_reasons[:-KEEP_HISTORY], self.requests_seen[:-KEEP_HISTORY]
+        if not self._closed:
+            self._listen()
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def serve_forever(self, *, stop_on_signals: bool = False) -> None:
+        """Run the loop until :meth:`stop` (or SIGINT/SIGTERM with ``stop_on_signals``)."""
+        if stop_on_signals:
+            self.loop.stop_on_signals()
+        self.loop.run()
+
+    def stop(self) -> None:
+        """Make :meth:`serve_forever` return (thread- and signal-safe)."""
+        self.loop.stop("server stopped")
+
+    def close(self) -> None:
+        """Close every connection and the listener; remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self.connections):
+            conn.close("server shutting down")
+        self._unlisten()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        unixsock.unlink_socket(self.path)
+        if self._own_loop:
+            self.loop.close()
+        log.info("vhost-user server on %s closed", self.path)
+
+    def __enter__(self) -> VhostUserServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def in_thread(self) -> ServerThread:
+        """Run this server's loop in a background thread (started)."""
+        return ServerThread(self)
+
+    # ---- attaching front-ends -------------------------------------------------------------------
+
+    def qemu_args(self, device_id: int | None = None, *, chardev_id: str = "vu0",
+                  extra: str = "") -> list[str]:
+        """QEMU 7.2 arguments for this socket (add :func:`qemu_memory_args` too)."""
+        return qemu_args(self.path, self._device_id(device_id), chardev_id=chardev_id,
+                         extra=extra)
+
+    def uml_args(self, device_id: int | None = None) -> list[str]:
+        """The UML kernel parameter for this socket."""
+        return uml_args(self.path, self._device_id(device_id))
+
+    def _device_id(self, device_id: int | None) -> int:
+        if device_id is not None:
+            return device_id
+        factory_id = getattr(self.device_factory, "device_id", None)
+        if isinstance(factory_id, int) and factory_id:
+            return factory_id
+        if self.last_device is not None:
+            return self.last_device.device_id
+        raise LocalError("pass device_id: the factory does not say which device it makes")
+
+
+class ServerThread:
+    """A server's event loop in a daemon thread; :meth:`stop` stops it and closes the
+    server."""
+
+    def __init__(self, server: VhostUserServer) -> None:
+        self.server = server
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"vhost-user {server.path}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.serve_forever()
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def stop(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.thread.is_alive() and time.monotonic() < deadline:
+            self.server.stop()  # repeated: a stop before run() starts would be lost
+            self.thread.join(0.05)
+        if self.thread.is_alive():
+            raise RuntimeError(f"server thread for {self.server.path} did not stop")
+        self.server.close()
+        if self.error is not None:
+            raise RuntimeError("server thread failed") from self.error
+
+    def __enter__(self) -> ServerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """``python -m pyvirtio.io.vhost_user_server`` in a child process, logging to a file.
+
+    Waits until the socket accepts connections. :meth:`stop` sends SIGTERM (then SIGKILL);
+    :meth:`log_text` and :meth:`wait_for_log` read the child's log. ``pythonpath`` adds
+    directories the child imports the device module from; ``extra_args`` go to the command
+    line (``--max-mem-slots 4``...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str],
+                 device: str = "pyvirtio.device.rng:RngDevice",
+                 kwargs: dict[str, Any] | None = None, *, log_level: str = "DEBUG",
+                 log_path: str | os.PathLike[str] | None = None,
+                 extra_args: Sequence[str] = (), pythonpath: Sequence[str] = (),
+                 start_timeout: float = 15.0) -> None:
+        self.path = os.fspath(path)
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="vhost-user-server-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        cmd = [sys.executable, "-m", "pyvirtio.io.vhost_user_server", "--socket", self.path,
+               "--device", device, "--kwargs", json.dumps(kwargs or {}), "--log-level",
+               log_level, *extra_args]
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[2])
+        paths = [src, *map(str, pythonpath), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        ready_r, ready_w = os.pipe()
+        cmd += ["--ready-fd", str(ready_w)]
+        try:
+            with open(self.log_path, "ab") as logf:
+                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
+                                             stderr=subprocess.STDOUT, env=env,
+                                             pass_fds=(ready_w,))
+            os.close(ready_w)
+            ready_w = -1
+            self._wait_ready(ready_r, start_timeout)
+        except BaseException:
+            if hasattr(self, "proc"):
+                self.kill()
+            raise
+        finally:
+            os.close(ready_r)
+            if ready_w >= 0:
+                os.close(ready_w)
+
+    def _wait_ready(self, ready_fd: int, timeout: float) -> None:
+        # The child writes to ready_fd once it listens (probing the socket instead would be
+        # a front-end connection of its own in the server's log and counters).
+        ready, _, _ = select.select([ready_fd], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"vhost-user server did not listen on {self.path} within "
+                               f"{timeout} s")
+        if os.read(ready_fd, 16) != b"ready\n":
+            self.proc.wait(5)
+            raise LocalError(f"vhost-user server exited with {self.proc.returncode}: "
+                             f"{self.log_text()[-2000:]}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 5.0, start: int = 0) -> re.Match[str]:
+        """Wait until the log (from character ``start``) matches ``pattern`` (a regex)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.log_text(), start)
+            if m is not None:
+                return m
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"log never matched {pattern!r}; tail:\n"
+                                   f"{self.log_text()[-3000:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def load_factory(spec: str, kwargs: dict[str, Any]) -> DeviceFactory:
+    """``"package.module:Class"`` plus keyword arguments -> a device factory."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise LocalError(f"device {spec!r} is not of the form package.module:Class")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, VirtioDevice)):
+        raise LocalError(f"{spec} is not a VirtioDevice class")
+
+    def factory() -> VirtioDevice:
+        device: VirtioDevice = cls(**kwargs)
+        return device
+
+    factory.device_id = cls.device_id  # type: ignore[attr-defined]
+    return factory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyvirtio.io.vhost_user_server",
+        description="Serve one pyvirtio device over vhost-user until SIGTERM.")
+    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
+    parser.add_argument("--device", default="pyvirtio.device.rng:RngDevice",
+                        help="module:Class of a VirtioDevice (default: %(default)s)")
+    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the device")
+    parser.add_argument("--max-connections", type=int, default=1)
+    parser.add_argument("--max-mem-slots", type=int, default=DEFAULT_MAX_MEM_SLOTS)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--ready-fd", type=int, help="write 'ready\\n' to this fd once "
+                        "listening, then close it")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        factory = load_factory(args.device, json.loads(args.kwargs))
+        server = VhostUserServer(args.socket, factory, max_connections=args.max_connections,
+                                 max_mem_slots=args.max_mem_slots)
+    except (LocalError, PeerError, OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    if args.ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+    try:
+        server.serve_forever(stop_on_signals=True)
+        log.info("stopping: %s", server.loop.stop_reason)
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

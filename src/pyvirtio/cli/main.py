@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import pyvirtio.cli.demo
+    import pyvirtio.cli.serve
 
     pyvirtio.cli.demo.register(sub)
+    pyvirtio.cli.serve.register(sub)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""``pyvirtio serve DEVICE``: serve a virtio device to real guests over vhost-user.
+
+Each device kind lives in its own module (``serve_rng``, ``serve_console``, ``serve_blk``,
+``serve_net``) with a ``register(kinds, common)`` function; this module holds what they
+share: the common options, printing how to attach QEMU and UML, and running the event loop
+until Ctrl-C / SIGTERM with a clean shutdown (sockets removed, back-ends closed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyvirtio.device.base import DEFAULT_QUEUE_SIZE, DEFAULT_TRANSPORT_FEATURES
+from pyvirtio.io.loop import EventLoop
+from pyvirtio.io.vhost_user_server import VhostUserServer, qemu_memory_args
+from pyvirtio.spec import features as F
+from pyvirtio.spec import ids
+
+KINDS = ("serve_rng", "serve_console", "serve_blk", "serve_net")
+
+
+def register(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+                        help=f"maximum virtqueue size offered (default {DEFAULT_QUEUE_SIZE})")
+    common.add_argument("--no-event-idx", action="store_true",
+                        help="do not offer VIRTIO_F_EVENT_IDX (notification suppression by index)")
+    common.add_argument("--no-indirect", action="store_true",
+                        help="do not offer VIRTIO_F_INDIRECT_DESC (indirect descriptor tables)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="do not print how to attach QEMU and UML")
+    parser = sub.add_parser(
+        "serve", help="serve a virtio device to guests over vhost-user",
+        description=__doc__.split("\n\n")[0] + " The server outlives its front-ends: when a "
+        "guest goes away, the device is reset and the next guest may connect.",
+    )
+    kinds = parser.add_subparsers(dest="kind", metavar="DEVICE", required=True)
+    import importlib
+
+    for name in KINDS:
+        try:
+            module = importlib.import_module(f"pyvirtio.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pyvirtio.cli.{name}":
+                raise
+            continue
+        module.register(kinds, common)
+
+
+def transport_features(args: argparse.Namespace) -> int:
+    """The transport feature offer the common options ask for."""
+    features = DEFAULT_TRANSPORT_FEATURES
+    if args.no_event_idx:
+        features &= ~F.bit(F.EVENT_IDX)
+    if args.no_indirect:
+        features &= ~F.bit(F.INDIRECT_DESC)
+    return features
+
+
+def attach_instructions(servers: Sequence[VhostUserServer], device_id: int,
+                        qemu_extra: str = "", uml: bool = True, qemu: bool = True) -> str:
+    """The exact QEMU and UML command-line pieces that attach ``servers``."""
+    lines = []
+    if qemu:
+        qargs = list(qemu_memory_args())
+        for i, server in enumerate(servers):
+            qargs += server.qemu_args(device_id, chardev_id=f"vu{i}", extra=qemu_extra)
+        lines.append("QEMU (7.2, shared guest RAM is required):")
+        lines.append("  qemu-system-x86_64 ... " + shlex.join(qargs))
+    if uml:
+        lines.append("User-Mode Linux (one guest per socket):")
+        for server in servers:
+            lines.append("  linux.uml ... " + shlex.join(server.uml_args(device_id)))
+    return "\n".join(lines)
+
+
+def run_servers(servers: Sequence[VhostUserServer], loop: EventLoop, banner: str,
+                args: argparse.Namespace, *, on_tick: Callable[[], None] | None = None,
+                tick: float = 1.0, cleanup: Callable[[], None] | None = None) -> int:
+    """Print ``banner`` (unless --quiet), then serve until SIGINT/SIGTERM; always clean up."""
+    try:
+        if not args.quiet:
+            print(banner, flush=True)
+        loop.stop_on_signals()
+        if on_tick is not None:
+            def ticker() -> None:
+                on_tick()
+                loop.call_later(tick, ticker)
+
+            loop.call_later(tick, ticker)
+        loop.run()
+        if loop.stop_reason and not args.quiet:
+            print(f"pyvirtio: {loop.stop_reason}, shutting down", file=sys.stderr)
+    finally:
+        for server in servers:
+            server.close()
+        if cleanup is not None:
+            cleanup()
+        loop.close()
+    return 0
+
+
+def device_label(device_id: int) -> str:
+    return f"virtio-{ids.name(device_id)}"

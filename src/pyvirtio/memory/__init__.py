@@ -115,6 +115,9 @@ class GuestMemory:
     def __init__(self, regions: Iterable[Region] = ()) -> None:
         self._regions: list[Region] = []
         self._last: Region | None = None
+        #: bumped whenever a region is added or removed, so a data path that keeps the
+        #: regions at hand (the blk fast path) knows when to look again
+        self.generation = 0
         for region in regions:
             self.add_region(region)
 
@@ -147,6 +150,7 @@ class GuestMemory:
                 )
         self._regions.append(region)
         self._regions.sort(key=lambda r: r.gpa)
+        self.generation += 1
 
     def remove_region(self, gpa: int, size: int) -> Region:
         """Detach (without closing) the region exactly at ``gpa`` of ``size`` bytes."""
@@ -154,6 +158,7 @@ class GuestMemory:
             if region.gpa == gpa and region.size == size:
                 self._regions.remove(region)
                 self._last = None
+                self.generation += 1
                 return region
         raise LocalError(f"no region {_describe(gpa, size)}")
 
@@ -171,6 +176,7 @@ class GuestMemory:
             region.close()
         self._regions.clear()
         self._last = None
+        self.generation += 1
 
     def __enter__(self) -> GuestMemory:
         return self

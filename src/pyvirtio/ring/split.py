@@ -166,6 +166,25 @@ class DeviceQueue:
         self._inflight[head] = 1
         return chain
 
+    def resume(self, head: int) -> DescriptorChain:
+        """Take chain ``head`` as popped again, without consuming an avail slot.
+
+        For a back-end restarted after a crash that resubmits the requests its predecessor
+        had popped but never completed (vhost-user inflight tracking); the caller restores
+        :attr:`last_avail_idx` itself. ``head`` comes from shared memory too: it is checked
+        like a popped one, and a bad one breaks the queue (:class:`RingError`).
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if not 0 <= head < self.size:
+            raise self._break(f"resubmitted descriptor index {head} is beyond the queue size "
+                              f"{self.size}")
+        if self._inflight[head]:
+            raise self._break(f"descriptor {head} was resubmitted while already in flight")
+        chain = self._read_chain(head)
+        self._inflight[head] = 1
+        return chain
+
     def _read_chain(self, head: int) -> DescriptorChain:
         memory = self.memory
         unpack = self._desc_struct.unpack_from
@@ -186,7 +205,8 @@ class DeviceQueue:
             count += 1
             if count > table_len:
                 raise self._break(
-                    f"chain {head} is longer than its table ({table_len} descriptors): a loop"
+                    f"chain {head}: {where} {idx} makes the chain longer than its table "
+                    f"({table_len} descriptors): a loop"
                 )
             addr, length, flags, nxt = unpack(table, 16 * idx)
             if flags & _INDIRECT:
@@ -338,11 +358,13 @@ class DeviceQueue:
         """
         new = self.used_idx
         old = self._signalled_used
+        if new == old:
+            # Nothing new. Leave the reference point alone: taking it here would swallow
+            # the "no reference yet" interrupt a restored queue owes the driver.
+            return False
         valid = self._signalled_valid
         self._signalled_used = new
         self._signalled_valid = True
-        if new == old:
-            return False
         full_barrier()  # our used->idx store must be visible before we read used_event
         if self.event_idx:
             if not valid:
@@ -413,6 +435,7 @@ class DriverQueue:
         allocator: Allocator | None = None,
         endian: Endian = LE,
         name: str = "queue",
+        start_idx: int = 0,
     ) -> None:
         _check_size(size)
         if indirect and allocator is None:
@@ -439,11 +462,22 @@ class DriverQueue:
         self._used[:] = bytes(len(self._used))
         self._free: list[int] = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
         self._inflight: list[_InFlight | None] = [None] * size
-        self.avail_idx = 0  # shadow of avail->idx
-        self.last_used_idx = 0
+        # ``start_idx`` starts both free-running indices somewhere other than 0 (tests use it
+        # to cross the 16-bit wrap quickly; a restored ring resumes where it was). The device
+        # side honours it by reading used->idx from the ring and being given last_avail_idx
+        # = start_idx. avail_event/used_event start equal to it too, as 0 does on a fresh
+        # ring, so the first buffer is kicked and the first completion interrupts.
+        start_idx &= 0xFFFF
+        self.avail_idx = start_idx  # shadow of avail->idx
+        self.last_used_idx = start_idx
         self._num_added = 0
         self._avail_flags = 0
         self.broken: str | None = None
+        if start_idx:
+            self._u16.pack_into(self._avail, 2, start_idx)
+            self._u16.pack_into(self._avail, self._used_event_off, start_idx)
+            self._u16.pack_into(self._used, 2, start_idx)
+            self._u16.pack_into(self._used, self._avail_event_off, start_idx)
 
     def __repr__(self) -> str:
         return (f"DriverQueue({self.name}, size={self.size}, free={len(self._free)}, "

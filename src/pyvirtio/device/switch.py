@@ -204,8 +204,12 @@ class Switch:
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         max_macs: int = DEFAULT_MAX_MACS,
         clock: Callable[[], float] = time.monotonic,
+        capture: FrameSink | None = None,
     ) -> None:
         self.ageing_time = ageing_time
+        #: sees every frame entering the switch once, from whichever port (a port's own
+        #: ``capture`` sees that port's frames in both directions)
+        self.capture = capture
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
         self.max_macs = max_macs
@@ -275,6 +279,8 @@ class Switch:
         stats.tx_bytes += length
         if ingress.capture is not None:
             ingress.capture.write_frame(frame, length)
+        if self.capture is not None:
+            self.capture.write_frame(frame, length)
         if length < 12:
             ingress.stats.refused += 1
             return

@@ -526,3 +526,51 @@ def test_log_lines_name_the_request_and_the_problem(path: str, log: Log,
     for line in refusals:
         assert re.search(r"WARNING pyvirtio\.vhost_user\.backend: vhost-user\[\d+\] rng: "
                          r"([A-Z_]+|request \d+) refused: \S.* \(NACKed\)$", line), line
+
+
+# ---- and then a real guest ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ring_on", [True, False], ids=["ring-features-on", "ring-features-off"])
+def test_after_the_abuse_the_same_server_process_feeds_a_real_qemu_guest(
+        server: ServerProcess, ring_on: bool) -> None:
+    """Runs last: the server process that took every case above serves QEMU 7.2's
+    vhost-user-rng-pci, and the guest's kernel reads 64 KiB from /dev/hwrng."""
+    # Imported here so that this case stays one self-contained addition to the module.
+    import time
+
+    from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_hwrng, require
+
+    from pyvirtio.guest import QemuGuest
+    from pyvirtio.io.vhost_user_server import qemu_args
+    from pyvirtio.spec import ids
+
+    require("qemu")
+    # The previous check's front-end may still be logging its goodbye: let it finish, so
+    # that every line from here on is about the guest.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = server.log_text()
+        if text.count("front-end connected") == text.count("connection closed"):
+            break
+        time.sleep(0.02)
+    log = Log(server)
+    ring = RingFeatures(ring_on)  # the server offers both; QEMU is told to turn them off
+    pid = server.pid
+    args = qemu_args(server.path, ids.RNG, extra=ring.qemu_device_props)
+    result = QemuGuest(HWRNG_SCRIPT, extra_args=args, timeout=WAIT).run()
+    assert result.ok, result.describe()
+    check_hwrng(result.results, ring)
+    assert result.results["hwrng_bytes"] == str(HWRNG_BYTES)
+    assert server.alive() and server.pid == pid
+    features = re.search(r"rng: features (\S+)", log.expect(r"rng: features \S+"))
+    assert features is not None
+    names = set(features.group(1).split("|"))
+    assert "VERSION_1" in names
+    assert ("EVENT_IDX" in names) == ring_on and ("INDIRECT_DESC" in names) == ring_on
+    stopped = re.search(r"last_avail_idx (\d+)", log.expect(r"vring 0 stopped at last_avail_idx"))
+    assert stopped is not None
+    # Every buffer virtio_rng posts is 64 bytes: the guest's 64 KiB took at least 1024.
+    assert int(stopped.group(1)) >= HWRNG_BYTES // 64
+    log.expect(r"connection closed: front-end disconnected")

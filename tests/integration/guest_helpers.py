@@ -1,0 +1,514 @@
+"""Helpers for the real-guest tests of the entropy and console devices (issue 3).
+
+* :data:`RING_FEATURES`: the parametrization every guest test runs with (EVENT_IDX and
+  INDIRECT_DESC negotiated, then not) and how each front-end is told to turn them off.
+* Entropy: a deterministic recorded stream (:func:`recording_rng`), the guest script that
+  reads 64 KiB from /dev/hwrng (:data:`HWRNG_SCRIPT`) and the exact proof that the guest got
+  a contiguous slice of what the device served (:func:`served_slice`).
+* Console: the guest script (:func:`console_script`) and the host ends of its ports
+  (:class:`ConsolePeer`, :class:`DataPeer`): hvc0 text both ways and 1 MiB each way on a
+  named port, checksummed on both sides.
+* :class:`CliServer`: ``python -m pyvirtio ... serve ...`` as a child process, its banner
+  parsed into the QEMU/UML arguments it printed; always stopped.
+
+Every thread and socket here has a timeout, and every object has a ``close``/``stop`` the
+tests call in ``finally`` blocks or fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.device.console import ConsoleDevice
+from pyvirtio.guest import (
+    MissingDependencyError,
+    find_busybox,
+    find_qemu_binary,
+    find_qemu_kernel,
+    find_uml_binary,
+    find_uml_kernel,
+)
+from pyvirtio.io import unixsock
+from pyvirtio.io.vhost_user_server import VhostUserServer
+from pyvirtio.spec import features as F
+from vhost_user_helpers import RecordingRngDevice
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+#: seconds any single wait on a guest or a peer may take
+WAIT = 60.0
+RING_BITS = F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC)
+
+
+def require(kind: str) -> None:
+    """Skip (locally) or fail (CI) unless a ``kind`` ("uml"/"qemu") guest can boot."""
+    try:
+        find_busybox()
+        if kind == "uml":
+            find_uml_binary()
+            find_uml_kernel()
+        else:
+            find_qemu_binary()
+            find_qemu_kernel()
+    except MissingDependencyError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+# ---- ring features ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RingFeatures:
+    """EVENT_IDX and INDIRECT_DESC on or off, for both kinds of front-end.
+
+    UML passes on what the back-end offers, so the back-end simply does not offer them.
+    QEMU 7.2's vhost-user-rng acks its own offer whatever the back-end offered, so they are
+    also turned off on QEMU's side with the virtio device properties.
+    """
+
+    on: bool
+
+    @property
+    def transport_features(self) -> int:
+        """The device's transport feature offer."""
+        return F.bit(F.VERSION_1) | (RING_BITS if self.on else 0)
+
+    @property
+    def qemu_device_props(self) -> str:
+        """Appended to QEMU's ``-device`` option."""
+        return "" if self.on else ",event_idx=off,indirect_desc=off"
+
+    @property
+    def cli_args(self) -> list[str]:
+        """``pyvirtio serve`` options for the back-end's offer."""
+        return [] if self.on else ["--no-event-idx", "--no-indirect"]
+
+    def check_negotiated(self, features: int) -> None:
+        """The device's negotiated features have both ring features, or neither."""
+        assert features & F.bit(F.VERSION_1), hex(features)
+        assert features & RING_BITS == (RING_BITS if self.on else 0), hex(features)
+
+    def check_guest_view(self, bitmap: str) -> None:
+        """The guest's /sys/bus/virtio/devices/*/features (a '0'/'1' per bit, bit 0 first)
+        agrees."""
+        assert bitmap[F.VERSION_1] == "1", bitmap
+        want = "1" if self.on else "0"
+        assert bitmap[F.EVENT_IDX] == want and bitmap[F.INDIRECT_DESC] == want, bitmap
+
+    def __str__(self) -> str:
+        return "ring-features-on" if self.on else "ring-features-off"
+
+
+RING_FEATURES = pytest.mark.parametrize("ring", [RingFeatures(True), RingFeatures(False)],
+                                        ids=str)
+
+
+def wait_closed(server: VhostUserServer, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``count`` front-end connections of ``server`` have ended."""
+    deadline = time.monotonic() + timeout
+    while len(server.closed_reasons) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(server.closed_reasons) >= count, (
+        f"{len(server.closed_reasons)} of {count} front-ends disconnected: "
+        f"{server.closed_reasons}")
+
+
+# ---- entropy ---------------------------------------------------------------------------------
+
+HWRNG_BYTES = 65536
+#: Reads 64 KiB from /dev/hwrng and reports what the host needs to find them in the served
+#: stream. The hwrng core's own thread ([hwrng], feeding the entropy pool) also reads the
+#: device, 64 bytes about once a second early in boot, whatever rng_quality says (6.1.192):
+#: if it did so in the middle of our read, our bytes would have a 64-byte hole. So the
+#: script samples the thread's state and voluntary context switches around the read and
+#: reads again if the thread woke up meanwhile (asleep before and after, with the same count,
+#: means it did not run). Reads of a multiple of 64 bytes (head -c reads 4 KiB and more at a
+#: time) keep the core's buffer in order, so the guest's bytes are then one contiguous slice
+#: of what the device served.
+HWRNG_READ = f"""\
+P=
+for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = hwrng ] && P=${{d#/proc/}}; done
+hwrng_thread() {{
+    if [ -n "$P" ] && [ -e /proc/$P/stat ]; then
+        echo "$(cut -d' ' -f3 /proc/$P/stat) $(grep '^voluntary_ctxt' /proc/$P/status | tr -dc 0-9)"
+    else
+        echo "S none"
+    fi
+}}
+attempt=0
+while [ $attempt -lt 10 ]; do
+    attempt=$((attempt+1))
+    before=$(hwrng_thread)
+    head -c {HWRNG_BYTES} /dev/hwrng > /tmp/hwrng
+    after=$(hwrng_thread)
+    [ "$before" = "$after" ] && [ "${{before%% *}}" = S ] && break
+done
+result hwrng_attempts $attempt
+result hwrng_thread $P $before $after
+"""
+HWRNG_SCRIPT = f"""\
+result current $(cat /sys/class/misc/hw_random/rng_current)
+result guest_features $(cat /sys/bus/virtio/devices/virtio0/features)
+{HWRNG_READ}
+result hwrng_bytes $(wc -c < /tmp/hwrng)
+result hwrng_sha $(sha256sum /tmp/hwrng | cut -d' ' -f1)
+result hwrng_head $(head -c 32 /tmp/hwrng | od -An -tx1 | tr -d ' \\n')
+"""
+
+
+def recording_rng(seed: int, **kwargs: object) -> RecordingRngDevice:
+    """An entropy device serving a deterministic stream (seeded) that it also records, and
+    remembering every feature set it accepted."""
+    return RecordingRngDevice(source=random.Random(seed).randbytes, **kwargs)
+
+
+def served_slice(stream: bytes, results: dict[str, str]) -> int:
+    """Where the guest's 64 KiB are in the served ``stream``; asserts they are exactly
+    that slice. The slice is located by the guest's own first 32 bytes (which occur once),
+    then the guest's sha256 of all 64 KiB must equal the slice's."""
+    assert results["hwrng_bytes"] == str(HWRNG_BYTES), results
+    head = bytes.fromhex(results["hwrng_head"])
+    assert len(head) == 32
+    offset = stream.find(head)
+    assert offset >= 0, "the guest's first bytes are nowhere in what the device served"
+    assert stream.find(head, offset + 1) == -1, "ambiguous: the guest's head occurs twice"
+    piece = stream[offset : offset + HWRNG_BYTES]
+    assert len(piece) == HWRNG_BYTES, (
+        f"the device served only {len(stream) - offset} bytes from offset {offset}")
+    assert hashlib.sha256(piece).hexdigest() == results["hwrng_sha"], (
+        f"the guest's 64 KiB differ from the served stream at offset {offset}")
+    return offset
+
+
+def check_hwrng(results: dict[str, str], ring: RingFeatures) -> None:
+    """What the guest itself reports about its hwrng."""
+    assert results["current"] == "virtio_rng.0", results
+    # The kernel's hwrng thread stayed asleep while the script read (see HWRNG_SCRIPT).
+    thread = results["hwrng_thread"].split()
+    assert len(thread) == 5 and thread[1] == thread[3] == "S" and thread[2] == thread[4], results
+    ring.check_guest_view(results["guest_features"])
+
+
+# ---- console ---------------------------------------------------------------------------------
+
+DATA_PORT = "org.pyvirtio.data"
+DATA_BYTES = 1 << 20
+#: What the guest writes on /dev/hvc0 (raw mode: no output processing, so byte-exact).
+GREETING = ("hello from the guest on /dev/hvc0\n"
+            "\ttabs, CR LF\r\n, UTF-8: \u017elu\u0165ou\u010dk\u00fd k\u016f\u0148 "
+            "\u2603, and ASCII ~!@#$%^&*()_+{}|:<>?\n").encode()
+TYPED = b"typed on the host, read by the guest\n"
+
+
+def console_script(data_port: str = DATA_PORT, size: int = DATA_BYTES, *,
+                   linger: bool = False, extra: str = "") -> str:
+    """The console check, run in a UML guest: wait for hvc0, report the features and the
+    console size, write :data:`GREETING` on hvc0 (raw, so byte-exact), read one line the
+    host types, then move ``size`` bytes each way at once through the named port (one
+    read-write fd), with sha256 on both directions. ``linger`` keeps the guest up at the end
+    (the test then stops it); ``extra`` runs just before the end. Needs
+    ``/pyvirtio/greeting`` (see :func:`console_files`).
+    """
+    return f"""\
+n=0
+while [ ! -e /dev/hvc0 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n+1)); done
+DATA=
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = "{data_port}" ] && DATA=/dev/${{p##*/}}
+done
+result data_dev $DATA
+result guest_features $(cat /sys/bus/virtio/devices/virtio0/features)
+result hvc_size $(stty -F /dev/hvc0 size)
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+cat /pyvirtio/greeting >&3
+read -r -t 30 line <&3
+result typed "$line"
+dd if=/dev/urandom of=/tmp/out bs=65536 count={size // 65536} 2>/dev/null
+result out_sha $(sha256sum /tmp/out | cut -d' ' -f1)
+exec 4<>$DATA
+cat /tmp/out >&4 &
+head -c {size} <&4 > /tmp/in
+wait
+exec 4>&-
+result in_bytes $(wc -c < /tmp/in)
+result in_sha $(sha256sum /tmp/in | cut -d' ' -f1)
+{extra}
+result done yes
+{"sleep 600" if linger else ""}
+"""
+
+
+def console_files() -> dict[str, bytes]:
+    return {"pyvirtio/greeting": GREETING}
+
+
+class RecordingConsoleDevice(ConsoleDevice):
+    """virtio-console remembering every feature set it accepted (a reset forgets them)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.negotiated: list[int] = []
+
+    def on_features_ok(self) -> None:
+        super().on_features_ok()
+        self.negotiated.append(self.driver_features)
+
+
+class ConsolePeer:
+    """The host end of the console port: a client of its unix socket that collects what
+    the guest writes (in a thread) and sends what the test types."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = unixsock.connect(path, timeout=WAIT)
+        self.received = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True,
+                                        name=f"console peer {path}")
+        self._thread.start()
+
+    def _read(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._closed:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            with self._cond:
+                self.received += data
+                self._cond.notify_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait_bytes(self, count: int, timeout: float = WAIT) -> bytes:
+        """The first ``count`` bytes the guest wrote (waits for them)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.received) < count and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return bytes(self.received[:count])
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+
+
+class DataPeer:
+    """The host end of a named port: sends ``payload`` and receives ``expect`` bytes at
+    the same time (two threads), like the guest does on its side."""
+
+    def __init__(self, path: str, payload: bytes, expect: int) -> None:
+        self.sock = unixsock.connect(path, timeout=WAIT)
+        self.sock.settimeout(WAIT)
+        self.payload = payload
+        self.expect = expect
+        self.received = bytearray()
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._recv, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self) -> None:
+        try:
+            self.sock.sendall(self.payload)
+        except OSError as exc:
+            self.errors.append(exc)
+
+    def _recv(self) -> None:
+        try:
+            while len(self.received) < self.expect:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.received += data
+        except OSError as exc:
+            self.errors.append(exc)
+
+    def join(self, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in self._threads), (
+            f"port transfer unfinished: received {len(self.received)} of {self.expect}")
+        assert not self.errors, self.errors
+
+    def close(self) -> None:
+        # shutdown first: a thread blocked in recv() keeps a merely closed socket alive,
+        # and the port would never see its host peer go.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def check_console(results: dict[str, str], peer: ConsolePeer, data: DataPeer,
+                  ring: RingFeatures) -> None:
+    """The guest's console report against what the host ends saw."""
+    assert results["done"] == "yes", results
+    ring.check_guest_view(results["guest_features"])
+    assert results["typed"] == TYPED.decode().rstrip("\n")
+    assert results["data_dev"].startswith("/dev/vport"), results
+    data.join()
+    assert len(data.received) == DATA_BYTES
+    assert hashlib.sha256(data.received).hexdigest() == results["out_sha"]
+    assert results["in_bytes"] == str(DATA_BYTES)
+    assert hashlib.sha256(data.payload).hexdigest() == results["in_sha"]
+    # Byte-exact, and nothing but: the guest wrote nothing else on hvc0.
+    assert bytes(peer.received) == GREETING
+
+
+def type_after_greeting(peer: ConsolePeer) -> None:
+    """Wait for the guest's greeting on hvc0, then type a line for it to read."""
+    got = peer.wait_bytes(len(GREETING))
+    assert got == GREETING, got
+    peer.send(TYPED)
+
+
+# ---- the CLI as a child process -------------------------------------------------------------
+
+
+class CliServer:
+    """``python -m pyvirtio [GLOBAL...] serve KIND ARGS`` in a child process.
+
+    stdout (the banner) is collected by a thread; stderr (the log) goes to ``log_path``.
+    :meth:`terminate` sends SIGTERM and returns the exit status; :meth:`close` kills
+    whatever is left (call it in ``finally``).
+    """
+
+    def __init__(self, args: Sequence[str], log_path: Path, *, global_args: Sequence[str] = ()
+                 ) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH", "")) if p)
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "pyvirtio", *global_args, "serve", *args]
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("")  # end of output marker for waiters
+            self._cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """The first stdout line matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    m = regex.search(line)
+                    if m:
+                        return m
+                if self.proc.poll() is not None and self.lines and self.lines[-1] == "":
+                    raise AssertionError(f"server exited ({self.proc.returncode}) before "
+                                         f"{pattern!r}:\n{self.output()}\n{self.log()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no stdout line matched {pattern!r}:\n"
+                                         f"{self.output()}\n{self.log()}")
+                self._cond.wait(min(left, 0.2))
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def qemu_device_args(self) -> list[str]:
+        """The chardev/device part of the QEMU line the banner printed (QemuGuest brings
+        the shared-memory machine options itself; the banner's are checked here)."""
+        line = self.wait_line(r"^  qemu-system-x86_64 \.\.\. (.*)$")
+        args = shlex.split(line.group(1))
+        assert "memory-backend-memfd,id=mem,size=512M,share=on" in args, args
+        return args[args.index("-chardev"):]
+
+    def uml_args(self) -> list[str]:
+        """The kernel arguments of the UML line the banner printed."""
+        return shlex.split(self.wait_line(r"^  linux\.uml \.\.\. (.*)$").group(1))
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM; the exit status (killed and failed if it does not exit in time)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server ignored SIGTERM for {timeout}s:\n{self.log()}"
+                                 ) from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._thread.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+def random_payload(seed: int, size: int = DATA_BYTES) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def socket_gone(path: str | os.PathLike[str]) -> bool:
+    """Nothing at ``path`` any more, and nobody listening there."""
+    if os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        return True
+    finally:
+        probe.close()
+    return False

@@ -1,0 +1,91 @@
+"""pyvirtio's console device with a real Linux guest: User-Mode Linux 6.1 and virtio_console.
+
+One guest per ring-feature setting does everything: it writes text on /dev/hvc0 that must
+reach the host byte for byte, reads a line the host types, and moves 1 MiB each way at once
+through a named port, with sha256 computed in the guest (busybox) and on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guest_helpers import (
+    DATA_BYTES,
+    DATA_PORT,
+    RING_FEATURES,
+    WAIT,
+    ConsolePeer,
+    DataPeer,
+    RecordingConsoleDevice,
+    RingFeatures,
+    check_console,
+    console_files,
+    console_script,
+    random_payload,
+    require,
+    type_after_greeting,
+    wait_closed,
+)
+
+from pyvirtio.device.backends.console_ports import UnixSocketPort
+from pyvirtio.device.console import Port
+from pyvirtio.guest import UmlGuest, VhostUserDevice
+from pyvirtio.io.vhost_user_server import VhostUserServer
+from pyvirtio.spec import console as C
+from pyvirtio.spec import ids
+from pyvirtio.spec.features import bit
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def console_setup(tmp_path: Path, ring: RingFeatures
+                  ) -> Iterator[tuple[RecordingConsoleDevice, VhostUserServer, Path]]:
+    device = RecordingConsoleDevice(
+        [Port(UnixSocketPort(str(tmp_path / "hvc0.sock"))),
+         Port(UnixSocketPort(str(tmp_path / "data.sock")), name=DATA_PORT)],
+        cols=132, rows=43, transport_features=ring.transport_features)
+    server = VhostUserServer(tmp_path / "vu.sock", lambda: device)
+    device.reactor = server.loop  # the ports accept their host clients before any guest
+    try:
+        with server.in_thread():
+            yield device, server, tmp_path
+    finally:
+        device.close()
+
+
+@RING_FEATURES
+def test_a_uml_guest_talks_to_the_host_through_hvc0_and_a_named_port(
+        console_setup: tuple[RecordingConsoleDevice, VhostUserServer, Path],
+        ring: RingFeatures) -> None:
+    require("uml")
+    device, server, tmp = console_setup
+    console = ConsolePeer(str(tmp / "hvc0.sock"))
+    data = DataPeer(str(tmp / "data.sock"), random_payload(7), DATA_BYTES)
+    guest = UmlGuest(console_script(), extra_files=console_files(),
+                     devices=[VhostUserDevice(server.path, ids.CONSOLE)], timeout=WAIT)
+    try:
+        guest.start()
+        type_after_greeting(console)
+        result = guest.wait()
+        assert result.ok, result.describe()
+        check_console(result.results, console, data, ring)
+    finally:
+        guest.stop()
+        console.close()
+        data.close()
+    wait_closed(server, 1)
+    assert server.closed_reasons == ["front-end disconnected"]
+    # What the device itself negotiated with virtio_console.
+    assert len(device.negotiated) == 1
+    features = device.negotiated[0]
+    ring.check_negotiated(features)
+    assert features & bit(C.VIRTIO_CONSOLE_F_MULTIPORT)
+    assert features & bit(C.VIRTIO_CONSOLE_F_SIZE)
+    assert result.results["hvc_size"] == "43 132"  # rows cols, from our RESIZE
+    assert device.problems == []
+    hvc0, port = device.ports
+    assert port.from_guest == DATA_BYTES and port.to_guest == DATA_BYTES
+    assert hvc0.dropped == 0 and port.dropped == 0

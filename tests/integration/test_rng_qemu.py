@@ -52,3 +52,20 @@ def test_a_qemu_guest_reads_exactly_the_bytes_pyvirtio_served_from_dev_hwrng(
     ring.check_negotiated(device.negotiated[0])
     assert device.problems == []
     assert server.closed_reasons == ["front-end disconnected"]
+
+
+def test_a_rate_limited_device_still_serves_a_real_guest_every_byte_it_asks_for(
+        tmp_path: Path) -> None:
+    """The limiter grants whole buffers: dribbling tokens out made Linux stop reading."""
+    require("qemu")
+    rate = 64 * 1024  # bytes/s: the 64 KiB read has to wait for the bucket several times
+    device = recording_rng(seed=2, rate_limit=rate)
+    server = VhostUserServer(tmp_path / "rng.sock", lambda: device)
+    with server.in_thread():
+        result = QemuGuest(HWRNG_SCRIPT, extra_args=server.qemu_args(ids.RNG),
+                           timeout=WAIT).run()
+        assert result.ok, result.describe()
+        wait_closed(server, 1)
+    served_slice(bytes(device.stream), result.results)
+    assert device.throttled > 0, "the rate limit never engaged"
+    assert device.problems == []

@@ -104,3 +104,14 @@ def test_rate_limited_entropy_across_processes_completes_deferred_requests() -> 
         assert pair.transport.device_attr("digest") == hashlib.sha256(got).hexdigest()
     finally:
         pair.close()
+
+
+def test_token_bucket_grants_whole_buffers_or_nothing() -> None:
+    from pyvirtio.device.rng import TokenBucket
+
+    bucket = TokenBucket(rate=1000.0, burst=4096.0, now=0.0)
+    assert bucket.take(4000, now=0.0) == 4000  # the initial burst covers it
+    assert bucket.take(64, now=0.0) == 64
+    assert bucket.take(64, now=0.0) == 0  # 32 tokens left: no partial grant
+    assert bucket.take(64, now=0.032) == 64  # 32 + 32 refilled
+    assert bucket.take(10_000, now=100.0) == 4096  # larger than the burst: a burst's worth

@@ -31,6 +31,11 @@ def register(sub: Any) -> None:
                         help="do not offer VIRTIO_F_EVENT_IDX (notification suppression by index)")
     common.add_argument("--no-indirect", action="store_true",
                         help="do not offer VIRTIO_F_INDIRECT_DESC (indirect descriptor tables)")
+    # SUPPRESS: given after the subcommand it counts, absent it leaves `pyvirtio -v serve`
+    # alone (a subparser default would overwrite the top-level count).
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more logging (-v: connections, negotiated features; "
+                        "-vv: every vhost-user message)")
     common.add_argument("-q", "--quiet", action="store_true",
                         help="do not print how to attach QEMU and UML")
     parser = sub.add_parser(

@@ -24,7 +24,6 @@ from pyvirtio.device.console import ConsoleDevice, Port
 from pyvirtio.errors import LocalError
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.io.vhost_user_server import VhostUserServer
-from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 
 DEFAULT_COLS, DEFAULT_ROWS = 80, 25
@@ -58,20 +57,6 @@ negotiated features and ports; -vv traces every vhost-user message.
 """
 
 
-class ServedConsole(ConsoleDevice):
-    """The console device, telling a guest without MULTIPORT its size as soon as it is ready.
-
-    Linux reads the cols/rows of a single-port console only on a config change interrupt, so
-    without one its hvc0 would stay 0x0 until the first resize; with MULTIPORT the size goes
-    in the RESIZE message that follows CONSOLE_PORT anyway.
-    """
-
-    def on_driver_ok(self) -> None:
-        super().on_driver_ok()
-        if not self.multiport_on and self.has_feature(C.VIRTIO_CONSOLE_F_SIZE):
-            self.resize(self.cols, self.rows)
-
-
 def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p = kinds.add_parser(
         "console", parents=[common], help="console device (virtio-console): hvc0 and named ports",
@@ -98,8 +83,6 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--resize-rows-first", action="store_true",
                    help="send console sizes as rows, cols: what Linux guests older than the "
                    "2025 virtio_console fix expect (the spec says cols, rows)")
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                   help="more logging (-v: connections, features, ports; -vv: every message)")
     p.set_defaults(func=run)
 
 
@@ -202,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     multiport = not args.no_multiport
     loop = EventLoop()
     try:
-        device = ServedConsole(
+        device = ConsoleDevice(
             ports, cols=cols, rows=rows, multiport=multiport, console_port=console_port,
             resize_rows_first=args.resize_rows_first, queue_size=args.queue_size,
             transport_features=transport_features(args),

@@ -364,6 +364,13 @@ class ConsoleDevice(VirtioDevice):
         ring.rewind(len(unused))
         unused.clear()
 
+    def on_driver_ok(self) -> None:
+        # Linux reads a single-port console's cols/rows only on a config change interrupt,
+        # so without one its hvc0 would stay 0x0 until the first resize. (With MULTIPORT the
+        # size travels in the RESIZE message that follows CONSOLE_PORT.)
+        if not self.multiport_on and self.has_feature(C.VIRTIO_CONSOLE_F_SIZE):
+            self.resize(self.cols, self.rows)
+
     def on_reset(self) -> None:
         self._ctrl_out.clear()
         self._ctrl_rx.clear()

@@ -16,7 +16,13 @@ from pyvirtio.spec import rng as R
 
 
 class TokenBucket:
-    """``rate`` bytes per second, bursts up to ``burst`` bytes."""
+    """``rate`` bytes per second, bursts up to ``burst`` bytes.
+
+    Grants are all or nothing: a buffer no larger than the burst is filled whole once enough
+    tokens have accumulated (a larger one gets a burst's worth). Dribbling out whatever few
+    tokens there are leaves a Linux guest with a stream of tiny completions after which it
+    stops reading /dev/hwrng altogether; whole buffers at the same average rate work.
+    """
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate, self.burst, self.tokens, self.stamp = rate, burst, burst, now
@@ -24,9 +30,11 @@ class TokenBucket:
     def take(self, want: int, now: float) -> int:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        got = min(want, int(self.tokens))
-        self.tokens -= got
-        return got
+        need = min(want, int(self.burst))
+        if self.tokens < need:
+            return 0
+        self.tokens -= need
+        return need
 
     def wait_time(self, want: int) -> float:
         return max(0.0, (min(want, self.burst) - self.tokens) / self.rate)
@@ -52,6 +60,7 @@ class RngDevice(VirtioDevice):
         self._timer: TimerHandle | None = None
         self.served = 0
         self.digest = hashlib.sha256()
+        self.throttled = 0  # times a request had to wait for the rate limit
 
     def handle(self, queue: int, chain: DescriptorChain) -> int | None:
         if self.rate_limit is None:
@@ -73,12 +82,13 @@ class RngDevice(VirtioDevice):
             raise RuntimeError("a rate-limited RngDevice needs a reactor")
         now = self.reactor.time()
         if self._bucket is None:
-            self._bucket = TokenBucket(self.rate_limit, max(self.rate_limit / 10, 64), now)
+            self._bucket = TokenBucket(self.rate_limit, max(self.rate_limit / 10, 4096), now)
         while self._waiting:
             chain = self._waiting[0]
             n = self._bucket.take(chain.writable_len, now)
             if n == 0:
                 if self._timer is None:
+                    self.throttled += 1
                     delay = self._bucket.wait_time(chain.writable_len)
                     self._timer = self.reactor.call_later(delay, self._on_timer)
                 return

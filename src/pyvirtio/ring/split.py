@@ -53,7 +53,39 @@ def _check_size(size: int) -> None:
         raise QueueUsageError(f"queue size {size} is not a power of two in 1..32768")
 
 
-class DeviceQueue:
+class _SplitRing:
+    """What both ends of a split ring share: the three areas mapped once as views of guest
+    memory (so each access afterwards is only an offset into a checked view), the structs
+    for the byte order, and the broken state."""
+
+    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, event_idx: bool, indirect: bool, endian: Endian,
+                 name: str) -> None:
+        _check_size(size)
+        self.memory = memory
+        self.size = size
+        self.name = name
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._mask = size - 1
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        self._desc = _map_area(memory, desc_addr, S.desc_table_size(size), "descriptor table")
+        self._avail = _map_area(memory, avail_addr, S.avail_size(size), "avail ring")
+        self._used = _map_area(memory, used_addr, S.used_size(size), "used ring")
+        self._desc_struct = S.desc_struct(endian)
+        self._u16 = S.u16_struct(endian)
+        self._elem = S.used_elem_struct(endian)
+        self._used_event_off = S.used_event_offset(size)
+        self._avail_event_off = S.avail_event_offset(size)
+        self.broken: str | None = None
+
+    def _break(self, reason: str) -> RingError:
+        if self.broken is None:
+            self.broken = f"{self.name}: {reason}"
+        return RingError(self.broken)
+
+
+class DeviceQueue(_SplitRing):
     """The device side of a split virtqueue.
 
     ``last_avail_idx`` is the next avail ring slot to consume; ``used_idx`` the next used
@@ -76,22 +108,8 @@ class DeviceQueue:
         used_idx: int | None = None,
         name: str = "queue",
     ) -> None:
-        _check_size(size)
-        self.memory = memory
-        self.size = size
-        self.name = name
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._mask = size - 1
-        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
-        self._desc = _map_area(memory, desc_addr, S.desc_table_size(size), "descriptor table")
-        self._avail = _map_area(memory, avail_addr, S.avail_size(size), "avail ring")
-        self._used = _map_area(memory, used_addr, S.used_size(size), "used ring")
-        self._desc_struct = S.desc_struct(endian)
-        self._u16 = S.u16_struct(endian)
-        self._elem = S.used_elem_struct(endian)
-        self._used_event_off = S.used_event_offset(size)
-        self._avail_event_off = S.avail_event_offset(size)
+        super().__init__(memory, size, desc_addr, avail_addr, used_addr, event_idx, indirect,
+                         endian, name)
         self.last_avail_idx = last_avail_idx & 0xFFFF
         if used_idx is None:
             used_idx = self._u16.unpack_from(self._used, 2)[0]
@@ -100,24 +118,12 @@ class DeviceQueue:
         self._signalled_valid = False
         self._kicks_enabled = True
         self._inflight = bytearray(size)  # 1 while a head is popped and not yet pushed
-        self.broken: str | None = None
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else "ok"
         return (f"DeviceQueue({self.name}, size={self.size}, last_avail={self.last_avail_idx}, "
                 f"used={self.used_idx}, {state})")
-
-    # ---- errors -------------------------------------------------------------------------
-
-    def _break(self, reason: str) -> RingError:
-        if self.broken is None:
-            self.broken = f"{self.name}: {reason}"
-        return RingError(self.broken)
-
-    def _check_broken(self) -> None:
-        if self.broken is not None:
-            raise RingError(self.broken)
 
     # ---- consuming available buffers ----------------------------------------------------
 
@@ -413,7 +419,7 @@ class _InFlight:
         self.indirect_addr = indirect_addr
 
 
-class DriverQueue:
+class DriverQueue(_SplitRing):
     """The driver side of a split virtqueue (the paper's virtqueue ops).
 
     Buffers are scatter-gather lists of ``(guest_physical_address, length)`` pairs. The
@@ -437,25 +443,11 @@ class DriverQueue:
         name: str = "queue",
         start_idx: int = 0,
     ) -> None:
-        _check_size(size)
         if indirect and allocator is None:
             raise QueueUsageError("indirect descriptors need an allocator for their tables")
-        self.memory = memory
-        self.size = size
-        self.name = name
-        self.event_idx = event_idx
-        self.indirect = indirect
+        super().__init__(memory, size, desc_addr, avail_addr, used_addr, event_idx, indirect,
+                         endian, name)
         self.allocator = allocator
-        self._mask = size - 1
-        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
-        self._desc = _map_area(memory, desc_addr, S.desc_table_size(size), "descriptor table")
-        self._avail = _map_area(memory, avail_addr, S.avail_size(size), "avail ring")
-        self._used = _map_area(memory, used_addr, S.used_size(size), "used ring")
-        self._desc_struct = S.desc_struct(endian)
-        self._u16 = S.u16_struct(endian)
-        self._elem = S.used_elem_struct(endian)
-        self._used_event_off = S.used_event_offset(size)
-        self._avail_event_off = S.avail_event_offset(size)
         # A fresh ring: the driver owns initialisation of all three areas.
         self._desc[:] = bytes(len(self._desc))
         self._avail[:] = bytes(len(self._avail))
@@ -472,7 +464,6 @@ class DriverQueue:
         self.last_used_idx = start_idx
         self._num_added = 0
         self._avail_flags = 0
-        self.broken: str | None = None
         if start_idx:
             self._u16.pack_into(self._avail, 2, start_idx)
             self._u16.pack_into(self._avail, self._used_event_off, start_idx)
@@ -482,11 +473,6 @@ class DriverQueue:
     def __repr__(self) -> str:
         return (f"DriverQueue({self.name}, size={self.size}, free={len(self._free)}, "
                 f"avail={self.avail_idx}, last_used={self.last_used_idx})")
-
-    def _break(self, reason: str) -> RingError:
-        if self.broken is None:
-            self.broken = f"{self.name}: {reason}"
-        return RingError(self.broken)
 
     @property
     def num_free(self) -> int:

@@ -6,7 +6,7 @@
   reads 64 KiB from /dev/hwrng (:data:`HWRNG_SCRIPT`) and the exact proof that the guest got
   a contiguous slice of what the device served (:func:`served_slice`).
 * Console: the guest script (:func:`console_script`) and the host ends of its ports
-  (:class:`ConsolePeer`, :class:`DataPeer`): hvc0 text both ways and 1 MiB each way on a
+  (:class:`ConsoleClient`, :class:`DataPeer`): hvc0 text both ways and 1 MiB each way on a
   named port, checksummed on both sides.
 * :class:`CliServer`: ``python -m pyvirtio ... serve ...`` as a child process, its banner
   parsed into the QEMU/UML arguments it printed; always stopped.
@@ -47,6 +47,13 @@ from pyvirtio.guest import (
 from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
+from pyvirtio.testing.guests import (
+    HWRNG_BYTES,
+    ConsoleClient,
+    NotServed,
+    find_served_slice,
+    hwrng_script,
+)
 from vhost_user_helpers import RecordingRngDevice
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -133,45 +140,10 @@ def wait_closed(server: VhostUserServer, count: int, timeout: float = 10.0) -> N
 
 # ---- entropy ---------------------------------------------------------------------------------
 
-HWRNG_BYTES = 65536
-#: Reads 64 KiB from /dev/hwrng and reports what the host needs to find them in the served
-#: stream. The hwrng core's own thread ([hwrng], feeding the entropy pool) also reads the
-#: device, 64 bytes about once a second early in boot, whatever rng_quality says (6.1.192):
-#: if it did so in the middle of our read, our bytes would have a 64-byte hole. So the
-#: script samples the thread's state and voluntary context switches around the read and
-#: reads again if the thread woke up meanwhile (asleep before and after, with the same count,
-#: means it did not run). Reads of a multiple of 64 bytes (head -c reads 4 KiB and more at a
-#: time) keep the core's buffer in order, so the guest's bytes are then one contiguous slice
-#: of what the device served.
-HWRNG_READ = f"""\
-P=
-for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = hwrng ] && P=${{d#/proc/}}; done
-hwrng_thread() {{
-    if [ -n "$P" ] && [ -e /proc/$P/stat ]; then
-        echo "$(cut -d' ' -f3 /proc/$P/stat) $(grep '^voluntary_ctxt' /proc/$P/status | tr -dc 0-9)"
-    else
-        echo "S none"
-    fi
-}}
-attempt=0
-while [ $attempt -lt 10 ]; do
-    attempt=$((attempt+1))
-    before=$(hwrng_thread)
-    head -c {HWRNG_BYTES} /dev/hwrng > /tmp/hwrng
-    after=$(hwrng_thread)
-    [ "$before" = "$after" ] && [ "${{before%% *}}" = S ] && break
-done
-result hwrng_attempts $attempt
-result hwrng_thread $P $before $after
-"""
 HWRNG_SCRIPT = f"""\
 result current $(cat /sys/class/misc/hw_random/rng_current)
 result guest_features $(cat /sys/bus/virtio/devices/virtio0/features)
-{HWRNG_READ}
-result hwrng_bytes $(wc -c < /tmp/hwrng)
-result hwrng_sha $(sha256sum /tmp/hwrng | cut -d' ' -f1)
-result hwrng_head $(head -c 32 /tmp/hwrng | od -An -tx1 | tr -d ' \\n')
-"""
+{hwrng_script(HWRNG_BYTES)}"""
 
 
 def recording_rng(seed: int, **kwargs: object) -> RecordingRngDevice:
@@ -181,21 +153,12 @@ def recording_rng(seed: int, **kwargs: object) -> RecordingRngDevice:
 
 
 def served_slice(stream: bytes, results: dict[str, str]) -> int:
-    """Where the guest's 64 KiB are in the served ``stream``; asserts they are exactly
-    that slice. The slice is located by the guest's own first 32 bytes (which occur once),
-    then the guest's sha256 of all 64 KiB must equal the slice's."""
-    assert results["hwrng_bytes"] == str(HWRNG_BYTES), results
-    head = bytes.fromhex(results["hwrng_head"])
-    assert len(head) == 32
-    offset = stream.find(head)
-    assert offset >= 0, "the guest's first bytes are nowhere in what the device served"
-    assert stream.find(head, offset + 1) == -1, "ambiguous: the guest's head occurs twice"
-    piece = stream[offset : offset + HWRNG_BYTES]
-    assert len(piece) == HWRNG_BYTES, (
-        f"the device served only {len(stream) - offset} bytes from offset {offset}")
-    assert hashlib.sha256(piece).hexdigest() == results["hwrng_sha"], (
-        f"the guest's 64 KiB differ from the served stream at offset {offset}")
-    return offset
+    """Where the guest's 64 KiB are in the served ``stream``; fails the test unless they
+    are exactly one contiguous slice of it (see pyvirtio.testing.guests)."""
+    try:
+        return find_served_slice(stream, results, HWRNG_BYTES)
+    except NotServed as exc:
+        pytest.fail(str(exc))
 
 
 def check_hwrng(results: dict[str, str], ring: RingFeatures) -> None:
@@ -273,59 +236,6 @@ class RecordingConsoleDevice(ConsoleDevice):
         self.negotiated.append(self.driver_features)
 
 
-class ConsolePeer:
-    """The host end of the console port: a client of its unix socket that collects what
-    the guest writes (in a thread) and sends what the test types."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = unixsock.connect(path, timeout=WAIT)
-        self.received = bytearray()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, daemon=True,
-                                        name=f"console peer {path}")
-        self._thread.start()
-
-    def _read(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._closed:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            with self._cond:
-                self.received += data
-                self._cond.notify_all()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def wait_bytes(self, count: int, timeout: float = WAIT) -> bytes:
-        """The first ``count`` bytes the guest wrote (waits for them)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.received) < count and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            return bytes(self.received[:count])
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
-
-
 class DataPeer:
     """The host end of a named port: sends ``payload`` and receives ``expect`` bytes at
     the same time (two threads), like the guest does on its side."""
@@ -376,7 +286,7 @@ class DataPeer:
             thread.join(5)
 
 
-def check_console(results: dict[str, str], peer: ConsolePeer, data: DataPeer,
+def check_console(results: dict[str, str], peer: ConsoleClient, data: DataPeer,
                   ring: RingFeatures) -> None:
     """The guest's console report against what the host ends saw."""
     assert results["done"] == "yes", results
@@ -392,7 +302,7 @@ def check_console(results: dict[str, str], peer: ConsolePeer, data: DataPeer,
     assert bytes(peer.received) == GREETING
 
 
-def type_after_greeting(peer: ConsolePeer) -> None:
+def type_after_greeting(peer: ConsoleClient) -> None:
     """Wait for the guest's greeting on hvc0, then type a line for it to read."""
     got = peer.wait_bytes(len(GREETING))
     assert got == GREETING, got

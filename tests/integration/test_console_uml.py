@@ -16,7 +16,7 @@ from guest_helpers import (
     DATA_PORT,
     RING_FEATURES,
     WAIT,
-    ConsolePeer,
+    ConsoleClient,
     DataPeer,
     RecordingConsoleDevice,
     RingFeatures,
@@ -62,7 +62,7 @@ def test_a_uml_guest_talks_to_the_host_through_hvc0_and_a_named_port(
         ring: RingFeatures) -> None:
     require("uml")
     device, server, tmp = console_setup
-    console = ConsolePeer(str(tmp / "hvc0.sock"))
+    console = ConsoleClient(str(tmp / "hvc0.sock"))
     data = DataPeer(str(tmp / "data.sock"), random_payload(7), DATA_BYTES)
     guest = UmlGuest(console_script(), extra_files=console_files(),
                      devices=[VhostUserDevice(server.path, ids.CONSOLE)], timeout=WAIT)

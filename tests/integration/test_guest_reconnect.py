@@ -14,7 +14,7 @@ from guest_helpers import (
     HWRNG_SCRIPT,
     RING_FEATURES,
     WAIT,
-    ConsolePeer,
+    ConsoleClient,
     DataPeer,
     RecordingConsoleDevice,
     RingFeatures,
@@ -131,7 +131,7 @@ def test_killing_uml_mid_transfer_leaves_the_server_serving_the_next_guest(
     server = VhostUserServer(tmp_path / "vu.sock", lambda: device)
     device.reactor = server.loop
     uml_device = [VhostUserDevice(server.path, ids.CONSOLE)]
-    console = ConsolePeer(hvc0_path)
+    console = ConsoleClient(hvc0_path)
     try:
         with server.in_thread():
             drain = Drain(data_path)

@@ -25,7 +25,7 @@ from guest_helpers import (
     TYPED,
     WAIT,
     CliServer,
-    ConsolePeer,
+    ConsoleClient,
     DataPeer,
     RingFeatures,
     check_console,
@@ -178,7 +178,7 @@ def test_serve_console_talks_to_a_uml_guest_and_exits_cleanly_on_sigterm(
         server.wait_line(r"^QEMU: 7\.2 has no vhost-user front-end for console devices")
         kernel_args = server.uml_args()
         assert kernel_args == [f"virtio_uml.device={sock}:3"]
-        console = ConsolePeer(str(hvc0))
+        console = ConsoleClient(str(hvc0))
         data = DataPeer(str(data_sock), random_payload(5), DATA_BYTES)
         pty = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)  # the pty port's host end (raw)
         os.write(pty, PTY_IN)
@@ -237,7 +237,7 @@ def test_serve_console_without_multiport_gives_the_guest_one_sized_console(
     guest = console = None
     try:
         kernel_args = server.uml_args()
-        console = ConsolePeer(str(hvc0))
+        console = ConsoleClient(str(hvc0))
         guest = UmlGuest(SINGLE_PORT_SCRIPT, extra_files=console_files(),
                          kernel_args=kernel_args, timeout=WAIT)
         guest.start()

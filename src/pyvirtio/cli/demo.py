@@ -22,12 +22,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,15 +45,21 @@ from pyvirtio.guest import (
     UmlGuest,
     VhostUserDevice,
 )
-from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
+from pyvirtio.testing.guests import (
+    HWRNG_BYTES,
+    ConsoleClient,
+    NotServed,
+    RecordedStream,
+    find_served_slice,
+    hwrng_script,
+)
 from pyvirtio.testing.pair import DevicePair
 from pyvirtio.testing.process_pair import ProcessDevicePair
 
 PORT_NAME = "org.pyvirtio.demo"
 TRANSFER = 1 << 20
-HWRNG_BYTES = 65536
 #: seconds any one step may take before the demo gives up
 STEP_TIMEOUT = 60.0
 COMMAND = "uname -sr; grep MemTotal /proc/meminfo; ls /dev/hvc0 /dev/vport0p*"
@@ -148,90 +152,6 @@ class RecordingConsole(ConsoleDevice):
         self.negotiated.append(self.driver_features)
 
 
-class RecordedStream:
-    """A deterministic entropy source that keeps every byte it hands out, in order."""
-
-    def __init__(self, seed: int) -> None:
-        self._random = random.Random(seed)
-        self.stream = bytearray()
-        self.requests = 0
-
-    def __call__(self, n: int) -> bytes:
-        data = self._random.randbytes(n)
-        self.stream += data
-        self.requests += 1
-        return data
-
-
-class HostClient:
-    """The host end of a console port (a client of its unix socket): a thread collects what
-    the guest writes; the demo sends, and waits for text."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = unixsock.connect(path, timeout=STEP_TIMEOUT)
-        self.received = bytearray()
-        self._cond = threading.Condition()
-        self._done = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._done:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            with self._cond:
-                self.received += data
-                self._cond.notify_all()
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
-
-    def wait_until(self, done: Callable[[bytearray], bool], what: str) -> bytes:
-        deadline = time.monotonic() + STEP_TIMEOUT
-        with self._cond:
-            while not done(self.received):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._done:
-                    raise DemoFailure(f"the guest never sent {what} "
-                                      f"(got {bytes(self.received[:200])!r})")
-                self._cond.wait(min(left, 0.5))
-            return bytes(self.received)
-
-    def take(self) -> bytes:
-        with self._cond:
-            data = bytes(self.received)
-            self.received.clear()
-            return data
-
-    def send_in_background(self, data: bytes) -> threading.Thread:
-        thread = threading.Thread(target=self._send, args=(data,), daemon=True)
-        thread.start()
-        return thread
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self.sock.settimeout(STEP_TIMEOUT)
-            self.sock.sendall(data)
-        except OSError:
-            pass  # the checksums will say so
-
-    def close(self) -> None:
-        self._done = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self._thread.join(5)
-
-
 @contextmanager
 def serving(server: VhostUserServer) -> Iterator[VhostUserServer]:
     with server.in_thread():
@@ -309,9 +229,9 @@ def uml_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
         server = VhostUserServer(vu, lambda: device)
         device.reactor = server.loop  # ports take their host clients before the guest comes
         stack.enter_context(serving(server))
-        console = HostClient(hvc0)
+        console = ConsoleClient(hvc0)
         stack.callback(console.close)
-        port = HostClient(data)
+        port = ConsoleClient(data)
         stack.callback(port.close)
         to_guest = random.Random(2024).randbytes(TRANSFER)
         port.send_in_background(to_guest)
@@ -373,24 +293,7 @@ klog "$(dmesg | grep -m1 '\\[1af4:1044\\]' | sed 's/^\\[[ 0-9.]*\\] //')"
 klog "virtio0: $(tr '\\n' ' ' < /sys/bus/virtio/devices/virtio0/uevent)"
 klog "hw_random: rng_available $(cat /sys/class/misc/hw_random/rng_available)"
 result current $(cat /sys/class/misc/hw_random/rng_current)
-# The kernel's own hwrng thread reads the device too (64 bytes about once a second early in
-# boot): read again if it woke up during our read, so our bytes are one unbroken run.
-P=
-for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = hwrng ] && P=${{d#/proc/}}; done
-hwrng_thread() {{
-    [ -n "$P" ] && echo "$(cut -d' ' -f3 /proc/$P/stat) $(grep '^voluntary_ctxt' /proc/$P/status)"
-}}
-n=0
-while [ $n -lt 10 ]; do
-    n=$((n+1))
-    before=$(hwrng_thread)
-    head -c {HWRNG_BYTES} /dev/hwrng > /tmp/hwrng
-    [ "$before" = "$(hwrng_thread)" ] && [ -z "$before" -o "${{before%% *}}" = S ] && break
-done
-result attempts $n
-result sha $(sha256sum /tmp/hwrng | cut -d' ' -f1)
-result head $(head -c 32 /tmp/hwrng | od -An -tx1 | tr -d ' \\n')
-"""
+{hwrng_script(HWRNG_BYTES)}"""
 
 
 def qemu_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
@@ -411,24 +314,25 @@ def qemu_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
                 " KiB from /dev/hwrng")
             checks.append(("QEMU: the kernel picked pyvirtio's device as its hwrng",
                            current == "virtio_rng.0"))
-            attempts = int(expect(guest, r"PYVIRTIO-RESULT attempts=(\d+)").group(1))
-            digest = expect(guest, r"PYVIRTIO-RESULT sha=(\S+)").group(1)
-            head = bytes.fromhex(expect(guest, r"PYVIRTIO-RESULT head=(\S+)").group(1))
             result = guest.wait(timeout=STEP_TIMEOUT)
             if not result.ok:
                 raise DemoFailure(result.describe())
+    attempts = int(result.results["hwrng_attempts"])
+    digest = result.results["hwrng_sha"]
     stream = bytes(source.stream)
-    offset = stream.find(head) if len(head) == 32 else -1
-    piece = stream[offset : offset + HWRNG_BYTES] if offset >= 0 else b""
-    same = len(piece) == HWRNG_BYTES and hashlib.sha256(piece).hexdigest() == digest
+    try:
+        offset = find_served_slice(stream, result.results, HWRNG_BYTES)
+    except NotServed as exc:
+        say(f"the guest's bytes are not what pyvirtio served: {exc}")
+        offset = -1
+    same = offset >= 0
     say(f"guest's sha256 {short_hex(digest)}; pyvirtio served {len(stream)} bytes in "
         f"{source.requests} buffers")
-    if offset >= 0:
+    if same:
         before = ("the kernel's own reads" if attempts == 1 else
                   f"the kernel's own reads and {attempts - 1} read(s) its hwrng thread disturbed")
-        say(f"bytes {offset}..{offset + HWRNG_BYTES - 1} of that stream hash to "
-            f"{short_hex(hashlib.sha256(piece).hexdigest())} {mark(same)} (before them: "
-            f"{before})")
+        say(f"bytes {offset}..{offset + HWRNG_BYTES - 1} of that stream hash to the same "
+            f"{mark(same)} (before them: {before})")
     checks.append(("QEMU: the guest's 64 KiB are exactly bytes pyvirtio served", same))
 
 

@@ -17,6 +17,14 @@ Three steps, kept apart so storage can be swapped and tested on its own:
    future io_uring or thread-pool back-end); the device then writes the status byte and
    returns the chain with its used length.
 
+The common case skips the three steps' objects: Linux's reads and writes (a header, the
+data and a status byte, on a back-end with a plain fd) are served by
+:class:`~pyvirtio.device.blk_fastpath.BlkFastLane` straight from the ring memory, with the
+same checks and results; everything else takes the steps above. A vhost-user front-end
+that negotiated INFLIGHT_SHMFD gets every popped and completed head reported to a
+:class:`RequestTracker`, and a restarted back-end resubmits what its predecessor left in
+flight (:meth:`BlkDevice.track_requests`).
+
 The used length is always the whole writable part of the chain: on success the data area is
 filled (IN, GET_ID); on failure, and for writable bytes the request type does not use, the
 device zeroes them first. So "the first ``len`` writable bytes were written" (§2.7.8) holds
@@ -35,10 +43,12 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pyvirtio.device.base import ConfigAccessError, VirtioDevice
+from pyvirtio.device.blk_fastpath import BlkFastLane, LaneConfig
 from pyvirtio.errors import LocalError, PeerError
-from pyvirtio.ring import DescriptorChain, DeviceQueue
+from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
 from pyvirtio.ring.chain import gather, scatter, split_segments
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
@@ -89,6 +99,21 @@ FEATURE_NAMES = {
 }
 
 _ZEROS = bytes(64 << 10)
+
+
+class RequestTracker(Protocol):
+    """Follows the heads of a queue from pop to completion, so that what was in flight can
+    be found again if this process dies (vhost-user INFLIGHT_SHMFD: the tracker writes a
+    shared region the front-end keeps; see :mod:`pyvirtio.transport.vhost_user.inflight`)."""
+
+    def popped(self, head: int) -> None:
+        """``head`` was taken from the avail ring."""
+
+    def completing(self, heads: Sequence[int]) -> None:
+        """``heads`` are about to be published in the used ring (one used->idx store)."""
+
+    def completed(self, heads: Sequence[int], used_idx: int) -> None:
+        """``heads`` were published; used->idx is now ``used_idx``."""
 
 
 class BlkFramingError(PeerError):
@@ -239,6 +264,14 @@ class BlkBackend:
     physical_block_size: int = SECTOR_SIZE
     #: whether discard can give space back (otherwise discards succeed as no-ops)
     can_discard: bool = False
+    #: a file descriptor the device may ``os.preadv``/``os.pwritev`` directly for any
+    #: validated IN/OUT request (no alignment constraints beyond the block size, no
+    #: bookkeeping in :meth:`readv`/:meth:`writev`), or -1: the device's inline fast path
+    #: for reads and writes uses it, everything else goes through :meth:`execute`
+    fast_fd: int = -1
+    #: the whole image mapped read-only, if the back-end serves reads as copies from it
+    #: (the fast path copies IN data straight from here); None: read with readv
+    read_map: memoryview | None = None
 
     @property
     def size(self) -> int:
@@ -355,6 +388,9 @@ class BlkDevice(VirtioDevice):
 
     device_id = ids.BLOCK
     feature_names = FEATURE_NAMES
+    #: serve common reads and writes through :class:`BlkFastLane` (off: every request goes
+    #: through :meth:`handle`, the reference behaviour the fast path is tested against)
+    fast_path = True
 
     def __init__(
         self,
@@ -377,6 +413,7 @@ class BlkDevice(VirtioDevice):
         max_discard_seg: int = DEFAULT_MAX_DISCARD_SEG,
         max_write_zeroes_sectors: int = DEFAULT_MAX_WRITE_ZEROES_SECTORS,
         max_write_zeroes_seg: int = DEFAULT_MAX_WRITE_ZEROES_SEG,
+        mmap_reads: bool = False,
         **kwargs: object,
     ) -> None:
         if num_queues < 1 or num_queues > 0xFFFF:
@@ -390,7 +427,8 @@ class BlkDevice(VirtioDevice):
         else:
             from pyvirtio.device.backends.blk_file import FileBackend
 
-            self.backend = FileBackend(backend, read_only=read_only, direct=direct)
+            self.backend = FileBackend(backend, read_only=read_only, direct=direct,
+                                       mmap_reads=mmap_reads)
             self._owns_backend = True
         be = self.backend
         self.read_only = read_only or be.read_only
@@ -430,6 +468,13 @@ class BlkDevice(VirtioDevice):
         self._size = 0
         self._writethrough = True  # until features are known, the safe mode
         self.stats = BlkStats()
+        # Per queue: who records popped/completed heads (vhost-user inflight tracking), and
+        # heads to run again before anything new (a restarted back-end's resubmissions).
+        self._trackers: list[RequestTracker | None] = [None] * num_queues
+        self._resubmit: dict[int, list[int]] = {}
+        self._lanes: list[BlkFastLane | None] = [None] * num_queues
+        # What the fast lanes read at every kick, rebuilt after anything in it changed.
+        self._lane_config: LaneConfig | None = None
         B.config_struct(LE).pack_into(
             self.config, 0,
             0,  # capacity, set below
@@ -464,6 +509,7 @@ class BlkDevice(VirtioDevice):
         size = self.backend.refresh_size()
         size -= size & self._lbs_mask  # whole logical blocks only
         self._size = size
+        self._lane_config = None
         self.update_config(B.CFG_CAPACITY, (size // SECTOR_SIZE).to_bytes(8, "little"),
                            notify=notify)
 
@@ -482,6 +528,7 @@ class BlkDevice(VirtioDevice):
         return self._writethrough
 
     def _update_cache_mode(self) -> None:
+        self._lane_config = None
         offered_flush = bool(self.offered_features >> B.VIRTIO_BLK_F_FLUSH & 1)
         if not offered_flush:
             self._writethrough = False  # no FLUSH offered: explicitly unsafe (spec note)
@@ -514,14 +561,152 @@ class BlkDevice(VirtioDevice):
         )
 
     def on_reset(self) -> None:
+        self._lane_config = None
+        self._lanes = [None] * len(self.queues)
+        self._trackers = [None] * len(self.queues)
+        self._resubmit.clear()
         self.backend.drain()
         self.config[B.CFG_WRITEBACK] = 1 if self.default_writeback else 0
         self._writethrough = True
 
     def close(self) -> None:
         """Close the back-end if the device opened it (given a path)."""
+        self._lane_config = None
         if self._owns_backend:
             self.backend.close()
+
+    # ---- the request loop ---------------------------------------------------------------
+
+    def kick(self, index: int) -> None:
+        # The data path's entry: straight to the queue's fast lane when it has one.
+        lanes = self._lanes
+        if 0 <= index < len(lanes) and not self._resubmit:
+            lane = lanes[index]
+            if lane is not None and lane.ring is self.queues[index].ring:
+                lane.run()
+                return
+        super().kick(index)
+
+    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+        """Drain ``ring`` (replaces the framework's loop; same contract and results).
+
+        Requests a restarted back-end must resubmit (:meth:`track_requests`) go first.
+        Then, on a synchronous back-end, :class:`~pyvirtio.device.blk_fastpath.BlkFastLane`
+        serves the common reads and writes straight from the ring memory and hands
+        everything else to :meth:`handle`; with :attr:`fast_path` off or an asynchronous
+        back-end, every chain is popped and handled one by one (:meth:`_process_chains`).
+        Either way the driver is interrupted at most once per kick, if it asked to be.
+        """
+        if index in self._resubmit and not self._process_resubmitted(index, ring):
+            return
+        if self.fast_path and not self.backend.asynchronous:
+            lane = self._lanes[index]
+            if lane is None or lane.ring is not ring:
+                lane = self._lanes[index] = BlkFastLane(self, index, ring)
+            lane.run()
+        else:
+            self._process_chains(index, ring)
+
+    def _process_resubmitted(self, index: int, ring: DeviceQueue) -> bool:
+        """Run the chains of the heads to resubmit; False if the queue is unusable now."""
+        heads = self._resubmit.pop(index)
+        tracker = self._trackers[index]
+        queue = self.queues[index]
+        pushed = False
+        try:
+            for head in heads:
+                chain = ring.resume(head)
+                written = self.handle(index, chain)
+                if queue.ring is not ring:
+                    return False
+                if written is not None:
+                    self._push(ring, chain, written, tracker)
+                    pushed = True
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+            return False
+        except PeerError as exc:
+            if ring.broken is None:
+                ring.broken = f"{ring.name}: {exc}"
+            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
+            return False
+        finally:
+            if pushed and queue.ring is ring and ring.needs_notification():
+                self.notify_queue(index)
+        return True
+
+    def _process_chains(self, index: int, ring: DeviceQueue) -> None:
+        """The framework's loop, telling the tracker (if any) what it pops and pushes."""
+        queue = self.queues[index]
+        tracker = self._trackers[index]
+        pushed = False
+        try:
+            while True:
+                ring.disable_notifications()
+                while (chain := ring.pop()) is not None:
+                    if tracker is not None:
+                        tracker.popped(chain.head)
+                    written = self.handle(index, chain)
+                    if queue.ring is not ring:
+                        return  # the handler reset the device or stopped this queue
+                    if written is not None:
+                        self._push(ring, chain, written, tracker)
+                        pushed = True
+                if not ring.enable_notifications():
+                    break
+        except RingError as exc:
+            self._peer_problem(str(exc), needs_reset=True)
+        except PeerError as exc:
+            # A malformed request that cannot be answered: the chain is lost to the
+            # driver, so the queue is broken (later kicks are ignored) and the device
+            # needs a reset, as the framework's loop does.
+            if ring.broken is None:
+                ring.broken = f"{ring.name}: {exc}"
+            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
+        finally:
+            if pushed and queue.ring is ring and ring.needs_notification():
+                self.notify_queue(index)
+
+    def lane_config(self) -> LaneConfig:
+        """The settings the fast lanes need, as one tuple (cached until one changes)."""
+        config = self._lane_config
+        if config is None:
+            be = self.backend
+            config = self._lane_config = (
+                self._trackers, be.fast_fd, be.read_map, self._size, self._lbs_mask,
+                self._sector_mask, not self.read_only and not self._writethrough, be)
+        return config
+
+    @staticmethod
+    def _push(ring: DeviceQueue, chain: DescriptorChain, written: int,
+              tracker: RequestTracker | None) -> None:
+        if tracker is None:
+            ring.push(chain, written)
+            return
+        heads = (chain.head,)
+        tracker.completing(heads)
+        ring.push(chain, written)
+        tracker.completed(heads, ring.used_idx)
+
+    def track_requests(self, index: int, tracker: RequestTracker | None,
+                       resubmit: Sequence[int] = ()) -> None:
+        """Report every head popped from / returned to queue ``index`` to ``tracker``
+        (None: stop), and run the chains ``resubmit`` (heads popped by a previous back-end
+        that never completed them) again before anything new, at the next kick."""
+        if not 0 <= index < len(self._trackers):
+            raise LocalError(f"{self.name}: queue {index} does not exist")
+        self._trackers[index] = tracker
+        self._lane_config = None
+        if resubmit:
+            self._resubmit[index] = list(resubmit)
+        else:
+            self._resubmit.pop(index, None)
+
+    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+        self._trackers[index] = None
+        self._lane_config = None
+        self._resubmit.pop(index, None)
+        self._lanes[index] = None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -650,7 +835,14 @@ class BlkDevice(VirtioDevice):
             self.log.info("%s: dropping completion of %r for a queue that was reset",
                           self.name, req)
             return
+        tracker = self._trackers[req.queue]
+        if tracker is None:
+            self.complete(req.queue, req.chain, self.finish(req, status))
+            return
+        heads = (req.chain.head,)
+        tracker.completing(heads)
         self.complete(req.queue, req.chain, self.finish(req, status))
+        tracker.completed(heads, ring.used_idx)
 
 
 def _bit(n: int) -> int:
@@ -664,6 +856,7 @@ __all__ = [
     "BlkRequest",
     "BlkStats",
     "Completion",
+    "RequestTracker",
     "parse_request",
     "zero_views",
 ]

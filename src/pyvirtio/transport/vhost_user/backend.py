@@ -673,10 +673,11 @@ class BackendProtocol:
         return v.base
 
     def on_kick(self, index: int) -> None:
-        """The front-end kicked vring ``index`` (the host already drained the fd)."""
+        """The front-end kicked vring ``index`` (the host drained the fd, or watches an
+        eventfd edge-triggered)."""
         v = self.vrings[index]
         ring = v.ring
-        if ring is None or not self._enabled(v):
+        if ring is None or not (v.enabled if v.enabled is not None else self._enabled(v)):
             return
         if ring.broken is None:
             self.device.kick(index)

@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""virtio-blk: pyvirtio's vhost-user back-end against qemu-storage-daemon (``make bench-blk``).
+
+Both back-ends serve the same raw image with the same cache mode (host page cache, flushes
+honoured; ``--direct``: O_DIRECT for both, QSD's ``cache.direct=on``) to a User-Mode Linux
+guest, which runs the host's fio through hostfs against its own ``/dev/vda``: 4 KiB random
+reads and writes at queue depth 1 and 32, ``--runtime`` seconds each, libaio with O_DIRECT in
+the guest. Back-ends alternate (the order flips every round) for ``--rounds`` rounds; the
+table shows medians.
+
+Columns, per back-end and workload:
+
+* IOPS: fio's own figure (requests completed per second).
+* CPU us/req: the back-end process's CPU time (utime + stime of every thread, from
+  ``/proc/PID/stat``) over the run, divided by the requests fio completed. CPU is sampled
+  when the guest is about to start fio and right after it ends (a console handshake holds
+  the guest meanwhile), so boot and fio's start-up are not counted.
+* notif/req: pyvirtio's own counters, kicks received + calls sent, per request. QSD has no
+  such counters (counting its eventfd syscalls needs strace, which would distort it): n/a.
+* irq/req: what the guest saw: vring interrupts (``/proc/interrupts``, virtio-uml lines)
+  per request. The same measure for both back-ends.
+
+Ratios are pyvirtio / QSD of the medians: IOPS ratio >= 1 and CPU ratio <= 1 mean pyvirtio
+is at least as fast and at most as expensive. The machine's load is printed first; other
+work on the machine distorts every figure, so run it idle.
+
+``--cpus LIST`` pins every back-end thread and every guest process to those CPUs (e.g.
+``1``: guest and back-end share one CPU). On a virtual machine, how often a wake-up has to
+bring an idle CPU back (expensive) depends on where the scheduler put the guest and the
+back-end, which makes unpinned figures swing; pinned ones are steadier. The default is
+unpinned, as a user would run it.
+
+``--profile FILE`` runs the pyvirtio server under cProfile (slower: for finding hot spots,
+not for the table) and writes the stats to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from pyvirtio.guest import UmlGuest, VhostUserDevice  # noqa: E402
+from pyvirtio.spec import ids  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]
+IMAGE_SIZE = 256 << 20
+WORKING_SET = "128M"
+
+
+@dataclass
+class Sample:
+    """One fio run against one back-end."""
+
+    backend: str
+    rw: str
+    qd: int
+    iops: float
+    requests: int
+    cpu_s: float
+    irqs: int
+    notifications: int | None  # kicks + calls (pyvirtio only)
+    served: int | None  # requests the back-end counted (pyvirtio only)
+
+    @property
+    def cpu_us_per_req(self) -> float:
+        return self.cpu_s * 1e6 / self.requests if self.requests else float("nan")
+
+    @property
+    def irq_per_req(self) -> float:
+        return self.irqs / self.requests if self.requests else float("nan")
+
+    @property
+    def notif_per_req(self) -> float | None:
+        if self.notifications is None or not self.requests:
+            return None
+        return self.notifications / self.requests
+
+
+@dataclass
+class Results:
+    samples: list[Sample] = field(default_factory=list)
+
+    def of(self, backend: str, rw: str, qd: int) -> list[Sample]:
+        return [s for s in self.samples if (s.backend, s.rw, s.qd) == (backend, rw, qd)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ---- back-ends ------------------------------------------------------------------------------
+
+#: runs ``pyvirtio ARGS`` under cProfile with a CPU-time clock (the server mostly sleeps in
+#: epoll: wall-clock profiles would be all waiting), then writes the stats to argv[1]
+PROFILED_MAIN = """
+import cProfile, sys, time
+from pyvirtio.cli.main import main
+out = sys.argv[1]
+profile = cProfile.Profile(time.thread_time)
+try:
+    profile.runcall(main, sys.argv[2:])
+finally:
+    profile.dump_stats(out)
+"""
+
+
+class Backend:
+    name = ""
+    pid = 0
+
+    def counters(self) -> dict[str, int] | None:
+        return None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class PyvirtioBackend(Backend):
+    name = "pyvirtio"
+
+    def __init__(self, image: Path, sock: Path, workdir: Path, direct: bool,
+                 profile: str | None, extra: list[str]) -> None:
+        self.stats_path = workdir / "pyvirtio-stats.json"
+        self.stats_path.unlink(missing_ok=True)
+        cmd = [sys.executable]
+        cmd += ["-c", PROFILED_MAIN, profile] if profile else ["-m", "pyvirtio"]
+        cmd += ["serve", "blk", str(image), "--socket", str(sock),
+                "--stats-file", str(self.stats_path)]
+        if direct:
+            cmd.append("--direct")
+        cmd += extra
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        out = workdir / "pyvirtio.out"
+        with open(out, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stdin=subprocess.DEVNULL, env=env)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 30
+        while "pyvirtio: virtio-blk" not in out.read_text():  # printed once it listens
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pyvirtio serve blk did not start: {out.read_text()}")
+            time.sleep(0.02)
+
+    def _read_stats(self) -> dict[str, int] | None:
+        try:
+            data: dict[str, int] = json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data
+
+    def counters(self) -> dict[str, int]:
+        # The server rewrites the file (atomically) on SIGUSR1; its "seq" tells a fresh copy.
+        old = self._read_stats()
+        seq = old["seq"] if old is not None else -1
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            data = self._read_stats()
+            if data is not None and data["seq"] != seq:
+                return data
+            time.sleep(0.002)
+        raise RuntimeError(f"pyvirtio did not write its stats file (alive: "
+                           f"{self.proc.poll() is None}, last: {self._read_stats()})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class QsdBackend(Backend):
+    name = "qsd"
+
+    def __init__(self, image: Path, sock: Path, workdir: Path, direct: bool) -> None:
+        pidfile = workdir / "qsd.pid"
+        pidfile.unlink(missing_ok=True)
+        blockdev = f"driver=file,node-name=f0,filename={image}"
+        if direct:
+            blockdev += ",cache.direct=on"
+        # --daemonize: the parent exits once the export listens, a clean readiness signal.
+        subprocess.run(
+            ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
+             "--blockdev", blockdev, "--export",
+             f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},"
+             "writable=on"],
+            check=True, timeout=30, stdin=subprocess.DEVNULL)
+        self.pid = int(pidfile.read_text().strip())
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                os.kill(self.pid, 0)
+                time.sleep(0.02)
+            os.kill(self.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def backend(kind: str, image: Path, sock: Path, workdir: Path, direct: bool,
+            profile: str | None, extra: list[str]) -> Iterator[Backend]:
+    be: Backend = (PyvirtioBackend(image, sock, workdir, direct, profile, extra)
+                   if kind == "pyvirtio" else QsdBackend(image, sock, workdir, direct))
+    try:
+        yield be
+    finally:
+        be.stop()
+        sock.unlink(missing_ok=True)
+
+
+# ---- the guest ------------------------------------------------------------------------------
+
+GUEST_SCRIPT = """
+irqs() {{ grep virtio-uml /proc/interrupts | awk '{{s += $2}} END {{print s + 0}}'; }}
+echo BENCH-READY
+while read rw qd; do
+    [ "$rw" = quit ] && break
+    echo "BENCH-BEGIN $rw $qd $(irqs)"
+    out=$(host_run /usr/bin/fio --name=bench --filename=/dev/vda --rw=$rw --bs=4k \\
+        --iodepth=$qd --ioengine=libaio --direct=1 --runtime={runtime} --time_based \\
+        --size={working_set} --randrepeat=0 --norandommap --output-format=terse \\
+        --terse-version=3 2>&1 | tail -1)
+    echo "BENCH-END $rw $qd $(irqs) $out"
+done
+"""
+
+
+def pin(pids: list[int], cpus: set[int] | None) -> None:
+    """Pin every thread of these processes to ``cpus`` (children inherit it)."""
+    if not cpus:
+        return
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+
+
+class BenchGuest:
+    """A UML guest attached to one back-end that runs one fio job per request from the
+    console. Two of them (one per back-end) stay booted for a round, so the two back-ends
+    run each workload back to back, under the same machine conditions."""
+
+    def __init__(self, be: Backend, sock: Path, runtime: int,
+                 cpus: set[int] | None = None) -> None:
+        self.be = be
+        self.runtime = runtime
+        script = GUEST_SCRIPT.format(runtime=runtime, working_set=WORKING_SET)
+        self.guest = UmlGuest(script, devices=[VhostUserDevice(sock, ids.BLOCK)],
+                              timeout=3600)
+        self.guest.start()
+        try:
+            self.guest.wait_for("^BENCH-READY", timeout=60)
+            pin(self.guest.processes(), cpus)
+        except BaseException:
+            self.guest.stop()
+            raise
+
+    def run(self, rw: str, qd: int) -> Sample:
+        g, be = self.guest, self.be
+        stats0 = be.counters()
+        cpu0 = cpu_seconds(be.pid)
+        g.write(f"{rw} {qd}\n")
+        begin = g.wait_for(rf"^BENCH-BEGIN {rw} {qd} (\d+)", timeout=60)
+        end = g.wait_for(rf"^BENCH-END {rw} {qd} (\d+) (.*)$", timeout=self.runtime + 60)
+        cpu1 = cpu_seconds(be.pid)
+        stats1 = be.counters()
+        terse = end.group(2).split(";")
+        if len(terse) < 50 or terse[0] != "3":
+            raise RuntimeError(f"fio failed: {end.group(2)}")
+        # terse v3: read KiB / IOPS in fields 6 and 8, write in 47 and 49 (1-based)
+        kib = int(terse[5]) + int(terse[46])
+        iops = float(terse[7]) + float(terse[48])
+        notifications = served = None
+        if stats0 is not None and stats1 is not None:
+            notifications = (stats1["kicks"] - stats0["kicks"]
+                             + stats1["calls"] - stats0["calls"])
+            served = stats1["requests"] - stats0["requests"]
+        s = Sample(be.name, rw, qd, iops, kib // 4, cpu1 - cpu0,
+                   int(end.group(1)) - int(begin.group(1)), notifications, served)
+        print(f"  {be.name:8} {rw:9} QD{qd:<3} {iops:9.0f} IOPS  "
+              f"{s.cpu_us_per_req:6.1f} us/req  irq/req {s.irq_per_req:.2f}"
+              + (f"  notif/req {s.notif_per_req:.2f}" if s.notif_per_req is not None
+                 else ""), flush=True)
+        return s
+
+    def close(self) -> None:
+        try:
+            if self.guest.running:
+                self.guest.write("quit 0\n")
+                self.guest.wait(timeout=30)
+        finally:
+            self.guest.stop()
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(results: Results, workloads: list[tuple[str, int]]) -> str:
+    head = (f"{'workload':15} {'back-end':9} {'IOPS':>9} {'CPU us/req':>11} {'notif/req':>10} "
+            f"{'irq/req':>8}")
+    lines = [head, "-" * len(head)]
+    ratios = []
+    for rw, qd in workloads:
+        med = {}
+        for name in ("pyvirtio", "qsd"):
+            ss = results.of(name, rw, qd)
+            if not ss:
+                continue
+            iops = median([s.iops for s in ss])
+            cpu = median([s.cpu_us_per_req for s in ss])
+            notif = [s.notif_per_req for s in ss if s.notif_per_req is not None]
+            irq = median([s.irq_per_req for s in ss])
+            med[name] = (iops, cpu)
+            notif_text = f"{median(notif):10.2f}" if notif else f"{'n/a':>10}"
+            lines.append(f"{rw + ' QD' + str(qd):15} {name:9} {iops:9.0f} {cpu:11.1f} "
+                         f"{notif_text} {irq:8.2f}")
+        if len(med) == 2:
+            r_iops = med["pyvirtio"][0] / med["qsd"][0]
+            r_cpu = med["pyvirtio"][1] / med["qsd"][1]
+            ratios.append((f"{rw} QD{qd}", r_iops, r_cpu))
+    if ratios:
+        lines += ["", f"{'pyvirtio / QSD':15} {'IOPS ratio':>10} {'CPU/req ratio':>14}"]
+        for label, r_iops, r_cpu in ratios:
+            verdict = "ok" if r_iops >= 1.0 and r_cpu <= 1.0 else "below target"
+            lines.append(f"{label:15} {r_iops:10.2f} {r_cpu:14.2f}   {verdict}")
+    return "\n".join(lines)
+
+
+def make_image(path: Path) -> None:
+    """A fully written image (random bytes): reads hit real data in the page cache.
+
+    Written 4 KiB at a time: large sequential writes make the kernel cache the file in
+    large folios (ext4 on recent kernels), and every later 4 KiB overwrite of such a folio
+    then walks all its block buffers (``ext4_block_write_begin``, ~25 us per write with
+    1 MiB folios here), for both back-ends alike; a guest-written image is in 4 KiB pages.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        block = 4096
+        for off in range(0, IMAGE_SIZE, 1 << 20):
+            chunk = os.urandom(1 << 20)
+            for pos in range(0, 1 << 20, block):
+                os.pwrite(fd, chunk[pos : pos + block], off + pos)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    parser.add_argument("--direct", action="store_true",
+                        help="O_DIRECT on the host for both back-ends")
+    parser.add_argument("--backends", default="pyvirtio,qsd")
+    parser.add_argument("--workloads", default=",".join(f"{rw}:{qd}" for rw, qd in WORKLOADS),
+                        help="comma-separated rw:qd (default: %(default)s)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run pyvirtio under cProfile, write the stats to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
+    parser.add_argument("--mmap-reads", action="store_true",
+                        help="pyvirtio serves reads from the mapped image (serve blk "
+                        "--mmap-reads; see its caveat)")
+    parser.add_argument("--cpus", metavar="LIST",
+                        help="pin back-ends and guests to these CPUs (e.g. 1 or 0,1)")
+    parser.add_argument("--workdir", help="where the image and sockets go (default: a "
+                        "temporary directory under /var/tmp, on disk like real images)")
+    args = parser.parse_args(argv)
+    backends = args.backends.split(",")
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+    extra = ["--mmap-reads"] if args.mmap_reads else []
+    workloads = [(w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(",")]
+    if "qsd" in backends and shutil.which("qemu-storage-daemon") is None:
+        print("qemu-storage-daemon is missing (Debian package qemu-system-x86)",
+              file=sys.stderr)
+        return 2
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"({os.cpu_count()} CPUs); {args.rounds} rounds, {args.runtime} s per run, "
+          f"cache: {'O_DIRECT' if args.direct else 'host page cache'}"
+          + (f", pinned to CPU(s) {args.cpus}" if cpus else ", unpinned")
+          + (", pyvirtio --mmap-reads" if extra else ""), flush=True)
+    results = Results()
+    workdir = Path(tempfile.mkdtemp(prefix="pyvirtio-bench-blk-", dir=args.workdir or
+                                    "/var/tmp"))
+    try:
+        image = workdir / "disk.img"
+        make_image(image)
+        for rnd in range(args.rounds):
+            order = backends if rnd % 2 == 0 else list(reversed(backends))
+            print(f"round {rnd + 1}/{args.rounds}", flush=True)
+            with contextlib.ExitStack() as stack:
+                guests = {}
+                for kind in backends:
+                    sock = workdir / f"{kind}.sock"
+                    be = stack.enter_context(backend(kind, image, sock, workdir,
+                                                     args.direct, args.profile, extra))
+                    pin([be.pid], cpus)
+                    guests[kind] = BenchGuest(be, sock, args.runtime, cpus)
+                    stack.callback(guests[kind].close)
+                for rw, qd in workloads:
+                    for kind in order:
+                        results.samples.append(guests[kind].run(rw, qd))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    load = os.getloadavg()
+    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    print(report(results, workloads))
+    if args.json:
+        Path(args.json).write_text(json.dumps([s.__dict__ for s in results.samples], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

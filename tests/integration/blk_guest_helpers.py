@@ -1,0 +1,243 @@
+"""Helpers for the virtio-blk tests against real peers (issue 4).
+
+* :class:`BlkServer`: ``python -m pyvirtio serve blk IMAGE ...`` as a child process (the real
+  command line), its banner parsed, its log in a file; SIGTERM (clean) or SIGKILL (crash),
+  always stopped.
+* :class:`SlowBlkDevice`: a BlkDevice whose writes take ``delay`` seconds each and say so in
+  the log, so a test can SIGKILL the server while a request is certainly in flight. It gets
+  the INFLIGHT_SHMFD extension like the real server (registered at import, for
+  ``ServerProcess`` children).
+* Image helpers: a raw image with guard files and a guard tail, and the expected contents of
+  the blocks the crash test writes.
+
+The child processes import this module through PYTHONPATH (:data:`HERE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyvirtio.device.backends.blk_file import FileBackend
+from pyvirtio.device.blk import BlkDevice
+from pyvirtio.guest import (
+    MissingDependencyError,
+    find_busybox,
+    find_qemu_binary,
+    find_qemu_kernel,
+    find_uml_binary,
+    find_uml_kernel,
+)
+from pyvirtio.io.inflight import allocate_region
+from pyvirtio.transport.vhost_user.extension import register_extension
+from pyvirtio.transport.vhost_user.inflight import InflightExtension
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parents[1] / "src"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+SECTOR = 512
+BLOCK = 4096
+
+
+def require(kind: str) -> None:
+    """Skip (locally) or fail (CI) unless a ``kind`` ("uml"/"qemu") guest can boot."""
+    try:
+        find_busybox()
+        if kind == "uml":
+            find_uml_binary()
+            find_uml_kernel()
+        else:
+            find_qemu_binary()
+            find_qemu_kernel()
+    except MissingDependencyError as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+class GuardedImage:
+    """A raw image of ``size`` bytes plus ``tail`` bytes that are not part of the disk
+    (the capacity is whole sectors; the tail is a partial one), and a guard file next to
+    it. :meth:`assert_outside_untouched` proves nothing outside the disk was written."""
+
+    def __init__(self, directory: Path, size: int, *, tail: int = 300,
+                 fill: bytes | None = None) -> None:
+        self.path = directory / "disk.img"
+        self.guard_path = directory / "guard.bin"
+        self.size = size
+        self.tail = os.urandom(tail)
+        self.guard = os.urandom(64 << 10)
+        with open(self.path, "wb") as f:
+            if fill is not None:
+                f.write(fill * (size // len(fill)))
+            else:
+                f.truncate(size)
+                f.seek(size)
+            f.write(self.tail)
+        self.guard_path.write_bytes(self.guard)
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(self.size - offset if length is None else length)
+
+    def allocated(self) -> int:
+        """Bytes the file system allocated for the image (holes excluded)."""
+        return os.stat(self.path).st_blocks * 512
+
+    def assert_outside_untouched(self) -> None:
+        assert os.path.getsize(self.path) == self.size + len(self.tail), \
+            "the image file changed size"
+        with open(self.path, "rb") as f:
+            f.seek(self.size)
+            assert f.read() == self.tail, "bytes after the disk's capacity changed"
+        assert self.guard_path.read_bytes() == self.guard, "the guard file changed"
+
+
+def block_pattern(i: int) -> bytes:
+    """What the crash test's guest writes into block ``i`` (``printf '%-4096s'``)."""
+    return f"pyvirtio block {i}".ljust(BLOCK).encode()
+
+
+# ---- the real command line ------------------------------------------------------------------
+
+
+class BlkServer:
+    """``python -m pyvirtio [-v] serve blk IMAGE --socket SOCK ARGS`` in a child process.
+
+    Waits for the banner (printed once the socket listens). :meth:`stop` sends SIGTERM (the
+    clean shutdown) and returns the exit status; :meth:`kill` is a crash (SIGKILL).
+    ``close`` in ``finally`` kills what is left.
+    """
+
+    def __init__(self, image: Path, sock: Path, args: Sequence[str] = (), *,
+                 log_path: Path, verbose: bool = True, timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.log_path = log_path
+        self.out_path = log_path.with_suffix(".out")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", ""))
+                                            if p)
+        self.argv = [sys.executable, "-m", "pyvirtio", *(["-v"] if verbose else []),
+                     "serve", "blk", str(image), "--socket", str(sock), *args]
+        with open(self.out_path, "wb") as out, open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while "pyvirtio: virtio-blk on" not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise AssertionError(f"pyvirtio serve blk did not start:\n{self.output()}\n"
+                                     f"{self.log()}")
+            time.sleep(0.02)
+        # The banner is complete once the UML line is there.
+        while "linux.uml ..." not in self.output() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def banner_args(self, kind: str) -> list[str]:
+        """The arguments after ``qemu-system-x86_64 ...`` or ``linux.uml ...``."""
+        prefix = "qemu-system-x86_64 ... " if kind == "qemu" else "linux.uml ... "
+        for line in self.output().splitlines():
+            if line.strip().startswith(prefix):
+                return shlex.split(line.strip()[len(prefix):])
+        raise AssertionError(f"no {kind} line in the banner:\n{self.output()}")
+
+    def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.log(), start)
+            if m is not None:
+                return m
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server log never matched {pattern!r}:\n"
+                                     f"{self.log()[-4000:]}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM: the clean shutdown. The exit status (SIGKILLed if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.close()
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. The socket file stays behind, as it would."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+# ---- a device whose writes are slow ---------------------------------------------------------
+
+
+class SlowFileBackend(FileBackend):
+    """A raw image whose every write takes ``delay`` seconds and is logged before it starts
+    (the fast path is off: every write goes through :meth:`writev`)."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        super().__init__(path)
+        self.delay = delay
+        self.fast_fd = -1
+
+    def writev(self, offset: int, views: Sequence[memoryview], length: int) -> None:
+        import logging
+
+        logging.getLogger("pyvirtio.tests.slow").warning(
+            "slow write of %d bytes at offset %d begins", length, offset)
+        time.sleep(self.delay)
+        super().writev(offset, views, length)
+
+
+class SlowBlkDevice(BlkDevice):
+    """BlkDevice on a :class:`SlowFileBackend` (JSON-friendly arguments, for
+    ``ServerProcess``)."""
+
+    def __init__(self, path: str, delay: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(SlowFileBackend(path, delay), **kwargs)
+        self._slow_backend = self.backend
+
+    def close(self) -> None:
+        self._slow_backend.close()
+
+
+register_extension(SlowBlkDevice, lambda device: InflightExtension(device, allocate_region))

@@ -113,5 +113,5 @@ def test_token_bucket_grants_whole_buffers_or_nothing() -> None:
     assert bucket.take(4000, now=0.0) == 4000  # the initial burst covers it
     assert bucket.take(64, now=0.0) == 64
     assert bucket.take(64, now=0.0) == 0  # 32 tokens left: no partial grant
-    assert bucket.take(64, now=0.032) == 64  # 32 + 32 refilled
+    assert bucket.take(64, now=0.040) == 64  # 32 + 40 refilled
     assert bucket.take(10_000, now=100.0) == 4096  # larger than the burst: a burst's worth

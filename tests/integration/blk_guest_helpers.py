@@ -27,43 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pyvirtio.device.backends.blk_file import FileBackend
 from pyvirtio.device.blk import BlkDevice
-from pyvirtio.guest import (
-    MissingDependencyError,
-    find_busybox,
-    find_qemu_binary,
-    find_qemu_kernel,
-    find_uml_binary,
-    find_uml_kernel,
-)
 from pyvirtio.io.inflight import allocate_region
 from pyvirtio.transport.vhost_user.extension import register_extension
 from pyvirtio.transport.vhost_user.inflight import InflightExtension
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SECTOR = 512
 BLOCK = 4096
 
-
-def require(kind: str) -> None:
-    """Skip (locally) or fail (CI) unless a ``kind`` ("uml"/"qemu") guest can boot."""
-    try:
-        find_busybox()
-        if kind == "uml":
-            find_uml_binary()
-            find_uml_kernel()
-        else:
-            find_qemu_binary()
-            find_qemu_kernel()
-    except MissingDependencyError as exc:
-        if IN_CI:
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 def sha(data: bytes) -> str:

@@ -35,15 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from peers import SRC
 from pyvirtio.device.console import ConsoleDevice
-from pyvirtio.guest import (
-    MissingDependencyError,
-    find_busybox,
-    find_qemu_binary,
-    find_qemu_kernel,
-    find_uml_binary,
-    find_uml_kernel,
-)
 from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
@@ -56,27 +49,10 @@ from pyvirtio.testing.guests import (
 )
 from vhost_user_helpers import RecordingRngDevice
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: seconds any single wait on a guest or a peer may take
 WAIT = 60.0
 RING_BITS = F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC)
 
-
-def require(kind: str) -> None:
-    """Skip (locally) or fail (CI) unless a ``kind`` ("uml"/"qemu") guest can boot."""
-    try:
-        find_busybox()
-        if kind == "uml":
-            find_uml_binary()
-            find_uml_kernel()
-        else:
-            find_qemu_binary()
-            find_qemu_kernel()
-    except MissingDependencyError as exc:
-        if IN_CI:
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 # ---- ring features ---------------------------------------------------------------------------

@@ -18,19 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import pytest
-
+from peers import SRC
 from pyvirtio.driver.base import Driver, Virtqueue, probe
 from pyvirtio.guest import (
-    MissingDependencyError,
     VhostUserNet,
-    find_busybox,
-    find_qemu_binary,
-    find_qemu_kernel,
-    find_uml_binary,
-    find_uml_kernel,
 )
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.memory import GuestMemory
@@ -38,36 +30,11 @@ from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TIMEOUT = 30.0
 VERBOSE = ["-v"]
 
 
-def skip_or_fail(message: str) -> None:
-    """Skip locally; fail under CI (CI must never go green by skipping the real thing)."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
 
-
-def require_guests(*kinds: str) -> None:
-    try:
-        find_busybox()
-        for kind in kinds:
-            if kind == "uml":
-                find_uml_binary()
-                find_uml_kernel()
-            else:
-                find_qemu_binary()
-                find_qemu_kernel()
-    except MissingDependencyError as exc:
-        skip_or_fail(str(exc))
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        skip_or_fail(f"{what} needs root")
 
 
 # ---- the server process --------------------------------------------------------------------

@@ -23,8 +23,15 @@ import time
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import BLOCK, HERE, BlkServer, GuardedImage, block_pattern, require
+from blk_guest_helpers import (
+    BLOCK,
+    HERE,
+    BlkServer,
+    GuardedImage,
+    block_pattern,
+)
 
+from peers import require_guest
 from pyvirtio.guest import QemuGuest, VhostUserBlk
 from pyvirtio.io.vhost_user_server import ServerProcess
 
@@ -56,7 +63,7 @@ result actual $(dd if=/dev/vda bs=4096 count=$((W * N)) iflag=direct status=none
 
 
 def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path) -> None:
-    require("qemu")
+    require_guest("qemu")
     image = GuardedImage(tmp_path, 16 << 20)
     sock = tmp_path / "blk.sock"
     first = BlkServer(image.path, sock, log_path=tmp_path / "first.log")

@@ -21,8 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import BlkServer, GuardedImage, require
+from blk_guest_helpers import (
+    BlkServer,
+    GuardedImage,
+)
 
+from peers import require_guest
 from pyvirtio.guest import QemuGuest, UmlGuest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -106,7 +110,7 @@ def servers() -> Iterator[list[BlkServer]]:
 
 def test_uml_guest_gets_a_working_disk_with_one_and_with_two_queues(
         tmp_path: Path, servers: list[BlkServer], e2fsck: str) -> None:
-    require("uml")
+    require_guest("uml")
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     one_dir.mkdir()
     two_dir.mkdir()
@@ -165,7 +169,7 @@ def test_uml_guest_gets_a_working_disk_with_one_and_with_two_queues(
 
 def test_qemu_guest_gets_a_working_disk(tmp_path: Path, servers: list[BlkServer],
                                          e2fsck: str) -> None:
-    require("qemu")
+    require_guest("qemu")
     image = GuardedImage(tmp_path, 64 * MiB)
     sock = tmp_path / "blk.sock"
     stats = tmp_path / "stats.json"

@@ -19,8 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import BlkServer, GuardedImage, require
+from blk_guest_helpers import (
+    BlkServer,
+    GuardedImage,
+)
 
+from peers import require_guest
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.io.vhost_user_client import VhostUserClient
@@ -193,7 +197,7 @@ def test_modifying_a_read_only_disk_gets_ioerr(workdir: Path) -> None:
 
 def test_a_real_guest_is_served_after_all_that(server: BlkServer,
                                                image: GuardedImage) -> None:
-    require("uml")
+    require_guest("uml")
     from pyvirtio.guest import UmlGuest
 
     script = (

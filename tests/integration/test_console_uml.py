@@ -24,11 +24,11 @@ from guest_helpers import (
     console_files,
     console_script,
     random_payload,
-    require,
     type_after_greeting,
     wait_closed,
 )
 
+from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
 from pyvirtio.guest import UmlGuest, VhostUserDevice
@@ -60,7 +60,7 @@ def console_setup(tmp_path: Path, ring: RingFeatures
 def test_a_uml_guest_talks_to_the_host_through_hvc0_and_a_named_port(
         console_setup: tuple[RecordingConsoleDevice, VhostUserServer, Path],
         ring: RingFeatures) -> None:
-    require("uml")
+    require_guest("uml")
     device, server, tmp = console_setup
     console = ConsoleClient(str(tmp / "hvc0.sock"))
     data = DataPeer(str(tmp / "data.sock"), random_payload(7), DATA_BYTES)

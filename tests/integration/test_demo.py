@@ -9,7 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from guest_helpers import SRC, require
+from guest_helpers import (
+    SRC,
+)
+
+from peers import require_guest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,8 +42,8 @@ def narration(output: str) -> list[str]:
 
 @pytest.mark.integration
 def test_the_demo_boots_both_guests_and_ends_with_the_success_summary() -> None:
-    require("uml")
-    require("qemu")
+    require_guest("uml")
+    require_guest("qemu")
     done = run_demo()
     assert done.returncode == 0, done.stdout + done.stderr
     said = narration(done.stdout)

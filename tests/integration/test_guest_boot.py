@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from peers import require_guest
 from pyvirtio.guest import (
     Guest,
     GuestError,
@@ -30,14 +31,9 @@ from pyvirtio.guest import (
     VhostUserBlk,
     VhostUserDevice,
     build_initramfs,
-    default_cache_dir,
-    find_busybox,
-    find_qemu_binary,
     find_qemu_kernel,
-    find_uml_binary,
     find_uml_kernel,
 )
-from pyvirtio.guest.uml_xstate import needs_xstate_shim, xstate_shim
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -50,38 +46,23 @@ echo done with results
 """
 
 
-def _require(kind: str) -> None:
-    """Skip the test (naming the Debian package) if this kind of guest cannot boot here."""
-    try:
-        find_busybox()
-        if kind == "uml":
-            find_uml_binary()
-            find_uml_kernel()
-            if needs_xstate_shim():
-                xstate_shim(default_cache_dir())
-        else:
-            find_qemu_binary()
-            find_qemu_kernel()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-
 
 @pytest.fixture(params=["uml", "qemu"])
 def guest_cls(request: pytest.FixtureRequest) -> type[Guest]:
     """Each test using this runs on both UML and QEMU."""
-    _require(request.param)
+    require_guest(request.param)
     return UmlGuest if request.param == "uml" else QemuGuest
 
 
 @pytest.fixture
 def uml() -> type[UmlGuest]:
-    _require("uml")
+    require_guest("uml")
     return UmlGuest
 
 
 @pytest.fixture
 def qemu() -> type[QemuGuest]:
-    _require("qemu")
+    require_guest("qemu")
     return QemuGuest
 
 
@@ -213,7 +194,7 @@ def test_qemu_builtin_virtio_rng_binds_driver(qemu: type[QemuGuest]) -> None:
 
 @pytest.mark.parametrize("kind", ["uml", "qemu"])
 def test_image_is_cached_and_well_formed(kind: GuestKind, tmp_path: Path) -> None:
-    _require(kind)
+    require_guest(kind)
     script = f"result cache-test {kind}\n"
     extra = {"etc/pyvirtio-test": (b"payload\n", 0o600)}
     first = build_initramfs(kind, script, extra_files=extra, cache_dir=tmp_path)

@@ -24,12 +24,12 @@ from guest_helpers import (
     console_script,
     random_payload,
     recording_rng,
-    require,
     served_slice,
     type_after_greeting,
     wait_closed,
 )
 
+from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
 from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice
@@ -53,7 +53,7 @@ sleep 600
 @RING_FEATURES
 def test_killing_qemu_mid_read_leaves_the_server_serving_the_next_guest(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("qemu")
+    require_guest("qemu")
     devices: list[RecordingRngDevice] = []
 
     def factory() -> RecordingRngDevice:
@@ -123,7 +123,7 @@ class Drain:
 @RING_FEATURES
 def test_killing_uml_mid_transfer_leaves_the_server_serving_the_next_guest(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("uml")
+    require_guest("uml")
     hvc0_path, data_path = str(tmp_path / "hvc0.sock"), str(tmp_path / "data.sock")
     device = RecordingConsoleDevice(
         [Port(UnixSocketPort(hvc0_path)), Port(UnixSocketPort(data_path), name=DATA_PORT)],

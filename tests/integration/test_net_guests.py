@@ -32,9 +32,9 @@ from net_guest_helpers import (
     eth_frame,
     net_setup,
     ping_until,
-    require_guests,
 )
 
+from peers import require_guest
 from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
@@ -63,7 +63,7 @@ class Lan:
 
 @pytest.fixture(scope="module")
 def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
-    require_guests("uml", "qemu")
+    require_guest("uml", "qemu")
     d = tmp_path_factory.mktemp("net-guests")
     proc = SwitchProcess([*(a for i in range(3) for a in ("--socket", str(d / f"vm{i}.sock"))),
                           "--mac", MACS[0], "--pcap", str(d / "switch.pcap"), "--stats"])

@@ -31,9 +31,9 @@ from net_guest_helpers import (
     eth_frame,
     net_setup,
     ping_until,
-    require_guests,
 )
 
+from peers import require_guest
 from pyvirtio.device.net_endpoint import format_mac
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids
@@ -91,7 +91,7 @@ def ping_totals(guest: UmlGuest) -> tuple[int, int]:
 
 def test_hostile_front_ends_are_contained_while_guests_keep_pinging(
         tmp_path: Path, cleanup: Cleanup) -> None:
-    require_guests("uml")
+    require_guest("uml")
     socks = [str(tmp_path / f"vm{i}.sock") for i in range(5)]
     server = SwitchProcess([*(a for s in socks for a in ("--socket", s)), "--mac", BASE_MAC,
                             "--queue-frames", str(QUEUE_FRAMES), "--stats"])
@@ -142,6 +142,10 @@ def test_hostile_front_ends_are_contained_while_guests_keep_pinging(
     assert evil.status() & S.DEVICE_NEEDS_RESET
 
     stats = server.stats()
+    for g in (a, b):
+        # Pings kept flowing through the attack: let each guest get a few more replies
+        # (however quickly the attack itself went) before stopping them.
+        g.wait_for(r"bytes from .*seq=5 ", timeout=30)
     for g in (a, b):
         g.write("stop\n")
     totals = [ping_totals(g) for g in (a, b)]

@@ -20,11 +20,11 @@ from guest_helpers import (
     RingFeatures,
     check_hwrng,
     recording_rng,
-    require,
     served_slice,
     wait_closed,
 )
 
+from peers import require_guest
 from pyvirtio.guest import QemuGuest
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 @RING_FEATURES
 def test_a_qemu_guest_reads_exactly_the_bytes_pyvirtio_served_from_dev_hwrng(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("qemu")
+    require_guest("qemu")
     device = recording_rng(seed=1, transport_features=ring.transport_features)
     server = VhostUserServer(tmp_path / "rng.sock", lambda: device)
     with server.in_thread():
@@ -57,7 +57,7 @@ def test_a_qemu_guest_reads_exactly_the_bytes_pyvirtio_served_from_dev_hwrng(
 def test_a_rate_limited_device_still_serves_a_real_guest_every_byte_it_asks_for(
         tmp_path: Path) -> None:
     """The limiter grants whole buffers: dribbling tokens out made Linux stop reading."""
-    require("qemu")
+    require_guest("qemu")
     rate = 64 * 1024  # bytes/s: the 64 KiB read has to wait for the bucket several times
     device = recording_rng(seed=2, rate_limit=rate)
     server = VhostUserServer(tmp_path / "rng.sock", lambda: device)

@@ -33,12 +33,12 @@ from guest_helpers import (
     console_files,
     console_script,
     random_payload,
-    require,
     served_slice,
     socket_gone,
     type_after_greeting,
 )
 
+from peers import require_guest
 from pyvirtio.guest import QemuGuest, UmlGuest
 
 pytestmark = pytest.mark.timeout(120)
@@ -128,7 +128,7 @@ def read_line(fd: int, timeout: float = WAIT) -> bytes:
 @RING_FEATURES
 def test_serve_rng_feeds_a_qemu_guest_and_exits_cleanly_on_sigterm(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("qemu")
+    require_guest("qemu")
     source = tmp_path / "entropy.bin"
     stream = random_payload(11)
     source.write_bytes(stream)
@@ -161,7 +161,7 @@ def test_serve_rng_feeds_a_qemu_guest_and_exits_cleanly_on_sigterm(
 @RING_FEATURES
 def test_serve_console_talks_to_a_uml_guest_and_exits_cleanly_on_sigterm(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("uml")
+    require_guest("uml")
     sock, hvc0, data_sock = tmp_path / "con.sock", tmp_path / "hvc0.sock", tmp_path / "data.sock"
     server = CliServer(["console", "--socket", str(sock), "--console", f"unix:{hvc0}",
                         "--port", f"{DATA_PORT}=unix:{data_sock}", "--port", f"{PTY_PORT}=pty",
@@ -229,7 +229,7 @@ sleep 600
 @RING_FEATURES
 def test_serve_console_without_multiport_gives_the_guest_one_sized_console(
         tmp_path: Path, ring: RingFeatures) -> None:
-    require("uml")
+    require_guest("uml")
     sock, hvc0 = tmp_path / "con.sock", tmp_path / "hvc0.sock"
     server = CliServer(["console", "--socket", str(sock), "--console", f"unix:{hvc0}",
                         "--no-multiport", "--cols", "100", "--rows", "30", "-v",

@@ -13,16 +13,21 @@ import os
 import re
 import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_hwrng
 
-from pyvirtio.io.vhost_user_server import ServerProcess
+from peers import require_guest
+from pyvirtio.guest import QemuGuest
+from pyvirtio.io.vhost_user_server import ServerProcess, qemu_args
 from pyvirtio.memory import GuestMemory, region_from_fd
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DriverQueue
 from pyvirtio.spec import features as F
+from pyvirtio.spec import ids
 from pyvirtio.spec import split as SP
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import Request as R
@@ -537,16 +542,7 @@ def test_after_the_abuse_the_same_server_process_feeds_a_real_qemu_guest(
         server: ServerProcess, ring_on: bool) -> None:
     """Runs last: the server process that took every case above serves QEMU 7.2's
     vhost-user-rng-pci, and the guest's kernel reads 64 KiB from /dev/hwrng."""
-    # Imported here so that this case stays one self-contained addition to the module.
-    import time
-
-    from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_hwrng, require
-
-    from pyvirtio.guest import QemuGuest
-    from pyvirtio.io.vhost_user_server import qemu_args
-    from pyvirtio.spec import ids
-
-    require("qemu")
+    require_guest("qemu")
     # The previous check's front-end may still be logging its goodbye: let it finish, so
     # that every line from here on is about the guest.
     deadline = time.monotonic() + 10

@@ -19,20 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from peers import require_guest
 from pyvirtio.device.console import ConsoleDevice
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.guest import (
-    MissingDependencyError,
     QemuGuest,
     UmlGuest,
     VhostUserDevice,
     VhostUserRng,
-    find_busybox,
-    find_qemu_binary,
-    find_qemu_kernel,
-    find_uml_binary,
-    find_uml_kernel,
 )
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.io.vhost_user_server import VhostUserServer
@@ -42,18 +37,6 @@ from vhost_user_helpers import RecordingRngDevice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-
-def _require(kind: str) -> None:
-    try:
-        find_busybox()
-        if kind == "uml":
-            find_uml_binary()
-            find_uml_kernel()
-        else:
-            find_qemu_binary()
-            find_qemu_kernel()
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture
@@ -78,7 +61,7 @@ def _wait_closed(server: VhostUserServer, count: int = 1) -> None:
 
 def test_a_qemu_guest_reads_the_entropy_our_device_serves(rng_server: VhostUserServer,
                                                           sock_path: str) -> None:
-    _require("qemu")
+    require_guest("qemu")
     script = (
         "result current $(cat /sys/class/misc/hw_random/rng_current)\n"
         "result hex $(dd if=/dev/hwrng bs=64 count=1 2>/dev/null | od -An -tx1 | tr -d ' \\n')\n"
@@ -109,7 +92,7 @@ def test_qemu_acks_ring_features_the_device_never_offered(sock_path: str) -> Non
     """QEMU 7.2's vhost-user-rng passes on what the guest acked (its own offer), not what
     the back-end offered: the back-end must run the rings with EVENT_IDX and INDIRECT_DESC
     anyway, or guest and device disagree about notifications."""
-    _require("qemu")
+    require_guest("qemu")
     device = RecordingRngDevice(transport_features=F.bit(F.VERSION_1))
     server = VhostUserServer(sock_path, lambda: device)
     script = "result bytes $(dd if=/dev/hwrng bs=4096 count=2 2>/dev/null | wc -c)\n"
@@ -127,7 +110,7 @@ def test_qemu_acks_ring_features_the_device_never_offered(sock_path: str) -> Non
 
 def test_uml_completes_the_handshake_for_a_device_it_has_no_driver_for(
         rng_server: VhostUserServer, sock_path: str) -> None:
-    _require("uml")
+    require_guest("uml")
     script = "result devices $(ls /sys/bus/virtio/devices | wc -l)\n"
     result = UmlGuest(script, devices=[VhostUserDevice(sock_path, ids.RNG)]).run().check()
     assert result.results["devices"] == "1"
@@ -139,7 +122,7 @@ def test_uml_completes_the_handshake_for_a_device_it_has_no_driver_for(
 
 
 def test_uml_sets_up_every_vring_of_a_console(sock_path: str) -> None:
-    _require("uml")
+    require_guest("uml")
     device = ConsoleDevice()
     server = VhostUserServer(sock_path, lambda: device)
     script = (

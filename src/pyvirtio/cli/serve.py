@@ -88,9 +88,10 @@ def run_servers(servers: Sequence[VhostUserServer], loop: EventLoop, banner: str
                 tick: float = 1.0, cleanup: Callable[[], None] | None = None) -> int:
     """Print ``banner`` (unless --quiet), then serve until SIGINT/SIGTERM; always clean up."""
     try:
+        # Handlers first: whoever reads the banner may signal us at once.
+        loop.stop_on_signals()
         if not args.quiet:
             print(banner, flush=True)
-        loop.stop_on_signals()
         if on_tick is not None:
             def ticker() -> None:
                 on_tick()

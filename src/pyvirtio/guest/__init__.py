@@ -20,6 +20,7 @@ Only the standard library is used; a missing host package raises
 """
 
 from pyvirtio.guest.base import Guest, GuestResult, session_processes
+from pyvirtio.guest.check import check_can_boot
 from pyvirtio.guest.errors import (
     GuestError,
     GuestTimeoutError,
@@ -68,6 +69,7 @@ __all__ = [
     "VhostUserNet",
     "VhostUserRng",
     "build_initramfs",
+    "check_can_boot",
     "default_cache_dir",
     "find_busybox",
     "find_qemu_binary",

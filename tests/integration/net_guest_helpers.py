@@ -17,13 +17,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from peers import SRC
 from pyvirtio.driver.base import Driver, Virtqueue, probe
-from pyvirtio.guest import (
-    VhostUserNet,
-)
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec import features as F
@@ -239,24 +235,6 @@ ping -c 3 -i 0.2 -W 2 {ip}
 result ping_{ip} $?
 """
 
-
-@dataclass(frozen=True)
-class QemuNet:
-    """A QEMU virtio-net-pci NIC on a vhost-user socket, with legacy INTx interrupts.
-
-    ``vectors=0``: QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18, TCG) segfaults in
-    ``vhost_net_start`` -> ``msix_set_vector_notifiers`` when the guest driver sets
-    DRIVER_OK on a vhost-user virtio-net-pci that uses MSI-X, whatever the back-end offers
-    (docs/peers.md). Without MSI-X vectors the same guest runs fine.
-    """
-
-    socket: str
-    mac: str
-
-    def qemu_args(self, index: int) -> list[str]:
-        args = VhostUserNet(self.socket, mac=self.mac).qemu_args(index)
-        args[-1] += ",vectors=0"
-        return args
 
 
 # ---- a raw virtio-net front-end ------------------------------------------------------------

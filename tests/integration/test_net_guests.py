@@ -26,7 +26,6 @@ import dpkt
 import pytest
 from net_guest_helpers import (
     SRC,
-    QemuNet,
     RawFrontend,
     SwitchProcess,
     eth_frame,
@@ -35,7 +34,7 @@ from net_guest_helpers import (
 )
 
 from peers import require_guest
-from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice
+from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 
@@ -158,7 +157,7 @@ def test_a_uml_and_a_qemu_guest_ping_each_other_and_stream_16_mib_intact(
     # The UML guest reuses vm0's socket: the device was reset when the first guest left.
     check_pair(run_pair(
         QemuGuest(sender_script("10.0.0.3", "10.0.0.1"), timeout=180,
-                  devices=[QemuNet(lan.sock(2), MACS[2])]),
+                  devices=[VhostUserNet(lan.sock(2), mac=MACS[2])]),
         UmlGuest(receiver_script("10.0.0.1", "10.0.0.3"), timeout=180,
                  devices=[VhostUserDevice(lan.sock(0), ids.NET)]),
         "10.0.0.3", "10.0.0.1"))

@@ -89,17 +89,26 @@ class VhostUserBlk:
 
 @dataclass(frozen=True)
 class VhostUserNet:
-    """A virtio-net-pci NIC whose data path is the vhost-user back-end on ``socket``."""
+    """A virtio-net-pci NIC whose data path is the vhost-user back-end on ``socket``.
+
+    ``msix`` is off by default: QEMU 7.2 (Debian, TCG) segfaults in ``vhost_net_start`` ->
+    ``msix_set_vector_notifiers`` when a guest starts a vhost-user virtio-net-pci that uses
+    MSI-X, whatever the back-end offers (docs/peers.md); with ``vectors=0`` (legacy INTx
+    interrupts) the same guest runs fine.
+    """
 
     socket: str | os.PathLike[str]
     mac: str | None = None
     reconnect: int = 0
+    msix: bool = False
 
     def qemu_args(self, index: int) -> list[str]:
         """``-chardev ... -netdev vhost-user,... -device virtio-net-pci,...``."""
         device = f"virtio-net-pci,netdev=n{index},id=net{index}"
         if self.mac is not None:
             device += f",mac={self.mac}"
+        if not self.msix:
+            device += ",vectors=0"
         return [
             *_chardev(index, self.socket, self.reconnect),
             "-netdev",

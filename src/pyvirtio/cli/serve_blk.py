@@ -67,6 +67,11 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-inflight", action="store_true",
                    help="do not offer INFLIGHT_SHMFD (no resubmission after a crash of this "
                    "server)")
+    p.add_argument("--batch-interval", type=float, default=1.0, metavar="MS",
+                   help="while a queue is kept busy, look at its ring every MS milliseconds "
+                   "instead of waiting for a kick per request (fewer notifications and "
+                   "wake-ups for both sides; only kept while it serves at least as fast; "
+                   "0: always kick-driven; default %(default)s)")
     p.add_argument("--stats-file", metavar="PATH",
                    help="write request/notification counters as JSON here at exit and on "
                    "SIGUSR1")
@@ -87,6 +92,7 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "write_zeroes": not args.no_write_zeroes,
         "blk_size": args.blk_size,
         "mmap_reads": args.mmap_reads,
+        "batch_interval": args.batch_interval / 1000 if args.batch_interval > 0 else None,
         "queue_size": args.queue_size,
         "transport_features": transport_features(args),
     }
@@ -118,6 +124,8 @@ def write_stats(path: str, data: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.queues < 1:
         raise SystemExit(f"pyvirtio serve blk: --queues must be at least 1, not {args.queues}")
+    if args.batch_interval < 0:
+        raise SystemExit("pyvirtio serve blk: --batch-interval must not be negative")
     try:
         device = BlkDevice(args.image, **device_kwargs(args))
     except (LocalError, OSError) as exc:

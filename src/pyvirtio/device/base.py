@@ -86,6 +86,10 @@ class VirtioDevice:
         #: set by the transport: raise the queue's interrupt / the config interrupt
         self.notify_queue: Callable[[int], None] = _ignore_queue
         self.notify_config: Callable[[], None] = _ignore
+        #: how the device's own timers look at queue i again (batching devices poll their
+        #: rings): like a kick; a transport that gates kicks (vhost-user: disabled vrings
+        #: are not processed) replaces it with its gated kick entry
+        self.poll_queue: Callable[[int], None] = self.kick
         self.problems: list[str] = []  # every peer misbehaviour seen, newest last
 
     # ---- what subclasses implement ------------------------------------------------------

@@ -382,8 +382,10 @@ class BlkDevice(VirtioDevice):
     back-end. ``flush=False`` offers no FLUSH (and then no CONFIG_WCE): writes are never
     synced, fast and unsafe. ``blk_size`` raises the logical block size (never below the
     back-end's). The discard and write-zeroes limits are published in config space and
-    enforced: a request beyond them gets IOERR. Every argument is JSON-friendly, so the
-    device can be built in a child process (``ProcessDevicePair``).
+    enforced: a request beyond them gets IOERR. ``batch_interval`` (seconds; needs a
+    reactor) lets a queue that is kept busy switch from kicks to looking at its ring every
+    ``batch_interval`` (batch mode, see :mod:`pyvirtio.device.blk_fastpath`). Every argument
+    is JSON-friendly, so the device can be built in a child process (``ProcessDevicePair``).
     """
 
     device_id = ids.BLOCK
@@ -414,6 +416,7 @@ class BlkDevice(VirtioDevice):
         max_write_zeroes_sectors: int = DEFAULT_MAX_WRITE_ZEROES_SECTORS,
         max_write_zeroes_seg: int = DEFAULT_MAX_WRITE_ZEROES_SEG,
         mmap_reads: bool = False,
+        batch_interval: float | None = None,
         **kwargs: object,
     ) -> None:
         if num_queues < 1 or num_queues > 0xFFFF:
@@ -438,6 +441,9 @@ class BlkDevice(VirtioDevice):
             raise LocalError(f"block size {lbs} must be a power of two >= 512 and a multiple "
                              f"of the back-end's {be.block_size}")
         self.block_size = lbs
+        #: seconds between looks at a ring in batch mode (see
+        #: :mod:`pyvirtio.device.blk_fastpath`); None or 0: always kick-driven
+        self.batch_interval = batch_interval
         self._lbs_mask = lbs - 1
         self._sector_mask = lbs // SECTOR_SIZE - 1
         offer_discard = discard and not self.read_only

@@ -215,6 +215,7 @@ class BackendProtocol:
             device.reactor = reactor
         device.notify_queue = self._notify_queue
         device.notify_config = self._notify_config
+        device.poll_queue = self.on_kick  # a device's own ring polls obey the enable gate
 
     # ---- dispatch -------------------------------------------------------------------------
 

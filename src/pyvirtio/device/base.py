@@ -355,31 +355,47 @@ class VirtioDevice:
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
         """Drain ``ring`` through :meth:`handle`, with kicks suppressed while we work and the
         enable-notification race closed (re-check after re-enabling)."""
+        queue = self.queues[index]
         pushed = False
         try:
             while True:
                 ring.disable_notifications()
                 while (chain := ring.pop()) is not None:
+                    self.chain_popped(index, chain)
                     written = self.handle(index, chain)
-                    if written is not None:
-                        ring.push(chain, written)
-                        pushed = True
-                    if self.queues[index].ring is not ring:
+                    if queue.ring is not ring:
                         return  # the handler reset the device or stopped this queue
+                    if written is not None:
+                        self.complete_chain(index, ring, chain, written)
+                        pushed = True
                 if not ring.enable_notifications():
                     break
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        except PeerError as exc:
-            # A malformed request (not a malformed ring) that the handler refused to
-            # complete: the chain is lost to the driver, so the device needs a reset. The
-            # queue is broken too (as a ring error would): later kicks are ignored.
-            if ring.broken is None:
-                ring.broken = f"{ring.name}: {exc}"
-            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
+        except (RingError, PeerError) as exc:
+            self.queue_failed(index, ring, exc)
         finally:
-            if pushed and self.queues[index].ring is ring and ring.needs_notification():
+            if pushed and queue.ring is ring and ring.needs_notification():
                 self.notify_queue(index)
+
+    def chain_popped(self, index: int, chain: DescriptorChain) -> None:
+        """``chain`` was taken from queue ``index`` and is about to be handled (hook: a
+        device that tracks requests in flight, for resubmission after a crash)."""
+
+    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
+                       written: int) -> None:
+        """Return a handled chain to the driver (hook: the same, for tracking devices)."""
+        ring.push(chain, written)
+
+    def queue_failed(self, index: int, ring: DeviceQueue, exc: RingError | PeerError) -> None:
+        """Serving queue ``index`` stopped on ``exc``: a malformed ring, or a malformed
+        request that :meth:`handle` refused to complete. Either way the queue is broken
+        (later kicks are ignored; the chain is lost to the driver) and the device needs a
+        reset."""
+        if isinstance(exc, RingError):
+            self._peer_problem(str(exc), needs_reset=True)  # the ring broke itself
+            return
+        if ring.broken is None:
+            ring.broken = f"{ring.name}: {exc}"
+        self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(id={self.device_id}, status={S.describe(self.status)}, "

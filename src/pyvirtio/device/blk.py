@@ -600,7 +600,7 @@ class BlkDevice(VirtioDevice):
         Then, on a synchronous back-end, :class:`~pyvirtio.device.blk_fastpath.BlkFastLane`
         serves the common reads and writes straight from the ring memory and hands
         everything else to :meth:`handle`; with :attr:`fast_path` off or an asynchronous
-        back-end, every chain is popped and handled one by one (:meth:`_process_chains`).
+        back-end, every chain is popped and handled one by one (the framework's loop).
         Either way the driver is interrupted at most once per kick, if it asked to be.
         """
         if index in self._resubmit and not self._process_resubmitted(index, ring):
@@ -611,12 +611,11 @@ class BlkDevice(VirtioDevice):
                 lane = self._lanes[index] = BlkFastLane(self, index, ring)
             lane.run()
         else:
-            self._process_chains(index, ring)
+            super().process_queue(index, ring)
 
     def _process_resubmitted(self, index: int, ring: DeviceQueue) -> bool:
         """Run the chains of the heads to resubmit; False if the queue is unusable now."""
         heads = self._resubmit.pop(index)
-        tracker = self._trackers[index]
         queue = self.queues[index]
         pushed = False
         try:
@@ -626,52 +625,31 @@ class BlkDevice(VirtioDevice):
                 if queue.ring is not ring:
                     return False
                 if written is not None:
-                    self._push(ring, chain, written, tracker)
+                    self.complete_chain(index, ring, chain, written)
                     pushed = True
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return False
-        except PeerError as exc:
-            if ring.broken is None:
-                ring.broken = f"{ring.name}: {exc}"
-            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
+        except (RingError, PeerError) as exc:
+            self.queue_failed(index, ring, exc)
             return False
         finally:
             if pushed and queue.ring is ring and ring.needs_notification():
                 self.notify_queue(index)
         return True
 
-    def _process_chains(self, index: int, ring: DeviceQueue) -> None:
-        """The framework's loop, telling the tracker (if any) what it pops and pushes."""
-        queue = self.queues[index]
+    def chain_popped(self, index: int, chain: DescriptorChain) -> None:
         tracker = self._trackers[index]
-        pushed = False
-        try:
-            while True:
-                ring.disable_notifications()
-                while (chain := ring.pop()) is not None:
-                    if tracker is not None:
-                        tracker.popped(chain.head)
-                    written = self.handle(index, chain)
-                    if queue.ring is not ring:
-                        return  # the handler reset the device or stopped this queue
-                    if written is not None:
-                        self._push(ring, chain, written, tracker)
-                        pushed = True
-                if not ring.enable_notifications():
-                    break
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        except PeerError as exc:
-            # A malformed request that cannot be answered: the chain is lost to the
-            # driver, so the queue is broken (later kicks are ignored) and the device
-            # needs a reset, as the framework's loop does.
-            if ring.broken is None:
-                ring.broken = f"{ring.name}: {exc}"
-            self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
-        finally:
-            if pushed and queue.ring is ring and ring.needs_notification():
-                self.notify_queue(index)
+        if tracker is not None:
+            tracker.popped(chain.head)
+
+    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
+                       written: int) -> None:
+        tracker = self._trackers[index]
+        if tracker is None:
+            ring.push(chain, written)
+            return
+        heads = (chain.head,)
+        tracker.completing(heads)
+        ring.push(chain, written)
+        tracker.completed(heads, ring.used_idx)
 
     def lane_config(self) -> LaneConfig:
         """The settings the fast lanes need, as one tuple (cached until one changes)."""
@@ -682,17 +660,6 @@ class BlkDevice(VirtioDevice):
                 self._trackers, be.fast_fd, be.read_map, self._size, self._lbs_mask,
                 self._sector_mask, not self.read_only and not self._writethrough, be)
         return config
-
-    @staticmethod
-    def _push(ring: DeviceQueue, chain: DescriptorChain, written: int,
-              tracker: RequestTracker | None) -> None:
-        if tracker is None:
-            ring.push(chain, written)
-            return
-        heads = (chain.head,)
-        tracker.completing(heads)
-        ring.push(chain, written)
-        tracker.completed(heads, ring.used_idx)
 
     def track_requests(self, index: int, tracker: RequestTracker | None,
                        resubmit: Sequence[int] = ()) -> None:

@@ -392,18 +392,14 @@ class BlkFastLane:
                     pending = (_u16(avail, 2)[0] - last) & 0xFFFF
             if self._interval:
                 self._account((ring.last_avail_idx - first) & 0xFFFF)
-        except RingError as exc:
-            device._peer_problem(str(exc), needs_reset=True)
-        except PeerError as exc:
-            # A malformed request (handle() refused to answer it): as the framework does,
-            # what came before is returned, the queue is broken and the device needs reset.
+        except (RingError, PeerError) as exc:
+            # A malformed request (handle() refused to answer it) still lets what came
+            # before it be returned, as the framework's loop does; a broken ring does not.
             if heads and ring.broken is None and queue.ring is ring:
                 ring.used_idx = used_idx
                 _publish(ring, heads, tracker)
                 published = True
-            if ring.broken is None:
-                ring.broken = f"{ring.name}: {exc}"
-            device._peer_problem(f"{device.name} queue {index}: {exc}", needs_reset=True)
+            device.queue_failed(index, ring, exc)
         finally:
             if reads or writes:
                 stats = device.stats

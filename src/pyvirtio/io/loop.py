@@ -153,27 +153,9 @@ class EventLoop:
         if timers:
             delay = max(0.0, timers[0][0] - self.time())
             timeout = delay if timeout is None else min(timeout, delay)
-        readers = self._readers
-        writers = self._writers
-        # Hang-ups and errors wake both directions, as ``selectors`` does.
-        for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
-            if events & ~_EPOLLOUT:
-                cb = readers.get(fd)
-                if cb is not None:
-                    try:
-                        cb()
-                    except Exception:
-                        log.exception("callback %r failed; the loop keeps running", cb)
-            if events & ~_EPOLLIN:
-                cb = writers.get(fd)
-                if cb is not None:
-                    self._run_callback(cb)
+        self._dispatch(self._epoll.poll(-1 if timeout is None else timeout))
         if timers:
-            now = self.time()
-            while timers and timers[0][0] <= now:
-                _, _, timer = heapq.heappop(timers)
-                if not timer.cancelled:
-                    self._run_callback(timer.callback)
+            self._fire_due_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
         """Serve until :meth:`stop`, until ``until()`` is true, or ``timeout`` seconds."""
@@ -191,11 +173,10 @@ class EventLoop:
             self.run_once(1.0 if wait is None else min(wait, 1.0))
 
     def _run_forever(self) -> None:
-        # run_once() inlined: a busy vhost-user server goes round this loop once per
-        # request, so everything per iteration that can be hoisted is.
+        # A busy vhost-user server goes round this loop once per wake-up, so what can be
+        # hoisted out of it is.
         poll = self._epoll.poll
-        readers = self._readers
-        writers = self._writers
+        dispatch = self._dispatch
         timers = self._timers
         while not self._stopping:
             # No timer: sleep without a timeout (stop() and signals wake the poll), which
@@ -203,24 +184,35 @@ class EventLoop:
             timeout = -1.0
             if timers:
                 timeout = max(0.0, timers[0][0] - self.time())
-            for fd, events in poll(timeout):
-                if events & ~_EPOLLOUT:
-                    cb = readers.get(fd)
-                    if cb is not None:
-                        try:
-                            cb()
-                        except Exception:
-                            log.exception("callback %r failed; the loop keeps running", cb)
-                if events & ~_EPOLLIN:
-                    cb = writers.get(fd)
-                    if cb is not None:
-                        self._run_callback(cb)
+            dispatch(poll(timeout))
             if timers:
-                now = self.time()
-                while timers and timers[0][0] <= now:
-                    _, _, timer = heapq.heappop(timers)
-                    if not timer.cancelled:
-                        self._run_callback(timer.callback)
+                self._fire_due_timers()
+
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
+        """Call the reader and/or writer of every ready fd; hang-ups and errors wake both
+        directions, as ``selectors`` does."""
+        readers = self._readers
+        writers = self._writers
+        for fd, events in ready:
+            if events & ~_EPOLLOUT:
+                cb = readers.get(fd)
+                if cb is not None:
+                    try:
+                        cb()
+                    except Exception:
+                        log.exception("callback %r failed; the loop keeps running", cb)
+            if events & ~_EPOLLIN:
+                cb = writers.get(fd)
+                if cb is not None:
+                    self._run_callback(cb)
+
+    def _fire_due_timers(self) -> None:
+        timers = self._timers
+        now = self.time()
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                self._run_callback(timer.callback)
 
     def close(self) -> None:
         for sig, handler in self._old_handlers.items():

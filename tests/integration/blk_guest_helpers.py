@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shlex
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from serve_process import ServeProcess
 
 from pyvirtio.device.backends.blk_file import FileBackend
 from pyvirtio.device.blk import BlkDevice
@@ -94,60 +92,25 @@ def block_pattern(i: int) -> bytes:
 # ---- the real command line ------------------------------------------------------------------
 
 
-class BlkServer:
-    """``python -m pyvirtio [-v] serve blk IMAGE --socket SOCK ARGS`` in a child process.
-
-    Waits for the banner (printed once the socket listens). :meth:`stop` sends SIGTERM (the
-    clean shutdown) and returns the exit status; :meth:`kill` is a crash (SIGKILL).
-    ``close`` in ``finally`` kills what is left.
-    """
+class BlkServer(ServeProcess):
+    """``python -m pyvirtio [-v] serve blk IMAGE --socket SOCK ARGS`` in a child process,
+    stderr to ``log_path``; returns once the banner is complete (the socket listens).
+    :meth:`stop` is the clean shutdown, :meth:`kill` a crash."""
 
     def __init__(self, image: Path, sock: Path, args: Sequence[str] = (), *,
                  log_path: Path, verbose: bool = True, timeout: float = 30.0) -> None:
+        super().__init__("blk", [str(image), "--socket", str(sock), *args], log_path=log_path,
+                         global_args=["-v"] if verbose else [])
         self.sock = sock
-        self.log_path = log_path
-        self.out_path = log_path.with_suffix(".out")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", ""))
-                                            if p)
-        self.argv = [sys.executable, "-m", "pyvirtio", *(["-v"] if verbose else []),
-                     "serve", "blk", str(image), "--socket", str(sock), *args]
-        with open(self.out_path, "wb") as out, open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=log, env=env)
-        deadline = time.monotonic() + timeout
-        while "pyvirtio: virtio-blk on" not in self.output():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"pyvirtio serve blk did not start:\n{self.output()}\n"
-                                     f"{self.log()}")
-            time.sleep(0.02)
-        # The banner is complete once the UML line is there.
-        while "linux.uml ..." not in self.output() and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def banner_args(self, kind: str) -> list[str]:
-        """The arguments after ``qemu-system-x86_64 ...`` or ``linux.uml ...``."""
-        prefix = "qemu-system-x86_64 ... " if kind == "qemu" else "linux.uml ... "
-        for line in self.output().splitlines():
-            if line.strip().startswith(prefix):
-                return shlex.split(line.strip()[len(prefix):])
-        raise AssertionError(f"no {kind} line in the banner:\n{self.output()}")
+            self.wait_for(r"^pyvirtio: virtio-blk on ", timeout)
+            self.wait_for(r"linux\.uml \.\.\.", timeout)  # the banner's last line
+        except BaseException:
+            self.close()
+            raise
 
     def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
+        """The first match of ``pattern`` in the log from character ``start``."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
@@ -158,27 +121,6 @@ class BlkServer:
                 raise AssertionError(f"server log never matched {pattern!r}:\n"
                                      f"{self.log()[-4000:]}")
             time.sleep(0.02)
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM: the clean shutdown. The exit status (SIGKILLed if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.close()
-        return self.proc.wait()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash. The socket file stays behind, as it would."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 # ---- a device whose writes are slow ---------------------------------------------------------

@@ -21,12 +21,7 @@ import contextlib
 import hashlib
 import os
 import random
-import re
-import shlex
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -34,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from serve_process import ServeProcess
 
-from peers import SRC
 from pyvirtio.device.console import ConsoleDevice
+from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
@@ -285,101 +281,44 @@ def type_after_greeting(peer: ConsoleClient) -> None:
     peer.send(TYPED)
 
 
+def console_guest_round(devices: Sequence[VhostUserDevice], console: ConsoleClient,
+                        data_path: str, seed: int, ring: RingFeatures) -> dict[str, str]:
+    """One UML guest runs :func:`console_script` on the console at ``devices``: greets on
+    hvc0, reads the typed line, and moves :data:`DATA_BYTES` each way on the named port
+    (host end at ``data_path``, payload from ``seed``); every end is checked byte-exact.
+    Returns the guest's results."""
+    data = DataPeer(data_path, random_payload(seed), DATA_BYTES)
+    guest = UmlGuest(console_script(), extra_files=console_files(), devices=list(devices),
+                     timeout=WAIT)
+    try:
+        guest.start()
+        type_after_greeting(console)
+        result = guest.wait()
+        assert result.ok, result.describe()
+        check_console(result.results, console, data, ring)
+        return result.results
+    finally:
+        guest.stop()
+        data.close()
+
+
 # ---- the CLI as a child process -------------------------------------------------------------
 
 
-class CliServer:
-    """``python -m pyvirtio [GLOBAL...] serve KIND ARGS`` in a child process.
-
-    stdout (the banner) is collected by a thread; stderr (the log) goes to ``log_path``.
-    :meth:`terminate` sends SIGTERM and returns the exit status; :meth:`close` kills
-    whatever is left (call it in ``finally``).
-    """
+class CliServer(ServeProcess):
+    """``python -m pyvirtio [GLOBAL...] serve KIND ARGS`` (``args[0]`` is KIND), stderr
+    to ``log_path``."""
 
     def __init__(self, args: Sequence[str], log_path: Path, *, global_args: Sequence[str] = ()
                  ) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH", "")) if p)
-        self.log_path = log_path
-        self.argv = [sys.executable, "-m", "pyvirtio", *global_args, "serve", *args]
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=self._log, env=env)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self.lines.append("")  # end of output marker for waiters
-            self._cond.notify_all()
-
-    def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        """The first stdout line matching ``pattern``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    m = regex.search(line)
-                    if m:
-                        return m
-                if self.proc.poll() is not None and self.lines and self.lines[-1] == "":
-                    raise AssertionError(f"server exited ({self.proc.returncode}) before "
-                                         f"{pattern!r}:\n{self.output()}\n{self.log()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no stdout line matched {pattern!r}:\n"
-                                         f"{self.output()}\n{self.log()}")
-                self._cond.wait(min(left, 0.2))
-
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        super().__init__(args[0], args[1:], log_path=log_path, global_args=global_args)
 
     def qemu_device_args(self) -> list[str]:
         """The chardev/device part of the QEMU line the banner printed (QemuGuest brings
         the shared-memory machine options itself; the banner's are checked here)."""
-        line = self.wait_line(r"^  qemu-system-x86_64 \.\.\. (.*)$")
-        args = shlex.split(line.group(1))
+        args = self.banner_args("qemu")
         assert "memory-backend-memfd,id=mem,size=512M,share=on" in args, args
         return args[args.index("-chardev"):]
-
-    def uml_args(self) -> list[str]:
-        """The kernel arguments of the UML line the banner printed."""
-        return shlex.split(self.wait_line(r"^  linux\.uml \.\.\. (.*)$").group(1))
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        """SIGTERM; the exit status (killed and failed if it does not exit in time)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server ignored SIGTERM for {timeout}s:\n{self.log()}"
-                                 ) from None
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._thread.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 def random_payload(seed: int, size: int = DATA_BYTES) -> bytes:

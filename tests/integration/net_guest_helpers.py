@@ -13,12 +13,10 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 
-from peers import SRC
+from serve_process import ServeProcess
+
 from pyvirtio.driver.base import Driver, Virtqueue, probe
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.memory import GuestMemory
@@ -35,85 +33,26 @@ VERBOSE = ["-v"]
 
 # ---- the server process --------------------------------------------------------------------
 
-class SwitchProcess:
-    """``pyvirtio serve net ARGS`` in a child process (optionally inside a network namespace).
-
-    Its stdout and stderr are collected by a thread; :meth:`wait_for` waits for a line,
-    :meth:`stats` parses the newest ``--stats`` table. :meth:`stop` sends a signal and waits.
-    """
+class SwitchProcess(ServeProcess):
+    """``pyvirtio -v serve net ARGS`` in a child process (optionally inside a network
+    namespace), stderr joined to stdout; waits until every socket listens. :meth:`stats`
+    parses the newest ``--stats`` table."""
 
     def __init__(self, args: Sequence[str], *, netns: str | None = None,
                  ready_timeout: float = 20.0) -> None:
-        cmd = [sys.executable, "-m", "pyvirtio", *VERBOSE, "serve", "net", *args]
-        if netns is not None:
-            cmd = ["ip", "netns", "exec", netns, *cmd]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
-        self.cmd = cmd
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name="serve-net-output")
-        self._reader.start()
+        super().__init__("net", args, global_args=VERBOSE, netns=netns)
         try:
             # The banner ends with the last port's UML line: every socket listens by then.
             self.wait_for(r"^\s+UML:\s+virtio_uml\.device=" + re.escape(self._last_socket(args)),
                           ready_timeout)
         except BaseException:
-            self.kill()
+            self.close()
             raise
 
     @staticmethod
     def _last_socket(args: Sequence[str]) -> str:
         sockets = [args[i + 1] for i, a in enumerate(args) if a == "--socket"]
         return sockets[-1]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT, start: int = 0) -> re.Match[str]:
-        """The first output line (from line ``start``) matching ``pattern``."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            index = start
-            while True:
-                while index < len(self.lines):
-                    m = regex.search(self.lines[index])
-                    index += 1
-                    if m:
-                        return m
-                if self._eof:
-                    raise AssertionError(f"serve net exited before {pattern!r}:\n"
-                                         f"{self.tail()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"serve net never printed {pattern!r}:\n{self.tail()}")
-                self._cond.wait(min(remaining, 0.5))
-
-    def mark(self) -> int:
-        """The current line count (pass as ``start`` to wait only for newer lines)."""
-        with self._cond:
-            return len(self.lines)
-
-    def tail(self, n: int = 60) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-n:])
 
     def stats(self, timeout: float = 5.0) -> dict[str, dict[str, str]]:
         """The next complete ``--stats`` table printed from now: port -> column -> value."""
@@ -129,24 +68,6 @@ class SwitchProcess:
             values = line.split()
             table[values[0]] = dict(zip(columns, values, strict=True))
         return table
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        """Send ``sig`` and wait for the exit status (SIGKILL after ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._reader.join(5)
-        return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self._reader.join(5)
 
 
 # ---- namespaces ----------------------------------------------------------------------------

@@ -15,23 +15,17 @@ from guest_helpers import (
     DATA_BYTES,
     DATA_PORT,
     RING_FEATURES,
-    WAIT,
     ConsoleClient,
-    DataPeer,
     RecordingConsoleDevice,
     RingFeatures,
-    check_console,
-    console_files,
-    console_script,
-    random_payload,
-    type_after_greeting,
+    console_guest_round,
     wait_closed,
 )
 
 from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
-from pyvirtio.guest import UmlGuest, VhostUserDevice
+from pyvirtio.guest import VhostUserDevice
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
@@ -63,19 +57,11 @@ def test_a_uml_guest_talks_to_the_host_through_hvc0_and_a_named_port(
     require_guest("uml")
     device, server, tmp = console_setup
     console = ConsoleClient(str(tmp / "hvc0.sock"))
-    data = DataPeer(str(tmp / "data.sock"), random_payload(7), DATA_BYTES)
-    guest = UmlGuest(console_script(), extra_files=console_files(),
-                     devices=[VhostUserDevice(server.path, ids.CONSOLE)], timeout=WAIT)
     try:
-        guest.start()
-        type_after_greeting(console)
-        result = guest.wait()
-        assert result.ok, result.describe()
-        check_console(result.results, console, data, ring)
+        results = console_guest_round([VhostUserDevice(server.path, ids.CONSOLE)], console,
+                            str(tmp / "data.sock"), 7, ring)
     finally:
-        guest.stop()
         console.close()
-        data.close()
     wait_closed(server, 1)
     assert server.closed_reasons == ["front-end disconnected"]
     # What the device itself negotiated with virtio_console.
@@ -84,7 +70,7 @@ def test_a_uml_guest_talks_to_the_host_through_hvc0_and_a_named_port(
     ring.check_negotiated(features)
     assert features & bit(C.VIRTIO_CONSOLE_F_MULTIPORT)
     assert features & bit(C.VIRTIO_CONSOLE_F_SIZE)
-    assert result.results["hvc_size"] == "43 132"  # rows cols, from our RESIZE
+    assert results["hvc_size"] == "43 132"  # rows cols, from our RESIZE
     assert device.problems == []
     hvc0, port = device.ports
     assert port.from_guest == DATA_BYTES and port.to_guest == DATA_BYTES

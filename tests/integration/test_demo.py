@@ -9,11 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from guest_helpers import (
-    SRC,
-)
 
-from peers import require_guest
+from peers import SRC, require_guest
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from guest_helpers import (
-    DATA_BYTES,
     DATA_PORT,
     HWRNG_SCRIPT,
     RING_FEATURES,
@@ -18,14 +17,10 @@ from guest_helpers import (
     DataPeer,
     RecordingConsoleDevice,
     RingFeatures,
-    check_console,
     check_hwrng,
-    console_files,
-    console_script,
-    random_payload,
+    console_guest_round,
     recording_rng,
     served_slice,
-    type_after_greeting,
     wait_closed,
 )
 
@@ -152,18 +147,7 @@ def test_killing_uml_mid_transfer_leaves_the_server_serving_the_next_guest(
                 pass  # still listening: a front-end may connect
             wait_closed(server, 2)
 
-            data = DataPeer(data_path, random_payload(3), DATA_BYTES)
-            second = UmlGuest(console_script(), extra_files=console_files(), devices=uml_device,
-                              timeout=WAIT)
-            try:
-                second.start()
-                type_after_greeting(console)
-                result = second.wait()
-                assert result.ok, result.describe()
-                check_console(result.results, console, data, ring)
-            finally:
-                second.stop()
-                data.close()
+            console_guest_round(uml_device, console, data_path, 3, ring)
             wait_closed(server, 3)
     finally:
         console.close()

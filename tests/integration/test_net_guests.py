@@ -25,7 +25,6 @@ from pathlib import Path
 import dpkt
 import pytest
 from net_guest_helpers import (
-    SRC,
     RawFrontend,
     SwitchProcess,
     eth_frame,
@@ -33,7 +32,7 @@ from net_guest_helpers import (
     ping_until,
 )
 
-from peers import require_guest
+from peers import SRC, require_guest
 from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
@@ -67,7 +66,7 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
     proc = SwitchProcess([*(a for i in range(3) for a in ("--socket", str(d / f"vm{i}.sock"))),
                           "--mac", MACS[0], "--pcap", str(d / "switch.pcap"), "--stats"])
     yield Lan(proc, d)
-    proc.kill()
+    proc.close()
 
 
 def receiver_script(ip: str, peer: str) -> str:
@@ -146,7 +145,7 @@ def test_two_uml_guests_ping_each_other_and_stream_16_mib_intact(uml_pair: PairR
     # The guests use the MACs the CLI assigned (--mac base, incremented per socket).
     assert uml_pair.sender.results["mac"] == MACS[0]
     assert uml_pair.receiver.results["mac"] == MACS[1]
-    out = lan.proc.output
+    out = lan.proc.output()
     for port in ("vm0", "vm1"):
         line = next(x for x in out.splitlines() if f"port {port}: guest driver ready" in x)
         assert "MRG_RXBUF" in line and "HOST_TSO4" in line
@@ -221,7 +220,7 @@ def test_sigint_flushes_the_capture_and_removes_the_sockets(tmp_path: Path) -> N
         assert got == frames
         assert proc.stop(signal.SIGINT) == 0, proc.tail()
     finally:
-        proc.kill()
+        proc.close()
     assert not any(Path(s).exists() for s in socks)
     for port in ("vm0", "vm1"):  # vm0 sent them, vm1 received them
         with open(tmp_path / f"cap-{port}.pcap", "rb") as f:
@@ -244,4 +243,4 @@ def test_mac_options_are_a_base_or_one_per_socket(tmp_path: Path) -> None:
         assert proc.wait_for(r"^port vm1 \((\S+),").group(1) == MACS[0]
         assert proc.stop() == 0
     finally:
-        proc.kill()
+        proc.close()

@@ -95,7 +95,7 @@ def test_hostile_front_ends_are_contained_while_guests_keep_pinging(
     socks = [str(tmp_path / f"vm{i}.sock") for i in range(5)]
     server = SwitchProcess([*(a for s in socks for a in ("--socket", s)), "--mac", BASE_MAC,
                             "--queue-frames", str(QUEUE_FRAMES), "--stats"])
-    cleanup.add(server.kill)
+    cleanup.add(server.close)
 
     a = UmlGuest(guest_script(A_IP, B_IP, TINY_PINGS), timeout=120,
                  devices=[VhostUserDevice(socks[0], ids.NET)])

@@ -94,7 +94,7 @@ def test_a_guest_pings_the_kernel_and_its_tcp_stream_crosses_the_tap_segmentatio
     sock = str(tmp_path / "vm0.sock")
     server = SwitchProcess(["--socket", sock, "--tap", TAP, "--stats",
                             "--pcap", str(tmp_path / "port-{port}.pcap")], netns=ns.name)
-    cleanup.add(server.kill)
+    cleanup.add(server.close)
     for cmd in (["sysctl", "-qw", f"net.ipv6.conf.{TAP}.disable_ipv6=1"],
                 ["ip", "link", "set", TAP, "up"],
                 ["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP]):

@@ -21,7 +21,6 @@ from guest_helpers import (
     GREETING,
     HWRNG_SCRIPT,
     RING_FEATURES,
-    SRC,
     TYPED,
     WAIT,
     CliServer,
@@ -38,7 +37,7 @@ from guest_helpers import (
     type_after_greeting,
 )
 
-from peers import require_guest
+from peers import SRC, require_guest
 from pyvirtio.guest import QemuGuest, UmlGuest
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,7 +136,7 @@ def test_serve_rng_feeds_a_qemu_guest_and_exits_cleanly_on_sigterm(
                        tmp_path / "serve.log", global_args=["-v"])
     guest = None
     try:
-        server.wait_line(r"^pyvirtio: virtio-rng on ")
+        server.wait_for(r"^pyvirtio: virtio-rng on ")
         device_args = server.qemu_device_args()
         device_args[-1] += ring.qemu_device_props
         guest = QemuGuest(HWRNG_SCRIPT + "sleep 600\n", extra_args=device_args, timeout=WAIT)
@@ -147,7 +146,7 @@ def test_serve_rng_feeds_a_qemu_guest_and_exits_cleanly_on_sigterm(
         check_hwrng(results, ring)
         served_slice(stream, results)  # the file is the stream the device served
         check_logged_ring_features(server.log(), "rng", ring)
-        assert server.terminate() == 0  # the guest is still connected
+        assert server.stop() == 0  # the guest is still connected
         assert socket_gone(sock)
         assert "signal SIGTERM, shutting down" in server.log()
         assert "front-end connected" in server.log()
@@ -170,13 +169,13 @@ def test_serve_console_talks_to_a_uml_guest_and_exits_cleanly_on_sigterm(
     guest = console = data = None
     pty = -1
     try:
-        server.wait_line(r"^pyvirtio: virtio-console on ")
-        server.wait_line(rf"port 1: '{re.escape(DATA_PORT)}', the guest's /dev/vport0p1 .*"
+        server.wait_for(r"^pyvirtio: virtio-console on ")
+        server.wait_for(rf"port 1: '{re.escape(DATA_PORT)}', the guest's /dev/vport0p1 .*"
                          rf"unix socket {re.escape(str(data_sock))}")
-        pty_path = server.wait_line(rf"port 2: '{re.escape(PTY_PORT)}', .* pseudo-terminal "
+        pty_path = server.wait_for(rf"port 2: '{re.escape(PTY_PORT)}', .* pseudo-terminal "
                                     r"(/dev/pts/\d+)$").group(1)
-        server.wait_line(r"^QEMU: 7\.2 has no vhost-user front-end for console devices")
-        kernel_args = server.uml_args()
+        server.wait_for(r"^QEMU: 7\.2 has no vhost-user front-end for console devices")
+        kernel_args = server.banner_args("uml")
         assert kernel_args == [f"virtio_uml.device={sock}:3"]
         console = ConsoleClient(str(hvc0))
         data = DataPeer(str(data_sock), random_payload(5), DATA_BYTES)
@@ -194,7 +193,7 @@ def test_serve_console_talks_to_a_uml_guest_and_exits_cleanly_on_sigterm(
         assert read_line(pty) == PTY_OUT
         check_logged_ring_features(server.log(), "console", ring)
         assert {"CONSOLE_F_MULTIPORT", "CONSOLE_F_SIZE"} <= negotiated(server.log(), "console")
-        assert server.terminate() == 0  # the guest is still connected
+        assert server.stop() == 0  # the guest is still connected
         for path in (sock, hvc0, data_sock):
             assert socket_gone(path), path
         assert "signal SIGTERM, shutting down" in server.log()
@@ -236,7 +235,7 @@ def test_serve_console_without_multiport_gives_the_guest_one_sized_console(
                         *ring.cli_args], tmp_path / "serve.log")
     guest = console = None
     try:
-        kernel_args = server.uml_args()
+        kernel_args = server.banner_args("uml")
         console = ConsoleClient(str(hvc0))
         guest = UmlGuest(SINGLE_PORT_SCRIPT, extra_files=console_files(),
                          kernel_args=kernel_args, timeout=WAIT)
@@ -253,7 +252,7 @@ def test_serve_console_without_multiport_gives_the_guest_one_sized_console(
         names = negotiated(server.log(), "console")
         assert "CONSOLE_F_MULTIPORT" not in names and "CONSOLE_F_SIZE" in names
         check_logged_ring_features(server.log(), "console", ring)
-        assert server.terminate() == 0
+        assert server.stop() == 0
         assert socket_gone(sock) and socket_gone(hvc0)
     finally:
         if guest is not None:

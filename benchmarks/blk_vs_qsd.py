@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmap-reads", action="store_true",
                         help="pyvirtio serves reads from the mapped image (serve blk "
                         "--mmap-reads; see its caveat)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for pyvirtio serve blk (repeatable; e.g. "
+                        "--serve-arg=--batch-interval=2)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin back-ends and guests to these CPUs (e.g. 1 or 0,1)")
     parser.add_argument("--workdir", help="where the image and sockets go (default: a "
@@ -399,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backends = args.backends.split(",")
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
-    extra = ["--mmap-reads"] if args.mmap_reads else []
+    extra = (["--mmap-reads"] if args.mmap_reads else []) + args.serve_arg
     workloads = [(w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(",")]
     if "qsd" in backends and shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is missing (Debian package qemu-system-x86)",
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({os.cpu_count()} CPUs); {args.rounds} rounds, {args.runtime} s per run, "
           f"cache: {'O_DIRECT' if args.direct else 'host page cache'}"
           + (f", pinned to CPU(s) {args.cpus}" if cpus else ", unpinned")
-          + (", pyvirtio --mmap-reads" if extra else ""), flush=True)
+          + (f", pyvirtio serve blk {' '.join(extra)}" if extra else ""), flush=True)
     results = Results()
     workdir = Path(tempfile.mkdtemp(prefix="pyvirtio-bench-blk-", dir=args.workdir or
                                     "/var/tmp"))

@@ -21,7 +21,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from peers import SRC
+# Not imported from tests/peers.py: this module is also imported by device factories in
+# server child processes, whose PYTHONPATH holds only src/ and tests/integration/.
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 class ServeProcess:

@@ -18,8 +18,8 @@ busybox then segfaults while copying its TLS image.
 
 The fix: a tiny ``LD_PRELOAD`` library that wraps ``ptrace`` and, for a short XSTATE
 SETREGSET, passes a buffer of the host's size instead: UML's bytes, zeros after, and the
-feature bits cleared (via CPUID leaf 0xD) for every state component UML's buffer does not
-hold (the AMX tiles, which guest processes cannot enable anyway). Everything else goes
+feature bits cleared (via CPUID leaf 0xD, asked once) for every state component UML's
+buffer does not hold (the AMX tiles, which guest processes cannot enable anyway). Everything else goes
 straight to the real ``ptrace``. It is compiled once with the host C compiler and cached.
 """
 
@@ -62,6 +62,11 @@ typedef long (*ptrace_fn)(enum __ptrace_request, ...);
 static ptrace_fn real_ptrace;
 static size_t host_size;
 static unsigned char full[1 << 16] __attribute__((aligned(64)));
+/* The state components that fit in a buffer of keep_len bytes. Worked out once: CPUID
+   is a VM exit on a virtual machine, and UML sets the regset at every switch to a guest
+   process. */
+static size_t keep_len;
+static uint64_t keep_mask;
 
 long ptrace(enum __ptrace_request request, ...)
 {
@@ -84,17 +89,20 @@ long ptrace(enum __ptrace_request request, ...)
         if (host_size > iov->iov_len && host_size <= sizeof(full)
             && iov->iov_len >= PYVIRTIO_XSTATE_BV_OFFSET + 64) {
             uint64_t bv;
-            memset(full, 0, host_size);
-            memcpy(full, iov->iov_base, iov->iov_len);
-            memcpy(&bv, full + PYVIRTIO_XSTATE_BV_OFFSET, sizeof(bv));
-            for (unsigned int i = 2; i < 64; i++) {
-                unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
-                if (!(bv & (1ULL << i)))
-                    continue;
-                __cpuid_count(0xd, i, eax, ebx, ecx, edx);
-                if ((size_t)ebx + eax > iov->iov_len)
-                    bv &= ~(1ULL << i);
+            if (keep_len != iov->iov_len) {
+                keep_mask = 3; /* x87 and SSE: in the legacy area */
+                for (unsigned int i = 2; i < 64; i++) {
+                    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+                    __cpuid_count(0xd, i, eax, ebx, ecx, edx);
+                    if ((size_t)ebx + eax <= iov->iov_len)
+                        keep_mask |= 1ULL << i;
+                }
+                keep_len = iov->iov_len;
             }
+            memcpy(full, iov->iov_base, iov->iov_len);
+            memset(full + iov->iov_len, 0, host_size - iov->iov_len);
+            memcpy(&bv, full + PYVIRTIO_XSTATE_BV_OFFSET, sizeof(bv));
+            bv &= keep_mask;
             memcpy(full + PYVIRTIO_XSTATE_BV_OFFSET, &bv, sizeof(bv));
             struct iovec whole = { full, host_size };
             return real_ptrace(request, pid, addr, &whole);

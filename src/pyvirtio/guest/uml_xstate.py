@@ -19,8 +19,9 @@ busybox then segfaults while copying its TLS image.
 The fix: a tiny ``LD_PRELOAD`` library that wraps ``ptrace`` and, for a short XSTATE
 SETREGSET, passes a buffer of the host's size instead: UML's bytes, zeros after, and the
 feature bits cleared (via CPUID leaf 0xD, asked once) for every state component UML's
-buffer does not hold (the AMX tiles, which guest processes cannot enable anyway). Everything else goes
-straight to the real ``ptrace``. It is compiled once with the host C compiler and cached.
+buffer does not hold (the AMX tiles, which guest processes cannot enable anyway). Everything
+else goes straight to the real ``ptrace``. It is compiled once with the host C compiler and
+cached.
 """
 
 from __future__ import annotations

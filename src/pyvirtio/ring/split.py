@@ -192,9 +192,22 @@ class DeviceQueue(_SplitRing):
         return chain
 
     def _read_chain(self, head: int) -> DescriptorChain:
+        # ``head`` < size (the callers checked). A chain of one plain descriptor (a receive
+        # buffer, a small request) needs no walk; anything else, or anything wrong with it,
+        # takes the general walk, which reads the descriptor again and gives the verdict.
         memory = self.memory
         unpack = self._desc_struct.unpack_from
         table = self._desc
+        addr, length, flags, _ = unpack(table, 16 * head)
+        if not flags & (_NEXT | _INDIRECT) and addr + length <= U64_LIMIT:
+            try:
+                views = memory.views(addr, length) if length else []
+            except GuestMemoryError:
+                pass
+            else:
+                if flags & _WRITE:
+                    return DescriptorChain(head, [], views, 0, length)
+                return DescriptorChain(head, views, [], length, 0)
         table_len = self.size
         where = "descriptor"  # names the table in error messages
         idx = head

@@ -369,6 +369,7 @@ class BlkStats:
     bytes_written: int = 0
     ioerr: int = 0
     unsupp: int = 0
+    batch_ticks: int = 0  # looks at a ring in batch mode (see blk_fastpath)
 
 
 class BlkDevice(VirtioDevice):

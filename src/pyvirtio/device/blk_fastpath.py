@@ -183,6 +183,7 @@ class BlkFastLane:
                 self._b_start = now
                 self._b_count = -arrived  # the drain below counts them again
         self._drained = False
+        device.stats.batch_ticks += 1
         device.poll_queue(index)
         if not self._drained and device.queues[index].ring is ring and ring.broken is None:
             # The transport did not let the drain run (a disabled vhost-user vring): leave

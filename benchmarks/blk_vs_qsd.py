@@ -5,8 +5,11 @@ Both back-ends serve the same raw image with the same cache mode (host page cach
 honoured; ``--direct``: O_DIRECT for both, QSD's ``cache.direct=on``) to a User-Mode Linux
 guest, which runs the host's fio through hostfs against its own ``/dev/vda``: 4 KiB random
 reads and writes at queue depth 1 and 32, ``--runtime`` seconds each, libaio with O_DIRECT in
-the guest. Back-ends alternate (the order flips every round) for ``--rounds`` rounds; the
-table shows medians.
+the guest. Back-ends alternate (the order rotates every round) for ``--rounds`` rounds
+(default 5); the table shows min / median / max per cell, and the ratios with the range of
+their per-round values (``benchmarks/stats.py``: a ratio whose range straddles 1.0 is
+"undecided"). ``--src LABEL=DIR`` adds another pyvirtio checkout as one more back-end, to
+compare two versions of pyvirtio in the same rounds.
 
 Columns, per back-end and workload:
 
@@ -23,7 +26,7 @@ Columns, per back-end and workload:
   received, which are printed per run as a check, they agree to within 0.2%).
 * irq/req: the calls alone (interrupts the guest took per request).
 
-Ratios are pyvirtio / QSD of the medians: IOPS ratio >= 1 and CPU ratio <= 1 mean pyvirtio
+Ratios are pyvirtio / X: IOPS ratio >= 1 and CPU ratio <= 1 in every round mean pyvirtio
 is at least as fast and at most as expensive. The machine's load is printed first; other
 work on the machine distorts every figure, so run it idle.
 
@@ -45,7 +48,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from pyvirtio.guest import UmlGuest, VhostUserDevice  # noqa: E402
 from pyvirtio.spec import ids  # noqa: E402
+from stats import Ratio, Spread  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]
@@ -148,11 +151,14 @@ class Backend:
 
 
 class PyvirtioBackend(Backend):
-    name = "pyvirtio"
+    """``pyvirtio serve blk`` from this checkout, or (``src``) from another one: ``--src
+    base=/path/to/old/checkout`` runs an older pyvirtio beside this one in the same rounds."""
 
     def __init__(self, image: Path, sock: Path, workdir: Path, direct: bool,
-                 profile: str | None, extra: list[str]) -> None:
-        self.stats_path = workdir / "pyvirtio-stats.json"
+                 profile: str | None, extra: list[str], name: str = "pyvirtio",
+                 src: Path = ROOT) -> None:
+        self.name = name
+        self.stats_path = workdir / f"{name}-stats.json"
         self.stats_path.unlink(missing_ok=True)
         cmd = [sys.executable]
         cmd += ["-c", PROFILED_MAIN, profile] if profile else ["-m", "pyvirtio"]
@@ -161,8 +167,8 @@ class PyvirtioBackend(Backend):
         if direct:
             cmd.append("--direct")
         cmd += extra
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        out = workdir / "pyvirtio.out"
+        env = {**os.environ, "PYTHONPATH": str(src / "src")}
+        out = workdir / f"{name}.out"
         with open(out, "w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stdin=subprocess.DEVNULL, env=env)
         self.pid = self.proc.pid
@@ -234,9 +240,14 @@ class QsdBackend(Backend):
 
 @contextlib.contextmanager
 def backend(kind: str, image: Path, sock: Path, workdir: Path, direct: bool,
-            profile: str | None, extra: list[str]) -> Iterator[Backend]:
-    be: Backend = (PyvirtioBackend(image, sock, workdir, direct, profile, extra)
-                   if kind == "pyvirtio" else QsdBackend(image, sock, workdir, direct))
+            profile: str | None, extra: list[str], sources: dict[str, Path]
+            ) -> Iterator[Backend]:
+    be: Backend
+    if kind == "qsd":
+        be = QsdBackend(image, sock, workdir, direct)
+    else:
+        be = PyvirtioBackend(image, sock, workdir, direct, profile if kind == "pyvirtio"
+                             else None, extra, kind, sources.get(kind, ROOT))
     try:
         yield be
     finally:
@@ -338,40 +349,39 @@ class BenchGuest:
 # ---- report ---------------------------------------------------------------------------------
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def report(results: Results, workloads: list[tuple[str, int]]) -> str:
-    head = (f"{'workload':15} {'back-end':9} {'IOPS':>9} {'CPU us/req':>11} {'notif/req':>10} "
-            f"{'irq/req':>8}")
+def report(results: Results, workloads: list[tuple[str, int]], backends: list[str]) -> str:
+    """Per cell and back-end: min / median / max over the rounds; then pyvirtio against
+    every other back-end: ratio of medians [range of per-round ratios] and a verdict that is
+    only "ok" or "worse" when every round agrees."""
+    head = (f"{'workload':15} {'back-end':9} {'IOPS min / med / max':>24} "
+            f"{'CPU us/req min / med / max':>28} {'notif/req':>10} {'irq/req':>8}")
     lines = [head, "-" * len(head)]
-    ratios = []
     for rw, qd in workloads:
-        med = {}
-        for name in ("pyvirtio", "qsd"):
+        for name in backends:
             ss = results.of(name, rw, qd)
             if not ss:
                 continue
-            iops = median([s.iops for s in ss])
-            cpu = median([s.cpu_us_per_req for s in ss])
-            notif = median([s.notif_per_req for s in ss])
-            irq = median([s.irq_per_req for s in ss])
-            med[name] = (iops, cpu, notif)
-            lines.append(f"{rw + ' QD' + str(qd):15} {name:9} {iops:9.0f} {cpu:11.1f} "
-                         f"{notif:10.2f} {irq:8.2f}")
-        if len(med) == 2:
-            r_iops = med["pyvirtio"][0] / med["qsd"][0]
-            r_cpu = med["pyvirtio"][1] / med["qsd"][1]
-            r_notif = med["pyvirtio"][2] / med["qsd"][2]
-            ratios.append((f"{rw} QD{qd}", r_iops, r_cpu, r_notif))
-    if ratios:
-        lines += ["", f"{'pyvirtio / QSD':15} {'IOPS ratio':>10} {'CPU/req ratio':>14} "
-                  f"{'notif/req ratio':>16}"]
-        for label, r_iops, r_cpu, r_notif in ratios:
-            verdict = "ok" if r_iops >= 1.0 and r_cpu <= 1.0 else "below target"
-            lines.append(f"{label:15} {r_iops:10.2f} {r_cpu:14.2f} {r_notif:16.2f}   "
-                         f"{verdict}")
+            iops = Spread.of([s.iops for s in ss])
+            cpu = Spread.of([s.cpu_us_per_req for s in ss])
+            notif = Spread.of([s.notif_per_req for s in ss])
+            irq = Spread.of([s.irq_per_req for s in ss])
+            lines.append(f"{rw + ' QD' + str(qd):15} {name:9} {iops.show():>24} "
+                         f"{cpu.show('.1f'):>28} {notif.median:10.2f} {irq.median:8.2f}")
+    others = [b for b in backends if b != "pyvirtio"]
+    if "pyvirtio" in backends and others:
+        lines += ["", f"{'pyvirtio / X':24} {'IOPS ratio [rounds]':>22} {'':10} "
+                  f"{'CPU/req ratio [rounds]':>24}"]
+        for other in others:
+            for rw, qd in workloads:
+                ours, theirs = results.of("pyvirtio", rw, qd), results.of(other, rw, qd)
+                if not ours or not theirs:
+                    continue
+                r_iops = Ratio.of([s.iops for s in ours], [s.iops for s in theirs])
+                r_cpu = Ratio.of([s.cpu_us_per_req for s in ours],
+                                 [s.cpu_us_per_req for s in theirs])
+                label = f"vs {other} {rw} QD{qd}"
+                lines.append(f"{label:24} {r_iops.show():>22} {r_iops.verdict():10} "
+                             f"{r_cpu.show():>24} {r_cpu.verdict(higher_is_better=False)}")
     return "\n".join(lines)
 
 
@@ -397,7 +407,7 @@ def make_image(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     parser.add_argument("--direct", action="store_true",
                         help="O_DIRECT on the host for both back-ends")
@@ -415,10 +425,16 @@ def main(argv: list[str] | None = None) -> int:
                         "--serve-arg=--batch-interval=2)")
     parser.add_argument("--cpus", metavar="LIST",
                         help="pin back-ends and guests to these CPUs (e.g. 1 or 0,1)")
+    parser.add_argument("--src", action="append", default=[], metavar="LABEL=DIR",
+                        help="one more pyvirtio back-end, named LABEL, run from the checkout "
+                        "DIR (e.g. base=/tmp/old: compare two versions in the same rounds; "
+                        "repeatable)")
     parser.add_argument("--workdir", help="where the image and sockets go (default: a "
                         "temporary directory under /var/tmp, on disk like real images)")
     args = parser.parse_args(argv)
-    backends = args.backends.split(",")
+    sources = {label: Path(d).resolve() for label, d in
+               (item.split("=", 1) for item in args.src)}
+    backends = args.backends.split(",") + list(sources)
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
     extra = (["--mmap-reads"] if args.mmap_reads else []) + args.serve_arg
     workloads = [(w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(",")]
@@ -439,14 +455,15 @@ def main(argv: list[str] | None = None) -> int:
         image = workdir / "disk.img"
         make_image(image)
         for rnd in range(args.rounds):
-            order = backends if rnd % 2 == 0 else list(reversed(backends))
+            order = backends[rnd % len(backends):] + backends[:rnd % len(backends)]
             print(f"round {rnd + 1}/{args.rounds}", flush=True)
             with contextlib.ExitStack() as stack:
                 guests = {}
                 for kind in backends:
                     sock = workdir / f"{kind}.sock"
                     be = stack.enter_context(backend(kind, image, sock, workdir,
-                                                     args.direct, args.profile, extra))
+                                                     args.direct, args.profile, extra,
+                                                     sources))
                     pin([be.pid], cpus)
                     guests[kind] = BenchGuest(be, sock, args.runtime, cpus)
                     stack.callback(guests[kind].close)
@@ -457,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     load = os.getloadavg()
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
-    print(report(results, workloads))
+    print(report(results, workloads, backends))
     if args.json:
         Path(args.json).write_text(json.dumps([s.__dict__ for s in results.samples], indent=1))
     return 0

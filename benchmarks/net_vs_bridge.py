@@ -15,8 +15,11 @@ guest through hostfs (``host_run /usr/bin/iperf3``), ``--seconds`` long, one str
   lives in a network namespace the benchmark creates (taps, bridge) and deletes; the guests
   run inside it (``ip netns exec``) so they open their taps there.
 
-Paths alternate (the order flips every round) for ``--rounds`` rounds; the summary shows
-the median throughput of each and the ratio pyvirtio / bridge. The CPU time of the
+Paths alternate (the order rotates every round) for ``--rounds`` rounds (default 5); the
+summary shows min / median / max throughput of each and the ratio pyvirtio / X with the
+range of its per-round values (``benchmarks/stats.py``: a range that straddles 1.0 is
+"undecided"). ``--src LABEL=DIR`` adds the switch of another pyvirtio checkout as one more
+path, to compare two versions of pyvirtio in the same rounds. The CPU time of the
 pyvirtio server per round is shown too. The machine's load is printed before and after:
 other work on the machine distorts every figure, so run it idle. No traffic leaves the
 unix sockets and the benchmark's own namespace.
@@ -33,7 +36,6 @@ import os
 import pstats
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from pyvirtio.guest import GuestResult, UmlGuest, VhostUserDevice  # noqa: E402
 from pyvirtio.guest.image import Initramfs  # noqa: E402
 from pyvirtio.spec import ids  # noqa: E402
+from stats import Ratio, Spread  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_IP, CLIENT_IP = "10.0.9.2", "10.0.9.1"
@@ -136,17 +139,20 @@ def run_pair(server_guest: UmlGuest, client_guest: UmlGuest, path: str,
 
 
 class PyvirtioPath:
-    """``pyvirtio serve net`` with two sockets, kept for every round (guests reconnect)."""
+    """``pyvirtio serve net`` with two sockets, kept for every round (guests reconnect);
+    from this checkout, or from the checkout ``src``."""
 
-    def __init__(self, workdir: Path, profile: str | None) -> None:
-        self.socks = [str(workdir / f"vm{i}.sock") for i in range(2)]
+    def __init__(self, workdir: Path, profile: str | None, name: str = "pyvirtio",
+                 src: Path = ROOT) -> None:
+        self.name = name
+        self.socks = [str(workdir / f"{name}-vm{i}.sock") for i in range(2)]
         args = ["serve", "net", "-q", *(a for s in self.socks for a in ("--socket", s))]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "pyvirtio", *args]
         else:
             cmd = [sys.executable, "-m", "pyvirtio", *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        self.log = open(workdir / "serve-net.log", "wb")
+        env = {**os.environ, "PYTHONPATH": str(src / "src")}
+        self.log = open(workdir / f"serve-net-{name}.log", "wb")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -216,17 +222,18 @@ class BridgePath:
 
 
 @contextlib.contextmanager
-def paths(workdir: Path, transport: str, profile: str | None
-          ) -> Iterator[tuple[PyvirtioPath, BridgePath]]:
-    ours = PyvirtioPath(workdir, profile)
-    try:
+def paths(workdir: Path, transport: str, profile: str | None, sources: dict[str, Path]
+          ) -> Iterator[list[tuple[str, PyvirtioPath | BridgePath]]]:
+    with contextlib.ExitStack() as stack:
+        found: list[tuple[str, PyvirtioPath | BridgePath]] = []
+        for name, src in [("pyvirtio", ROOT), *sources.items()]:
+            path = PyvirtioPath(workdir, profile if name == "pyvirtio" else None, name, src)
+            stack.callback(path.close)
+            found.append((name, path))
         bridge = BridgePath(transport)
-        try:
-            yield ours, bridge
-        finally:
-            bridge.close()
-    finally:
-        ours.close()
+        stack.callback(bridge.close)
+        found.insert(1, ("bridge", bridge))
+        yield found
 
 
 def print_profile(path: str, top: int = 25) -> None:
@@ -237,42 +244,49 @@ def print_profile(path: str, top: int = 25) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per path (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per path (default 5)")
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5)")
     parser.add_argument("--transport", choices=("vector", "tuntap"), default="vector",
                         help="UML's transport on the bridge's taps (default vector)")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the pyvirtio server under cProfile, stats to FILE")
+    parser.add_argument("--src", action="append", default=[], metavar="LABEL=DIR",
+                        help="one more path: the switch of the pyvirtio checkout DIR, named "
+                        "LABEL (compare two versions in the same rounds; repeatable)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("net_vs_bridge: needs root (network namespace, taps, bridge)", file=sys.stderr)
         return 1
+    sources = {label: Path(d).resolve() for label, d in
+               (item.split("=", 1) for item in args.src)}
     print(f"load average before: {load()} ({os.cpu_count()} CPUs)", flush=True)
     samples: list[Sample] = []
     with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-net-") as tmp, \
-            paths(Path(tmp), args.transport, args.profile) as (ours, bridge):
+            paths(Path(tmp), args.transport, args.profile, sources) as all_paths:
         for r in range(args.rounds):
-            order: list[tuple[str, PyvirtioPath | BridgePath]] = [("pyvirtio", ours),
-                                                                  ("bridge", bridge)]
-            if r % 2:
-                order.reverse()
+            order = all_paths[r % len(all_paths):] + all_paths[:r % len(all_paths)]
             for name, path in order:
                 server, client = path.guests(args.seconds)
-                pid = ours.proc.pid if name == "pyvirtio" else None
+                pid = path.proc.pid if isinstance(path, PyvirtioPath) else None
                 s = run_pair(server, client, name, pid)
                 samples.append(s)
                 cpu = f", server CPU {s.server_cpu_s:.1f} s" if s.server_cpu_s is not None else ""
                 print(f"round {r + 1} {name:8s} {s.mbits:8.0f} Mbit/s "
                       f"(retransmits {s.retransmits}{cpu})", flush=True)
+        names = [name for name, _ in all_paths]
     print(f"load average after: {load()}")
-    med = {name: statistics.median(s.mbits for s in samples if s.path == name)
-           for name in ("pyvirtio", "bridge")}
-    print(f"\nmedian over {args.rounds} rounds, {args.seconds} s iperf3, one TCP stream, "
-          f"UML <-> UML:")
-    label = f"Linux bridge ({args.transport} taps)"
-    print(f"  {'pyvirtio switch (vhost-user)':32s} {med['pyvirtio']:8.0f} Mbit/s")
-    print(f"  {label:32s} {med['bridge']:8.0f} Mbit/s")
-    print(f"  {'ratio pyvirtio / bridge':32s} {med['pyvirtio'] / med['bridge']:8.2f}")
+    mbits = {name: [s.mbits for s in samples if s.path == name] for name in names}
+    print(f"\n{args.rounds} rounds, {args.seconds} s iperf3, one TCP stream, UML <-> UML; "
+          f"Mbit/s min / median / max:")
+    labels = {"pyvirtio": "pyvirtio switch (vhost-user)",
+              "bridge": f"Linux bridge ({args.transport} taps)"}
+    for name in names:
+        label = labels.get(name, f"pyvirtio switch from {name}")
+        print(f"  {label:36s} {Spread.of(mbits[name]).show():>24}")
+    for name in names[1:]:
+        ratio = Ratio.of(mbits["pyvirtio"], mbits[name])
+        print(f"  {'ratio pyvirtio / ' + name + ' [rounds]':36s} {ratio.show():>24} "
+              f"{ratio.verdict()}")
     if args.profile:
         print_profile(args.profile)
     return 0

@@ -36,9 +36,10 @@ class RecordingTransport(LoopbackTransport):
     """The loopback transport, noting every config op the driver makes, in order."""
 
     def __init__(self, device: VirtioDevice, size: int = 1 << 20,
-                 contiguous: int | None = None) -> None:
+                 contiguous: int | None = None, legacy: bool = False) -> None:
         self.log: list[tuple[str, int]] = []
         self._contiguous = contiguous
+        self._legacy = legacy
         self.gpa_memory = GuestMemory.anonymous(size)
         super().__init__(device, self.gpa_memory, Allocator(0, size))
 
@@ -56,6 +57,10 @@ class RecordingTransport(LoopbackTransport):
 
     def vring_layout_contiguous(self) -> int | None:
         return self._contiguous
+
+    @property
+    def legacy(self) -> bool:
+        return self._legacy
 
     def close(self) -> None:
         self.gpa_memory.close()
@@ -152,7 +157,7 @@ def test_a_device_refusing_features_ok_fails_the_probe_with_failed_set() -> None
 
 
 def test_legacy_negotiation_skips_features_ok() -> None:
-    t = RecordingTransport(MultiQueueDevice())
+    t = RecordingTransport(MultiQueueDevice(), legacy=True)
     try:
         probe(t, MultiQueueDriver, features=0b1 | F.bit(F.EVENT_IDX))
         statuses = [v for k, v in t.log if k == "status"]
@@ -392,3 +397,48 @@ def test_closing_a_pair_removes_the_driver_and_resets_the_device() -> None:
     pair.close()
     assert device.get_status() == 0
     assert pair.allocator.allocations == allocations - 1  # the driver freed its buffer
+
+
+def test_a_wish_list_without_version_1_still_negotiates_a_modern_device() -> None:
+    t = RecordingTransport(MultiQueueDevice())
+    try:
+        probe(t, MultiQueueDriver, features=1 << 5 | 0b1)
+        assert t.device.driver_features & F.bit(F.VERSION_1)
+        assert any(k == "status" and v & S.FEATURES_OK for k, v in t.log)
+    finally:
+        t.close()
+
+
+def test_a_driver_never_acknowledges_ring_packed_even_when_offered_and_wished(
+        caplog: pytest.LogCaptureFixture) -> None:
+    device = MultiQueueDevice()
+    # A device (DPDK's vhost PMD does this) offering the packed ring and IN_ORDER.
+    device.offered_features |= F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+    t = RecordingTransport(device)
+    try:
+        wish = V1 | 1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+        with caplog.at_level("INFO", logger="pyvirtio.driver"):
+            probe(t, MultiQueueDriver, features=wish)
+        assert not device.driver_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+        assert "RING_PACKED|IN_ORDER: not implemented" in caplog.text
+        assert device.get_status() & S.DRIVER_OK
+    finally:
+        t.close()
+
+
+def test_wished_features_the_device_does_not_offer_are_logged_as_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = RecordingTransport(MultiQueueDevice())
+    try:
+        with caplog.at_level("INFO", logger="pyvirtio.driver"):
+            probe(t, MultiQueueDriver, features=V1 | 1 | 1 << 7)
+        assert t.device.driver_features == V1 | 1
+        assert "bit 7: not offered by the device" in caplog.text
+    finally:
+        t.close()
+
+
+def test_a_device_never_offers_ring_features_the_rings_do_not_implement() -> None:
+    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+    assert device.offered_features & F.bit(F.VERSION_1)
+    assert not device.offered_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))

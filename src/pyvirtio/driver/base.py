@@ -110,6 +110,12 @@ class ConfigOps(abc.ABC):
         """Whether this is a legacy (pre-1.0) interface: no FEATURES_OK step."""
         return False
 
+    @property
+    def transport_features(self) -> int:
+        """Feature bits this transport always acknowledges when offered, whatever a
+        driver's wish list says: VERSION_1 on a modern interface, none on a legacy one."""
+        return 0 if self.legacy else F.bit(F.VERSION_1)
+
     def vring_layout_contiguous(self) -> int | None:
         """Legacy transports need the three ring areas contiguous with this alignment."""
         return None
@@ -204,9 +210,20 @@ class Device:
         """Acknowledge the common subset; on a modern device set FEATURES_OK and check the
         device kept it (§3.1.1 step 5-6)."""
         offered = self.transport.get_features()
-        acked = core_features.negotiate(offered, driver_supported)
+        wanted = driver_supported | self.transport.transport_features
         if self.transport.legacy:
-            acked &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
+            wanted &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
+        unimplemented = core_features.unimplemented(wanted)
+        acked = core_features.negotiate(offered, wanted & ~unimplemented)
+        dropped = wanted & ~acked & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
+        if dropped:
+            reasons = []
+            if unimplemented:
+                reasons.append(f"{core_features.describe(unimplemented)}: not implemented")
+            if dropped & ~unimplemented:
+                reasons.append(f"{core_features.describe(dropped & ~unimplemented)}: "
+                               "not offered by the device")
+            log.info("%s: not acknowledging %s", ids.name(self.device_id), "; ".join(reasons))
         self.transport.set_features(acked)
         self.features = acked
         if core_features.is_modern(acked):
@@ -312,8 +329,10 @@ def probe(transport: ConfigOps, driver: type[Driver] | None = None,
     """Initialise the device behind ``transport`` with a matching (or the given) driver,
     following §3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, probe, DRIVER_OK.
 
-    ``features`` overrides what the driver acknowledges (tests use it to turn EVENT_IDX or
-    INDIRECT off).
+    ``features`` is a wish list that replaces the driver's own (tests use it to turn
+    EVENT_IDX or INDIRECT off); the transport's own bits (VERSION_1 on a modern interface)
+    are added to it, ring features pyvirtio does not implement (RING_PACKED, IN_ORDER...)
+    are never acknowledged, and whatever is dropped is logged.
     """
     device = Device(transport)
     device.reset()

@@ -10,16 +10,19 @@ from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.base import (
     Device,
+    DeviceNeedsResetError,
     DeviceRefusedFeatures,
     Driver,
     NoDriverError,
+    NoSuchQueueError,
+    QueueDetachedError,
     Virtqueue,
     find_driver,
     probe,
 )
 from pyvirtio.driver.rng import RngDriver
-from pyvirtio.errors import PeerError
-from pyvirtio.memory import GuestMemory
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.memory import GuestMemory, OutsideMemoryError
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DescriptorChain, DriverQueue, QueueFullError, RingError
 from pyvirtio.spec import features as F
@@ -245,7 +248,7 @@ def test_find_vqs_sizes_queues_by_the_device_maximum_and_binds_callbacks() -> No
         assert t.memory.read(buf, 2) == b"ok"
         extra = drv.device.setup_vq(2, size=2)  # a smaller size on request
         assert extra.ring.size == 2
-        with pytest.raises(PeerError):
+        with pytest.raises(NoSuchQueueError):
             drv.device.setup_vq(3)  # the device has no queue 3
     finally:
         t.close()
@@ -442,3 +445,83 @@ def test_a_device_never_offers_ring_features_the_rings_do_not_implement() -> Non
     device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
     assert device.offered_features & F.bit(F.VERSION_1)
     assert not device.offered_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+
+
+# ---- whose fault: the caller's own mistakes are LocalErrors ----------------------------
+
+
+def test_writing_past_the_end_of_guest_memory_through_the_api_is_the_callers_fault() -> None:
+    with DevicePair(RngDevice()) as pair:
+        with pytest.raises(OutsideMemoryError) as err:
+            pair.memory.write(pair.memory.size - 2, b"abcd")
+        assert isinstance(err.value, LocalError) and not isinstance(err.value, PeerError)
+        with pytest.raises(OutsideMemoryError):
+            pair.memory.read(pair.memory.size, 1)
+
+
+def test_using_a_driver_after_its_pair_is_closed_is_the_callers_fault() -> None:
+    pair = DevicePair(RngDevice())
+    rng = pair.probe()
+    assert isinstance(rng, RngDriver)
+    pair.close()
+    with pytest.raises(QueueDetachedError, match="DevicePair is closed") as err:
+        rng.read(16, timeout=1.0)
+    assert isinstance(err.value, LocalError)
+    with pytest.raises(LocalError):
+        rng.device.memory.write(0, b"x")
+
+
+def test_asking_for_more_queues_than_the_device_has_is_the_callers_fault() -> None:
+    with DevicePair(RngDevice()) as pair:
+        rng = pair.probe()
+        with pytest.raises(NoSuchQueueError, match="has no queue 1") as err:
+            rng.device.find_vqs(2)
+        assert isinstance(err.value, LocalError) and not isinstance(err.value, PeerError)
+
+
+# ---- a device that needs a reset: the driver hears it, not a timeout --------------------
+
+
+class ConfigWatcher(RngDriver):
+    """The entropy driver, counting config-change callbacks."""
+
+    def probe(self) -> None:
+        super().probe()
+        self.config_changes = 0
+
+    def config_changed(self) -> None:
+        self.config_changes += 1
+
+
+def read_outside_memory(drv: RngDriver, memory_size: int) -> None:
+    """Make the device give up: a buffer that points past the end of guest memory."""
+    drv.vq.add_buf([], [(memory_size + 4096, 64)], token="bad")
+    drv.vq.kick()
+
+
+def test_a_driver_blocked_on_a_device_that_needs_reset_fails_at_once_naming_why() -> None:
+    with DevicePair(RngDevice(), memory_size=1 << 20) as pair:
+        drv = pair.probe(ConfigWatcher)
+        assert isinstance(drv, ConfigWatcher)
+        read_outside_memory(drv, 1 << 20)
+        assert drv.config_changes == 1  # the paper's config-change callback ran
+        assert drv.device.needs_reset
+        with pytest.raises(DeviceNeedsResetError) as err:
+            drv.vq.wait_buf(timeout=60.0)
+        message = str(err.value)
+        assert "DEVICE_NEEDS_RESET" in message
+        assert "outside guest memory" in message or "not mapped" in message, message
+        assert isinstance(err.value, PeerError)
+
+
+def test_reset_and_probe_again_bring_a_needs_reset_queue_back() -> None:
+    with DevicePair(RngDevice(), memory_size=1 << 20) as pair:
+        drv = pair.probe()
+        assert isinstance(drv, RngDriver)
+        read_outside_memory(drv, 1 << 20)
+        with pytest.raises(DeviceNeedsResetError):
+            drv.read(16, timeout=60.0)
+        drv.device.reset()
+        again = pair.probe()
+        assert isinstance(again, RngDriver)
+        assert len(again.read(32, timeout=5.0)) == 32

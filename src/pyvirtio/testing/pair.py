@@ -39,6 +39,7 @@ class DevicePair:
     def close(self) -> None:
         if self.driver is not None:
             self.driver.remove()
+            self.driver.device.detach_queues("its DevicePair is closed")
             self.driver = None
         self.transport.reset()
         self.memory.close()

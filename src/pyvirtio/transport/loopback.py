@@ -22,8 +22,10 @@ from pyvirtio.ring import DriverQueue
 class LoopbackTransport(ConfigOps):
     """Driver-side config ops implemented by direct calls into ``device``."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, allocator: Allocator) -> None:
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, allocator: Allocator,
+                 *, legacy: bool = False) -> None:
         self.device = device
+        self._legacy = legacy
         self.device_id = device.device_id
         self.vendor_id = device.vendor_id
         self.memory = memory
@@ -38,6 +40,11 @@ class LoopbackTransport(ConfigOps):
         device.memory = memory
         device.notify_queue = self._device_interrupt
         device.notify_config = self._device_config_interrupt
+
+    @property
+    def legacy(self) -> bool:
+        """Whether to behave as a legacy (pre-1.0) interface: no VERSION_1, no FEATURES_OK."""
+        return self._legacy
 
     # config ops
     def get_features(self) -> int:

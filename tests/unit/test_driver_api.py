@@ -42,9 +42,8 @@ class RecordingTransport(LoopbackTransport):
                  contiguous: int | None = None, legacy: bool = False) -> None:
         self.log: list[tuple[str, int]] = []
         self._contiguous = contiguous
-        self._legacy = legacy
         self.gpa_memory = GuestMemory.anonymous(size)
-        super().__init__(device, self.gpa_memory, Allocator(0, size))
+        super().__init__(device, self.gpa_memory, Allocator(0, size), legacy=legacy)
 
     def set_status(self, status: int) -> None:
         self.log.append(("status", status))
@@ -60,10 +59,6 @@ class RecordingTransport(LoopbackTransport):
 
     def vring_layout_contiguous(self) -> int | None:
         return self._contiguous
-
-    @property
-    def legacy(self) -> bool:
-        return self._legacy
 
     def close(self) -> None:
         self.gpa_memory.close()

@@ -321,15 +321,18 @@ def test_stdio_port_on_dev_null_is_a_port_without_input(
             os.close(fd)
 
 
-def test_the_event_loop_reports_fds_epoll_refuses_as_always_ready(
+def test_the_event_loop_reports_host_files_epoll_refuses_as_always_ready(
         loop: EventLoop, tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"abc")
     fds = [os.open(path, os.O_RDONLY), os.open(os.devnull, os.O_RDWR)]
     seen: list[str] = []
     try:
-        loop.add_reader(fds[0], lambda: seen.append("file"))
-        loop.add_writer(fds[1], lambda: seen.append("null"))
+        # a peer's fd (the default) that epoll refuses is refused, as epoll does
+        with pytest.raises(PermissionError):
+            loop.add_reader(fds[0], lambda: seen.append("refused"))
+        loop.add_reader(fds[0], lambda: seen.append("file"), allow_files=True)
+        loop.add_writer(fds[1], lambda: seen.append("null"), allow_files=True)
         loop.run_once(5.0)
         assert sorted(seen) == ["file", "null"]
         loop.remove_reader(fds[0])

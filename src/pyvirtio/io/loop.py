@@ -6,10 +6,12 @@ keeps serving (one misbehaving connection must not stop the others). SIGINT/SIGT
 ``run()`` cleanly when installed with :meth:`EventLoop.stop_on_signals`.
 
 File descriptors epoll refuses (EPERM: regular files and /dev/null, say a console's stdin
-redirected from a file) are handled here, once for every user of the loop: like poll(2) and
-select(2) do, the loop reports them always ready, so their callbacks run at every turn of
-the loop (which then does not sleep) until they are removed; a reader finds its data or end
-of file at once.
+redirected from a file) are handled here, once for every user of the loop. A caller that
+watches a host file of its own passes ``allow_files=True``: such an fd is then reported
+always ready, as poll(2) and select(2) do, so its callback runs at every turn of the loop
+(which then does not sleep) until it is removed; a reader finds its data or end of file at
+once. Without it (fds a peer sent, which must be eventfds, pipes or sockets) registering
+such an fd raises PermissionError, as epoll does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class EventLoop:
         self._registered: dict[int, int] = {}  # fd -> epoll event mask
         self._edge: set[int] = set()  # readers watched edge-triggered
         self._unpollable: set[int] = set()  # registered fds epoll refused: always ready
+        self._allow_files: set[int] = set()  # fds whose owner accepts always-ready files
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -79,6 +82,7 @@ class EventLoop:
         if events == 0:
             if current is not None:
                 del self._registered[fd]
+                self._allow_files.discard(fd)
                 if fd in self._unpollable:
                     self._unpollable.discard(fd)
                     return
@@ -92,6 +96,12 @@ class EventLoop:
             except PermissionError:
                 # epoll refuses regular files and /dev/null: they never block, so they
                 # are always ready (what poll(2) says of them).
+                if fd not in self._allow_files:
+                    # a peer's fd: refuse it, and leave nothing of it behind
+                    self._readers.pop(fd, None)
+                    self._writers.pop(fd, None)
+                    self._edge.discard(fd)
+                    raise
                 log.info("fd %d cannot be watched by epoll (a regular file or /dev/null): "
                          "it counts as always ready", fd)
                 self._unpollable.add(fd)
@@ -108,10 +118,14 @@ class EventLoop:
         ready += [(fd, registered[fd]) for fd in self._unpollable]
         return ready
 
-    def add_reader(self, fd: int, callback: Callback, *, edge: bool = False) -> None:
+    def add_reader(self, fd: int, callback: Callback, *, edge: bool = False,
+                   allow_files: bool = False) -> None:
         """Call ``callback`` when ``fd`` is readable. ``edge``: only when it *becomes*
         readable (EPOLLET), so the callback need not drain it: for an eventfd every write is
-        such an event, which spares the data path a read per notification."""
+        such an event, which spares the data path a read per notification. ``allow_files``:
+        a regular file or /dev/null (which epoll refuses) counts as always readable."""
+        if allow_files:
+            self._allow_files.add(fd)
         self._readers[fd] = callback
         if edge:
             self._edge.add(fd)
@@ -124,7 +138,10 @@ class EventLoop:
             self._edge.discard(fd)
             self._update(fd)
 
-    def add_writer(self, fd: int, callback: Callback) -> None:
+    def add_writer(self, fd: int, callback: Callback, *, allow_files: bool = False) -> None:
+        """Call ``callback`` when ``fd`` is writable (``allow_files``: as for readers)."""
+        if allow_files:
+            self._allow_files.add(fd)
         self._writers[fd] = callback
         self._update(fd)
 
@@ -251,6 +268,7 @@ class EventLoop:
         self._registered.clear()
         self._edge.clear()
         self._unpollable.clear()
+        self._allow_files.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._readers.clear()

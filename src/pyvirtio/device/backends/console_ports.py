@@ -258,7 +258,8 @@ class FdPort(PortBackend):
             self._loop.remove_reader(self._reading)
         self._reading = want
         if want is not None:
-            self._loop.add_reader(want, self._on_readable)
+            # the host's own fd: stdin may be a regular file or /dev/null
+            self._loop.add_reader(want, self._on_readable, allow_files=True)
 
     def _update_writer(self) -> None:
         want = self._wfd if self._out else None
@@ -268,7 +269,7 @@ class FdPort(PortBackend):
             self._loop.remove_writer(self._writing)
         self._writing = want
         if want is not None:
-            self._loop.add_writer(want, self._on_writable)
+            self._loop.add_writer(want, self._on_writable, allow_files=True)
 
     def _reading_changed(self) -> None:
         if self.reactor is not None:

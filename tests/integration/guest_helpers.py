@@ -309,9 +309,10 @@ class CliServer(ServeProcess):
     """``python -m pyvirtio [GLOBAL...] serve KIND ARGS`` (``args[0]`` is KIND), stderr
     to ``log_path``."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, *, global_args: Sequence[str] = ()
-                 ) -> None:
-        super().__init__(args[0], args[1:], log_path=log_path, global_args=global_args)
+    def __init__(self, args: Sequence[str], log_path: Path, *, global_args: Sequence[str] = (),
+                 stdin: int | None = None) -> None:
+        super().__init__(args[0], args[1:], log_path=log_path, global_args=global_args,
+                         stdin=stdin)
 
     def qemu_device_args(self) -> list[str]:
         """The chardev/device part of the QEMU line the banner printed (QemuGuest brings

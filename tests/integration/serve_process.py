@@ -30,10 +30,12 @@ class ServeProcess:
     """One ``pyvirtio serve`` child (in its own session, optionally in a network namespace).
 
     ``log_path`` receives stderr; without it stderr joins the collected stdout lines.
+    ``stdin`` is its standard input (an open fd; default /dev/null).
     """
 
     def __init__(self, kind: str, args: Sequence[str], *, log_path: Path | None = None,
-                 global_args: Sequence[str] = (), netns: str | None = None) -> None:
+                 global_args: Sequence[str] = (), netns: str | None = None,
+                 stdin: int | None = None) -> None:
         argv = [sys.executable, "-m", "pyvirtio", *global_args, "serve", kind, *args]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
@@ -47,7 +49,7 @@ class ServeProcess:
         self._eof = False
         self._log = open(log_path, "ab") if log_path is not None else None
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            argv, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.STDOUT, env=env,
             start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True,

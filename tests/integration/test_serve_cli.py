@@ -260,3 +260,57 @@ def test_serve_console_without_multiport_gives_the_guest_one_sized_console(
         if console is not None:
             console.close()
         server.close()
+
+
+STDIN_SCRIPT = """\
+n=0
+while [ ! -e /dev/hvc0 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n+1)); done
+exec 3<>/dev/hvc0
+stty raw -echo <&3
+echo GUEST-SAYS-HELLO >&3
+read -r -t 20 line <&3
+result typed "$line"
+result done yes
+sleep 600
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stdin", ["dev_null", "regular_file"])
+def test_serve_console_on_a_stdin_that_cannot_be_polled_serves_the_guest(
+        tmp_path: Path, stdin: str) -> None:
+    """``pyvirtio serve console --socket S < /dev/null`` (a background job, systemd) and
+    ``< file``: the server serves; a file is the guest's input to its end, /dev/null none."""
+    require_guest("uml")
+    sock = tmp_path / "con.sock"
+    line = "FROM-A-REGULAR-FILE 12345"
+    if stdin == "regular_file":
+        (tmp_path / "input.txt").write_text(line + "\n")
+        fd = os.open(tmp_path / "input.txt", os.O_RDONLY)
+    else:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        server = CliServer(["console", "--socket", str(sock)], tmp_path / "serve.log",
+                           stdin=fd)
+    finally:
+        os.close(fd)  # the child has its own copy
+    guest = None
+    try:
+        kernel_args = server.banner_args("uml")
+        guest = UmlGuest(STDIN_SCRIPT, kernel_args=kernel_args, timeout=WAIT)
+        guest.start()
+        guest.wait_for("PYVIRTIO-RESULT done=yes", timeout=WAIT)
+        server.wait_for("GUEST-SAYS-HELLO", timeout=WAIT)  # guest output reached stdout
+        if stdin == "regular_file":
+            assert guest.results["typed"] == line
+            assert "input is a regular file of 26 bytes" in server.log()
+        else:
+            assert guest.results["typed"] == ""  # no input: the read timed out
+            assert "input is /dev/null: the guest gets no input" in server.log()
+        assert server.proc.poll() is None  # still serving
+        assert server.stop() == 0
+        assert socket_gone(sock)
+    finally:
+        if guest is not None:
+            guest.stop()
+        server.close()

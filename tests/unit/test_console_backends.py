@@ -280,6 +280,71 @@ def test_stdio_port_on_pipes_works_and_restores_blocking_mode(loop: EventLoop) -
                 os.close(fd)
 
 
+def test_stdio_port_reads_a_regular_file_to_its_end_as_input(
+        loop: EventLoop, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    content = bytes(random.Random(9).randbytes(200_000))  # several reads' worth
+    path = tmp_path / "input.bin"
+    path.write_bytes(content)
+    in_fd = os.open(path, os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    try:
+        backend = StdioPort(in_fd, out_w)
+        with caplog.at_level("WARNING", logger="pyvirtio.device.console.ports"), \
+                console_guest(loop, Port(backend)) as (_, driver):
+            got = Collector(driver, 0)
+            run_until(loop, got.has(len(content)), "the file's bytes in the guest")
+            assert bytes(got.data) == content
+            run_until(loop, lambda: backend._input_done, "end of the file")
+            driver.write(0, b"still serving\n")
+            assert read_fd(out_r, 14) == b"still serving\n"
+        assert f"regular file of {len(content)} bytes" in caplog.text
+    finally:
+        for fd in (in_fd, out_r, out_w):
+            os.close(fd)
+
+
+def test_stdio_port_on_dev_null_is_a_port_without_input(
+        loop: EventLoop, caplog: pytest.LogCaptureFixture) -> None:
+    in_fd = os.open(os.devnull, os.O_RDONLY)
+    out_r, out_w = os.pipe()
+    try:
+        backend = StdioPort(in_fd, out_w)
+        with caplog.at_level("WARNING", logger="pyvirtio.device.console.ports"), \
+                console_guest(loop, Port(backend)) as (_, driver):
+            run_until(loop, lambda: backend._input_done, "end of input")
+            assert backend.connected
+            driver.write(0, b"guest output\n")
+            assert read_fd(out_r, 13) == b"guest output\n"
+        assert "/dev/null: the guest gets no input" in caplog.text
+    finally:
+        for fd in (in_fd, out_r, out_w):
+            os.close(fd)
+
+
+def test_the_event_loop_reports_host_files_epoll_refuses_as_always_ready(
+        loop: EventLoop, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    fds = [os.open(path, os.O_RDONLY), os.open(os.devnull, os.O_RDWR)]
+    seen: list[str] = []
+    try:
+        # a peer's fd (the default) that epoll refuses is refused, as epoll does
+        with pytest.raises(PermissionError):
+            loop.add_reader(fds[0], lambda: seen.append("refused"))
+        loop.add_reader(fds[0], lambda: seen.append("file"), allow_files=True)
+        loop.add_writer(fds[1], lambda: seen.append("null"), allow_files=True)
+        loop.run_once(5.0)
+        assert sorted(seen) == ["file", "null"]
+        loop.remove_reader(fds[0])
+        loop.remove_writer(fds[1])
+        seen.clear()
+        loop.run_once(0.01)
+        assert seen == []
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_fd_backends_refuse_to_start_without_a_reactor(sock_path: str) -> None:
     backend = UnixSocketPort(sock_path)
     try:

@@ -10,16 +10,19 @@ from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.base import (
     Device,
+    DeviceNeedsResetError,
     DeviceRefusedFeatures,
     Driver,
     NoDriverError,
+    NoSuchQueueError,
+    QueueDetachedError,
     Virtqueue,
     find_driver,
     probe,
 )
 from pyvirtio.driver.rng import RngDriver
-from pyvirtio.errors import PeerError
-from pyvirtio.memory import GuestMemory
+from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.memory import GuestMemory, OutsideMemoryError
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DescriptorChain, DriverQueue, QueueFullError, RingError
 from pyvirtio.spec import features as F
@@ -36,11 +39,11 @@ class RecordingTransport(LoopbackTransport):
     """The loopback transport, noting every config op the driver makes, in order."""
 
     def __init__(self, device: VirtioDevice, size: int = 1 << 20,
-                 contiguous: int | None = None) -> None:
+                 contiguous: int | None = None, legacy: bool = False) -> None:
         self.log: list[tuple[str, int]] = []
         self._contiguous = contiguous
         self.gpa_memory = GuestMemory.anonymous(size)
-        super().__init__(device, self.gpa_memory, Allocator(0, size))
+        super().__init__(device, self.gpa_memory, Allocator(0, size), legacy=legacy)
 
     def set_status(self, status: int) -> None:
         self.log.append(("status", status))
@@ -152,7 +155,7 @@ def test_a_device_refusing_features_ok_fails_the_probe_with_failed_set() -> None
 
 
 def test_legacy_negotiation_skips_features_ok() -> None:
-    t = RecordingTransport(MultiQueueDevice())
+    t = RecordingTransport(MultiQueueDevice(), legacy=True)
     try:
         probe(t, MultiQueueDriver, features=0b1 | F.bit(F.EVENT_IDX))
         statuses = [v for k, v in t.log if k == "status"]
@@ -240,7 +243,7 @@ def test_find_vqs_sizes_queues_by_the_device_maximum_and_binds_callbacks() -> No
         assert t.memory.read(buf, 2) == b"ok"
         extra = drv.device.setup_vq(2, size=2)  # a smaller size on request
         assert extra.ring.size == 2
-        with pytest.raises(PeerError):
+        with pytest.raises(NoSuchQueueError):
             drv.device.setup_vq(3)  # the device has no queue 3
     finally:
         t.close()
@@ -392,3 +395,128 @@ def test_closing_a_pair_removes_the_driver_and_resets_the_device() -> None:
     pair.close()
     assert device.get_status() == 0
     assert pair.allocator.allocations == allocations - 1  # the driver freed its buffer
+
+
+def test_a_wish_list_without_version_1_still_negotiates_a_modern_device() -> None:
+    t = RecordingTransport(MultiQueueDevice())
+    try:
+        probe(t, MultiQueueDriver, features=1 << 5 | 0b1)
+        assert t.device.driver_features & F.bit(F.VERSION_1)
+        assert any(k == "status" and v & S.FEATURES_OK for k, v in t.log)
+    finally:
+        t.close()
+
+
+def test_a_driver_never_acknowledges_ring_packed_even_when_offered_and_wished(
+        caplog: pytest.LogCaptureFixture) -> None:
+    device = MultiQueueDevice()
+    # A device (DPDK's vhost PMD does this) offering the packed ring and IN_ORDER.
+    device.offered_features |= F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+    t = RecordingTransport(device)
+    try:
+        wish = V1 | 1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+        with caplog.at_level("INFO", logger="pyvirtio.driver"):
+            probe(t, MultiQueueDriver, features=wish)
+        assert not device.driver_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+        assert "RING_PACKED|IN_ORDER: not implemented" in caplog.text
+        assert device.get_status() & S.DRIVER_OK
+    finally:
+        t.close()
+
+
+def test_wished_features_the_device_does_not_offer_are_logged_as_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    t = RecordingTransport(MultiQueueDevice())
+    try:
+        with caplog.at_level("INFO", logger="pyvirtio.driver"):
+            probe(t, MultiQueueDriver, features=V1 | 1 | 1 << 7)
+        assert t.device.driver_features == V1 | 1
+        assert "bit 7: not offered by the device" in caplog.text
+    finally:
+        t.close()
+
+
+def test_a_device_never_offers_ring_features_the_rings_do_not_implement() -> None:
+    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+    assert device.offered_features & F.bit(F.VERSION_1)
+    assert not device.offered_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+
+
+# ---- whose fault: the caller's own mistakes are LocalErrors ----------------------------
+
+
+def test_writing_past_the_end_of_guest_memory_through_the_api_is_the_callers_fault() -> None:
+    with DevicePair(RngDevice()) as pair:
+        with pytest.raises(OutsideMemoryError) as err:
+            pair.memory.write(pair.memory.size - 2, b"abcd")
+        assert isinstance(err.value, LocalError) and not isinstance(err.value, PeerError)
+        with pytest.raises(OutsideMemoryError):
+            pair.memory.read(pair.memory.size, 1)
+
+
+def test_using_a_driver_after_its_pair_is_closed_is_the_callers_fault() -> None:
+    pair = DevicePair(RngDevice())
+    rng = pair.probe()
+    assert isinstance(rng, RngDriver)
+    pair.close()
+    with pytest.raises(QueueDetachedError, match="DevicePair is closed") as err:
+        rng.read(16, timeout=1.0)
+    assert isinstance(err.value, LocalError)
+    with pytest.raises(LocalError):
+        rng.device.memory.write(0, b"x")
+
+
+def test_asking_for_more_queues_than_the_device_has_is_the_callers_fault() -> None:
+    with DevicePair(RngDevice()) as pair:
+        rng = pair.probe()
+        with pytest.raises(NoSuchQueueError, match="has no queue 1") as err:
+            rng.device.find_vqs(2)
+        assert isinstance(err.value, LocalError) and not isinstance(err.value, PeerError)
+
+
+# ---- a device that needs a reset: the driver hears it, not a timeout --------------------
+
+
+class ConfigWatcher(RngDriver):
+    """The entropy driver, counting config-change callbacks."""
+
+    def probe(self) -> None:
+        super().probe()
+        self.config_changes = 0
+
+    def config_changed(self) -> None:
+        self.config_changes += 1
+
+
+def read_outside_memory(drv: RngDriver, memory_size: int) -> None:
+    """Make the device give up: a buffer that points past the end of guest memory."""
+    drv.vq.add_buf([], [(memory_size + 4096, 64)], token="bad")
+    drv.vq.kick()
+
+
+def test_a_driver_blocked_on_a_device_that_needs_reset_fails_at_once_naming_why() -> None:
+    with DevicePair(RngDevice(), memory_size=1 << 20) as pair:
+        drv = pair.probe(ConfigWatcher)
+        assert isinstance(drv, ConfigWatcher)
+        read_outside_memory(drv, 1 << 20)
+        assert drv.config_changes == 1  # the paper's config-change callback ran
+        assert drv.device.needs_reset
+        with pytest.raises(DeviceNeedsResetError) as err:
+            drv.vq.wait_buf(timeout=60.0)
+        message = str(err.value)
+        assert "DEVICE_NEEDS_RESET" in message
+        assert "outside guest memory" in message or "not mapped" in message, message
+        assert isinstance(err.value, PeerError)
+
+
+def test_reset_and_probe_again_bring_a_needs_reset_queue_back() -> None:
+    with DevicePair(RngDevice(), memory_size=1 << 20) as pair:
+        drv = pair.probe()
+        assert isinstance(drv, RngDriver)
+        read_outside_memory(drv, 1 << 20)
+        with pytest.raises(DeviceNeedsResetError):
+            drv.read(16, timeout=60.0)
+        drv.device.reset()
+        again = pair.probe()
+        assert isinstance(again, RngDriver)
+        assert len(again.read(32, timeout=5.0)) == 32

@@ -18,6 +18,7 @@ from pyvirtio.memory import (
     AddressOverflowError,
     GuestMemory,
     GuestMemoryError,
+    OutsideMemoryError,
     Region,
     RegionBoundaryError,
     UnmappedAddressError,
@@ -96,9 +97,15 @@ def test_views_refuse_a_buffer_across_a_hole(two_adjacent: GuestMemory) -> None:
     with pytest.raises(UnmappedAddressError) as err:
         two_adjacent.views(0x2FF0, 0x2020)
     assert "hole at 0x3000" in str(err.value)
-    with pytest.raises(UnmappedAddressError):
+
+
+def test_read_and_write_outside_memory_are_the_callers_mistake(
+        two_adjacent: GuestMemory) -> None:
+    # read/write take the caller's own addresses: a LocalError, not the peer's fault
+    with pytest.raises(OutsideMemoryError, match="hole at 0x3000") as err:
         two_adjacent.read(0x2FFF, 2)
-    with pytest.raises(UnmappedAddressError):
+    assert isinstance(err.value, LocalError) and not isinstance(err.value, PeerError)
+    with pytest.raises(OutsideMemoryError):
         two_adjacent.write(0x4FFF, b"ab")
 
 

@@ -69,8 +69,9 @@ class Recorder(NetEndpoint):
 def make_pair() -> Iterator[MakePair]:
     pairs: list[DevicePair] = []
 
-    def make(n: int, **kwargs: object) -> DevicePair:
-        pair = DevicePair(NetDevice(mac(n), name=f"net{n}", **kwargs))  # type: ignore[arg-type]
+    def make(n: int, legacy: bool = False, **kwargs: object) -> DevicePair:
+        pair = DevicePair(NetDevice(mac(n), name=f"net{n}", **kwargs),  # type: ignore[arg-type]
+                          legacy=legacy)
         pairs.append(pair)
         return pair
 
@@ -153,7 +154,7 @@ def test_header_in_its_own_descriptor_is_parsed(make_pair: MakePair) -> None:
 
 def test_legacy_driver_uses_the_10_byte_header(make_pair: MakePair) -> None:
     legacy = features_without(F.VERSION_1, N.VIRTIO_NET_F_MRG_RXBUF)
-    a, da, _, db = cable(make_pair, a_features=legacy, b_features=legacy)
+    a, da, _, db = cable(make_pair, a_features=legacy, b_features=legacy, legacy=True)
     assert da.hdr_len == 10 and a.device.hdr_len == 10
     frame = payload_frame(mac(2), mac(1), 200)
     da.send(frame)

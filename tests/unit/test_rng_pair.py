@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.device.rng import RngDevice
+from pyvirtio.driver.base import DeviceNeedsResetError
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.spec import features as F
 from pyvirtio.testing.pair import DevicePair
@@ -115,3 +116,21 @@ def test_token_bucket_grants_whole_buffers_or_nothing() -> None:
     assert bucket.take(64, now=0.0) == 0  # 32 tokens left: no partial grant
     assert bucket.take(64, now=0.040) == 64  # 32 + 40 refilled
     assert bucket.take(10_000, now=100.0) == 4096  # larger than the burst: a burst's worth
+
+
+@pytest.mark.timeout(60)
+def test_a_device_needing_reset_in_another_process_fails_the_blocked_driver_naming_why(
+        process_pair: ProcessDevicePair) -> None:
+    drv = process_pair.probe()
+    assert isinstance(drv, RngDriver)
+    # a buffer past the end of guest memory: the device process gives up on the queue
+    drv.vq.add_buf([], [(process_pair.memory.size + 4096, 64)], token="bad")
+    drv.vq.kick()
+    with pytest.raises(DeviceNeedsResetError, match="DEVICE_NEEDS_RESET") as err:
+        drv.vq.wait_buf(timeout=30.0)
+    assert "not mapped" in str(err.value) or "outside" in str(err.value), str(err.value)
+    assert drv.device.needs_reset  # until the driver resets the device
+    drv.device.reset()
+    again = process_pair.probe()
+    assert isinstance(again, RngDriver)
+    assert len(again.read(100, timeout=10.0)) == 100

@@ -30,6 +30,19 @@ def check_acked(offered: int, acked: int) -> None:
         raise FeatureError("RING_PACKED requires VERSION_1")
 
 
+#: the ring and transport features pyvirtio's rings implement (split ring only)
+IMPLEMENTED_TRANSPORT_FEATURES = F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+
+
+def unimplemented(features: int) -> int:
+    """The transport-range bits (28..40) of ``features`` that pyvirtio does not implement
+    (RING_PACKED, IN_ORDER, ...): never to be offered nor acknowledged. The vhost-user
+    PROTOCOL_FEATURES bit is not a virtio feature and is left to the vhost-user layer."""
+    transport = ((1 << F.TRANSPORT_FEATURES_END) - 1) & ~((1 << F.TRANSPORT_FEATURES_START) - 1)
+    return features & transport & ~IMPLEMENTED_TRANSPORT_FEATURES & ~F.bit(
+        F.VHOST_USER_PROTOCOL_FEATURES)
+
+
 def is_modern(features: int) -> bool:
     """VERSION_1 negotiated: little-endian, FEATURES_OK step required."""
     return F.has(features, F.VERSION_1)

@@ -16,14 +16,18 @@ class TimerHandle(Protocol):
 
 
 class Reactor(Protocol):
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fd`` is readable."""
+    def add_reader(self, fd: int, callback: Callable[[], None], *,
+                   allow_files: bool = False) -> None:
+        """Call ``callback`` whenever ``fd`` is readable. ``allow_files``: ``fd`` is the
+        host's own and may be a regular file or /dev/null, which never block: they count as
+        always readable (without it such an fd is refused)."""
 
     def remove_reader(self, fd: int) -> None:
         """Stop watching ``fd`` (no error if it was not watched)."""
 
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fd`` is writable."""
+    def add_writer(self, fd: int, callback: Callable[[], None], *,
+                   allow_files: bool = False) -> None:
+        """Call ``callback`` whenever ``fd`` is writable (``allow_files``: as for readers)."""
 
     def remove_writer(self, fd: int) -> None:
         """Stop watching ``fd`` for writability."""

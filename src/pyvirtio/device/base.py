@@ -75,7 +75,14 @@ class VirtioDevice:
     ) -> None:
         self.name = name or ids.name(self.device_id)
         self.log = logging.getLogger(f"pyvirtio.device.{self.name}")
-        self.offered_features = device_features | transport_features
+        offered = device_features | transport_features
+        missing = core_features.unimplemented(offered)
+        if missing:
+            # Offering a ring layout the rings do not implement would let a driver ack it
+            # and then both sides would disagree about the ring: never offer it.
+            self.log.warning("%s: not offering %s: not implemented", self.name,
+                             core_features.describe(missing))
+        self.offered_features = offered & ~missing
         self.driver_features = 0
         self.status = 0
         self.config = bytearray(config_size)

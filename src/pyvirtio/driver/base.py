@@ -48,6 +48,19 @@ class NoDriverError(LocalError):
     """No registered driver matches the device id."""
 
 
+class NoSuchQueueError(LocalError):
+    """The caller asked for a queue index the device does not have."""
+
+
+class QueueDetachedError(LocalError):
+    """The virtqueue was torn down (the device was reset or its pair closed): probe again."""
+
+
+class DeviceNeedsResetError(PeerError):
+    """The device set DEVICE_NEEDS_RESET (§2.1.2): its queues stop until the driver resets
+    it and sets it up again (``reset()`` and probe)."""
+
+
 class ConfigOps(abc.ABC):
     """What a transport provides to drivers (Linux ``virtio_config_ops``).
 
@@ -100,6 +113,16 @@ class ConfigOps(abc.ABC):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:  # noqa: B027 - optional hook
         """Remember ``vq`` so interrupts for ``index`` reach its callback."""
 
+    def bind_config(self, callback: Callable[[], None] | None) -> None:  # noqa: B027
+        """Call ``callback`` on the device's configuration-change interrupt (the paper's
+        config-change callback; also how DEVICE_NEEDS_RESET is announced). Transports that
+        cannot deliver the interrupt ignore it: drivers also poll the status when waiting."""
+
+    def queue_broken_reason(self, index: int) -> str | None:
+        """Why the device gave up on queue ``index``, where the transport can tell (an
+        in-process or test device); None otherwise."""
+        return None
+
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds for an interrupt and dispatch it to the queue
         callbacks. Returns False on timeout. Synchronous transports return at once."""
@@ -109,6 +132,12 @@ class ConfigOps(abc.ABC):
     def legacy(self) -> bool:
         """Whether this is a legacy (pre-1.0) interface: no FEATURES_OK step."""
         return False
+
+    @property
+    def transport_features(self) -> int:
+        """Feature bits this transport always acknowledges when offered, whatever a
+        driver's wish list says: VERSION_1 on a modern interface, none on a legacy one."""
+        return 0 if self.legacy else F.bit(F.VERSION_1)
 
     def vring_layout_contiguous(self) -> int | None:
         """Legacy transports need the three ring areas contiguous with this alignment."""
@@ -124,19 +153,31 @@ class Virtqueue:
         self.index = index
         self.ring = ring
         self.callback = callback
+        #: why this queue may no longer be used (set when the device is reset)
+        self.detached: str | None = None
+
+    def _gone(self) -> QueueDetachedError:
+        return QueueDetachedError(f"{self.ring.name}: {self.detached}; probe the device "
+                                  "again for a new queue")
 
     def add_buf(self, out_sgs: Sequence[tuple[int, int]], in_sgs: Sequence[tuple[int, int]],
                 token: object) -> int:
+        if self.detached is not None:
+            raise self._gone()
         return self.ring.add_buf(out_sgs, in_sgs, token)
 
     def kick(self) -> bool:
         """Notify the device if it wants to be; returns whether it was notified."""
+        if self.detached is not None:
+            raise self._gone()
         if self.ring.kick_prepare():
             self.device.transport.notify(self.index)
             return True
         return False
 
     def get_buf(self) -> tuple[object, int] | None:
+        if self.detached is not None:
+            raise self._gone()
         return self.ring.get_buf()
 
     def disable_cb(self) -> None:
@@ -158,12 +199,17 @@ class Virtqueue:
             self.callback(self)
 
     def wait_buf(self, timeout: float = 5.0) -> tuple[object, int]:
-        """Poll get_buf, waiting for interrupts in between, until a buffer is used."""
+        """Poll get_buf, waiting for interrupts in between, until a buffer is used.
+
+        Fails at once with :class:`DeviceNeedsResetError` when the device has given up
+        (DEVICE_NEEDS_RESET), rather than waiting out ``timeout`` for a buffer that will
+        never come."""
         deadline = time.monotonic() + timeout
         while True:
-            got = self.ring.get_buf()
+            got = self.get_buf()
             if got is not None:
                 return got
+            self.device.check_needs_reset(self.index)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"queue {self.index}: no used buffer within {timeout} s")
@@ -177,6 +223,43 @@ class Device:
         self.transport = transport
         self.features = 0
         self.vqs: list[Virtqueue] = []
+        #: the driver's config-change callback (Linux ``virtio_driver.config_changed``)
+        self.config_changed_callback: Callable[[], None] | None = None
+        #: set when the device announced DEVICE_NEEDS_RESET, until :meth:`reset`
+        self.needs_reset = False
+        transport.bind_config(self.config_changed)
+
+    def config_changed(self) -> None:
+        """The transport's config-change interrupt: note DEVICE_NEEDS_RESET, then run the
+        driver's callback."""
+        if self.transport.get_status() & S.DEVICE_NEEDS_RESET and not self.needs_reset:
+            self.needs_reset = True
+            log.warning("%s: the device needs a reset (DEVICE_NEEDS_RESET)",
+                        ids.name(self.device_id))
+        if self.config_changed_callback is not None:
+            self.config_changed_callback()
+
+    def check_needs_reset(self, index: int | None = None) -> None:
+        """Raise :class:`DeviceNeedsResetError` if the device set DEVICE_NEEDS_RESET (asks
+        the device, so it works on transports that do not deliver config interrupts)."""
+        if not self.needs_reset and not self.transport.get_status() & S.DEVICE_NEEDS_RESET:
+            return
+        self.needs_reset = True
+        what = ids.name(self.device_id)
+        if index is not None:
+            what += f" queue {index}"
+        reason = None if index is None else self.transport.queue_broken_reason(index)
+        raise DeviceNeedsResetError(
+            f"{what}: the device set DEVICE_NEEDS_RESET"
+            + (f" ({reason})" if reason else "")
+            + "; reset() and probe again to use it"
+        )
+
+    def detach_queues(self, why: str) -> None:
+        """Make every queue of this device refuse further use with ``why``."""
+        for vq in self.vqs:
+            vq.detached = why
+        self.vqs = []
 
     @property
     def device_id(self) -> int:
@@ -197,16 +280,29 @@ class Device:
         self.transport.set_status(self.transport.get_status() | bit)
 
     def reset(self) -> None:
+        self.detach_queues("the device was reset")
         self.transport.reset()
         self.features = 0
+        self.needs_reset = False
 
     def finalize_features(self, driver_supported: int) -> int:
         """Acknowledge the common subset; on a modern device set FEATURES_OK and check the
         device kept it (§3.1.1 step 5-6)."""
         offered = self.transport.get_features()
-        acked = core_features.negotiate(offered, driver_supported)
+        wanted = driver_supported | self.transport.transport_features
         if self.transport.legacy:
-            acked &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
+            wanted &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
+        unimplemented = core_features.unimplemented(wanted)
+        acked = core_features.negotiate(offered, wanted & ~unimplemented)
+        dropped = wanted & ~acked & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
+        if dropped:
+            reasons = []
+            if unimplemented:
+                reasons.append(f"{core_features.describe(unimplemented)}: not implemented")
+            if dropped & ~unimplemented:
+                reasons.append(f"{core_features.describe(dropped & ~unimplemented)}: "
+                               "not offered by the device")
+            log.info("%s: not acknowledging %s", ids.name(self.device_id), "; ".join(reasons))
         self.transport.set_features(acked)
         self.features = acked
         if core_features.is_modern(acked):
@@ -242,7 +338,7 @@ class Device:
         t = self.transport
         max_size = t.queue_max_size(index)
         if max_size == 0:
-            raise PeerError(f"device has no queue {index}")
+            raise NoSuchQueueError(f"{ids.name(self.device_id)} has no queue {index}")
         num = min(size or max_size, max_size)
         align = t.vring_layout_contiguous()
         if align is not None:
@@ -286,6 +382,10 @@ class Driver:
     def probe(self) -> None:
         """Bring the device up; the device is set DRIVER_OK after this returns."""
 
+    def config_changed(self) -> None:
+        """The device changed its configuration (or set DEVICE_NEEDS_RESET, which
+        :attr:`Device.needs_reset` then says): the paper's config-change callback."""
+
     def remove(self) -> None:
         """Detach: the device is reset after this returns."""
 
@@ -312,8 +412,10 @@ def probe(transport: ConfigOps, driver: type[Driver] | None = None,
     """Initialise the device behind ``transport`` with a matching (or the given) driver,
     following §3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, probe, DRIVER_OK.
 
-    ``features`` overrides what the driver acknowledges (tests use it to turn EVENT_IDX or
-    INDIRECT off).
+    ``features`` is a wish list that replaces the driver's own (tests use it to turn
+    EVENT_IDX or INDIRECT off); the transport's own bits (VERSION_1 on a modern interface)
+    are added to it, ring features pyvirtio does not implement (RING_PACKED, IN_ORDER...)
+    are never acknowledged, and whatever is dropped is logged.
     """
     device = Device(transport)
     device.reset()
@@ -323,6 +425,7 @@ def probe(transport: ConfigOps, driver: type[Driver] | None = None,
     wanted = features if features is not None else cls.features | cls.transport_features
     device.finalize_features(wanted)
     instance = cls(device)
+    device.config_changed_callback = instance.config_changed
     try:
         instance.probe()
     except BaseException:

@@ -324,6 +324,7 @@ class BlkDriver(Driver):
                 if remaining <= 0:
                     raise TimeoutError(f"virtio-blk queue {qi}: no completion within "
                                        f"{timeout} s")
+                self.device.check_needs_reset(vq.index)
                 self.device.transport.wait(min(remaining, 0.5))
                 continue
             io, written = item

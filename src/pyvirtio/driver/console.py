@@ -200,6 +200,7 @@ class ConsoleDriver(Driver):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"console: {progress} before the timeout")
+        self.device.check_needs_reset()
         if not self.device.transport.wait(min(remaining, 0.5)):
             time.sleep(0.001)  # a synchronous transport returns at once: do not spin hot
 

@@ -305,6 +305,7 @@ class NetDriver(Driver):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
+            self.device.check_needs_reset()
             self.device.transport.wait(min(remaining, 0.2))
 
     def recv_all(self) -> list[RxFrame]:
@@ -348,6 +349,7 @@ class NetDriver(Driver):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"transmit queue {queue} stayed full for {timeout} s")
+            self.device.check_needs_reset(vq.index)
             self.device.transport.wait(min(remaining, 0.2))
             vq.disable_cb()
             self._free_old_xmit(queue)

@@ -4,6 +4,14 @@ It implements :class:`pyvirtio.core.reactor.Reactor` for devices, and runs vhost
 servers. Callbacks run one at a time; an exception escaping a callback is logged and the loop
 keeps serving (one misbehaving connection must not stop the others). SIGINT/SIGTERM stop
 ``run()`` cleanly when installed with :meth:`EventLoop.stop_on_signals`.
+
+File descriptors epoll refuses (EPERM: regular files and /dev/null, say a console's stdin
+redirected from a file) are handled here, once for every user of the loop. A caller that
+watches a host file of its own passes ``allow_files=True``: such an fd is then reported
+always ready, as poll(2) and select(2) do, so its callback runs at every turn of the loop
+(which then does not sleep) until it is removed; a reader finds its data or end of file at
+once. Without it (fds a peer sent, which must be eventfds, pipes or sockets) registering
+such an fd raises PermissionError, as epoll does.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class EventLoop:
         self._epoll = select.epoll()
         self._registered: dict[int, int] = {}  # fd -> epoll event mask
         self._edge: set[int] = set()  # readers watched edge-triggered
+        self._unpollable: set[int] = set()  # registered fds epoll refused: always ready
+        self._allow_files: set[int] = set()  # fds whose owner accepts always-ready files
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -72,21 +82,50 @@ class EventLoop:
         if events == 0:
             if current is not None:
                 del self._registered[fd]
+                self._allow_files.discard(fd)
+                if fd in self._unpollable:
+                    self._unpollable.discard(fd)
+                    return
                 try:
                     self._epoll.unregister(fd)
                 except OSError:
                     pass  # already closed: the kernel dropped it from the epoll set
         elif current is None:
-            self._epoll.register(fd, events)
+            try:
+                self._epoll.register(fd, events)
+            except PermissionError:
+                # epoll refuses regular files and /dev/null: they never block, so they
+                # are always ready (what poll(2) says of them).
+                if fd not in self._allow_files:
+                    # a peer's fd: refuse it, and leave nothing of it behind
+                    self._readers.pop(fd, None)
+                    self._writers.pop(fd, None)
+                    self._edge.discard(fd)
+                    raise
+                log.info("fd %d cannot be watched by epoll (a regular file or /dev/null): "
+                         "it counts as always ready", fd)
+                self._unpollable.add(fd)
             self._registered[fd] = events
         elif current != events:
-            self._epoll.modify(fd, events)
+            if fd not in self._unpollable:
+                self._epoll.modify(fd, events)
             self._registered[fd] = events
 
-    def add_reader(self, fd: int, callback: Callback, *, edge: bool = False) -> None:
+    def _poll(self) -> list[tuple[int, int]]:
+        """epoll's ready list plus the always-ready fds epoll refused (no sleep then)."""
+        ready = self._epoll.poll(0)
+        registered = self._registered
+        ready += [(fd, registered[fd]) for fd in self._unpollable]
+        return ready
+
+    def add_reader(self, fd: int, callback: Callback, *, edge: bool = False,
+                   allow_files: bool = False) -> None:
         """Call ``callback`` when ``fd`` is readable. ``edge``: only when it *becomes*
         readable (EPOLLET), so the callback need not drain it: for an eventfd every write is
-        such an event, which spares the data path a read per notification."""
+        such an event, which spares the data path a read per notification. ``allow_files``:
+        a regular file or /dev/null (which epoll refuses) counts as always readable."""
+        if allow_files:
+            self._allow_files.add(fd)
         self._readers[fd] = callback
         if edge:
             self._edge.add(fd)
@@ -99,7 +138,10 @@ class EventLoop:
             self._edge.discard(fd)
             self._update(fd)
 
-    def add_writer(self, fd: int, callback: Callback) -> None:
+    def add_writer(self, fd: int, callback: Callback, *, allow_files: bool = False) -> None:
+        """Call ``callback`` when ``fd`` is writable (``allow_files``: as for readers)."""
+        if allow_files:
+            self._allow_files.add(fd)
         self._writers[fd] = callback
         self._update(fd)
 
@@ -153,7 +195,10 @@ class EventLoop:
         if timers:
             delay = max(0.0, timers[0][0] - self.time())
             timeout = delay if timeout is None else min(timeout, delay)
-        self._dispatch(self._epoll.poll(-1 if timeout is None else timeout))
+        if self._unpollable:
+            self._dispatch(self._poll())
+        else:
+            self._dispatch(self._epoll.poll(-1 if timeout is None else timeout))
         if timers:
             self._fire_due_timers()
 
@@ -178,13 +223,14 @@ class EventLoop:
         poll = self._epoll.poll
         dispatch = self._dispatch
         timers = self._timers
+        unpollable = self._unpollable
         while not self._stopping:
             # No timer: sleep without a timeout (stop() and signals wake the poll), which
             # spares arming and cancelling a kernel timer at every wake-up.
             timeout = -1.0
             if timers:
                 timeout = max(0.0, timers[0][0] - self.time())
-            dispatch(poll(timeout))
+            dispatch(self._poll() if unpollable else poll(timeout))
             if timers:
                 self._fire_due_timers()
 
@@ -221,6 +267,8 @@ class EventLoop:
         self._epoll.close()
         self._registered.clear()
         self._edge.clear()
+        self._unpollable.clear()
+        self._allow_files.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._readers.clear()

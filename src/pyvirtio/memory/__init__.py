@@ -12,8 +12,12 @@ Spanning regions: a buffer that crosses from one region into an adjacent one is 
 (single view) refuses such a buffer with :class:`RegionBoundaryError`; ring structures, which
 are small and naturally aligned, use ``view``; data buffers use ``views``.
 
-Every failure is a :class:`GuestMemoryError` (a :class:`~pyvirtio.errors.PeerError`: the
-address came from the other side) naming the address and the length.
+:meth:`GuestMemory.view` and :meth:`GuestMemory.views` take addresses that came from the
+other side (descriptors, ring addresses): their failures are :class:`GuestMemoryError` (a
+:class:`~pyvirtio.errors.PeerError`) naming the address and the length.
+:meth:`GuestMemory.read` and :meth:`GuestMemory.write` are the API for the caller's own
+buffers (a driver filling its requests): their failures are :class:`OutsideMemoryError`, a
+:class:`~pyvirtio.errors.LocalError`, because the caller chose the address.
 """
 
 from __future__ import annotations
@@ -47,6 +51,15 @@ class UnmappedAddressError(GuestMemoryError):
 
 class RegionBoundaryError(GuestMemoryError):
     """A single contiguous view was asked for a range that crosses regions."""
+
+
+class OutsideMemoryError(LocalError):
+    """The caller read or wrote guest memory outside what is mapped (its own address)."""
+
+    def __init__(self, message: str, addr: int, length: int) -> None:
+        super().__init__(message)
+        self.addr = addr
+        self.length = length
 
 
 def _describe(addr: int, length: int) -> str:
@@ -282,18 +295,29 @@ class GuestMemory:
             return False
         return True
 
+    def _own_views(self, addr: int, length: int) -> list[memoryview]:
+        try:
+            return self.views(addr, length)
+        except GuestMemoryError as exc:
+            where = "closed guest memory" if not self._regions else "guest memory"
+            raise OutsideMemoryError(
+                f"{_describe(addr, length)} is outside {where} ({exc})", addr, length
+            ) from None
+
     def read(self, addr: int, length: int) -> bytes:
-        """Copy ``length`` bytes out of guest memory."""
-        views = self.views(addr, length)
+        """Copy ``length`` bytes out of guest memory at an address the caller chose
+        (:class:`OutsideMemoryError` if it is not all mapped)."""
+        views = self._own_views(addr, length)
         if len(views) == 1:
             return bytes(views[0])
         return b"".join(bytes(v) for v in views)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy ``data`` into guest memory at ``addr``."""
+        """Copy ``data`` into guest memory at ``addr``, an address the caller chose
+        (:class:`OutsideMemoryError` if it is not all mapped)."""
         src = memoryview(data).cast("B")
         pos = 0
-        for view in self.views(addr, len(src)):
+        for view in self._own_views(addr, len(src)):
             n = len(view)
             view[:] = src[pos : pos + n]
             pos += n
@@ -373,6 +397,7 @@ __all__ = [
     "AddressOverflowError",
     "GuestMemory",
     "GuestMemoryError",
+    "OutsideMemoryError",
     "Region",
     "RegionBoundaryError",
     "UnmappedAddressError",

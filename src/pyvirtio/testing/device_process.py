@@ -37,6 +37,7 @@ class DeviceServer:
         device.notify_queue = self._interrupt
         self.kicks: dict[int, EventFd] = {}
         self.calls: dict[int, EventFd] = {}
+        self.config_irq: EventFd | None = None
         loop.add_reader(sock.fileno(), self._on_message)
 
     def _interrupt(self, index: int) -> None:
@@ -95,6 +96,15 @@ class DeviceServer:
             self.kicks[index], self.calls[index] = kick, call
             self.loop.add_reader(kick.fd, lambda: self._on_kick(index))
             return None
+        if op == "config_irq":
+            config = EventFd(fds[0])
+            self.config_irq = config
+            d.notify_config = config.signal
+            return None
+        if op == "queue_broken":
+            i = int(req["index"])
+            ring = d.queues[i].ring if 0 <= i < d.num_queues else None
+            return None if ring is None else ring.broken
         if op == "attr":
             value = getattr(d, str(req["name"]))
             return value.hexdigest() if hasattr(value, "hexdigest") else value

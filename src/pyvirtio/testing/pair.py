@@ -20,13 +20,15 @@ DEFAULT_MEMORY = 16 << 20
 
 
 class DevicePair:
-    """``device`` plus a loopback transport over fresh memfd-backed guest memory."""
+    """``device`` plus a loopback transport over fresh memfd-backed guest memory
+    (``legacy``: the transport is a legacy, pre-1.0 interface)."""
 
-    def __init__(self, device: VirtioDevice, memory_size: int = DEFAULT_MEMORY) -> None:
+    def __init__(self, device: VirtioDevice, memory_size: int = DEFAULT_MEMORY, *,
+                 legacy: bool = False) -> None:
         self.device = device
         self.memory = GuestMemory.anonymous(memory_size)
         self.allocator = Allocator(0, memory_size)
-        self.transport = LoopbackTransport(device, self.memory, self.allocator)
+        self.transport = LoopbackTransport(device, self.memory, self.allocator, legacy=legacy)
         self.driver: Driver | None = None
 
     def probe(self, driver: type[Driver] | None = None, features: int | None = None) -> Driver:
@@ -39,6 +41,7 @@ class DevicePair:
     def close(self) -> None:
         if self.driver is not None:
             self.driver.remove()
+            self.driver.device.detach_queues("its DevicePair is closed")
             self.driver = None
         self.transport.reset()
         self.memory.close()

@@ -14,6 +14,7 @@ import select
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pyvirtio.driver.base import ConfigOps, Driver, Virtqueue, probe
@@ -39,6 +40,8 @@ class ProcessTransport(ConfigOps):
         self._kicks: dict[int, EventFd] = {}
         self._calls: dict[int, EventFd] = {}
         self.vqs: dict[int, Virtqueue] = {}
+        self._config_irq = EventFd()
+        self._config_callback: Callable[[], None] | None = None
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pyvirtio.testing.device_process",
@@ -52,6 +55,7 @@ class ProcessTransport(ConfigOps):
         hello = self._call("hello")
         self.device_id = int(hello["device_id"])
         self.vendor_id = int(hello["vendor_id"])
+        self._call("config_irq", fds=[self._config_irq.fd])
 
     def _call(self, op: str, fds: list[int] | None = None, **args: Any) -> Any:
         msg = json.dumps({"op": op, **args}).encode()
@@ -100,6 +104,13 @@ class ProcessTransport(ConfigOps):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:
         self.vqs[index] = vq
 
+    def bind_config(self, callback: Callable[[], None] | None) -> None:
+        self._config_callback = callback
+
+    def queue_broken_reason(self, index: int) -> str | None:
+        reason = self._call("queue_broken", index=index)
+        return None if reason is None else str(reason)
+
     def setup_queue(self, index: int, ring: DriverQueue) -> None:
         kick, call = EventFd(), EventFd()
         self._kicks[index], self._calls[index] = kick, call
@@ -111,10 +122,13 @@ class ProcessTransport(ConfigOps):
 
     def wait(self, timeout: float) -> bool:
         calls = {efd.fd: idx for idx, efd in self._calls.items()}
-        if not calls:
-            return False
-        ready, _, _ = select.select(list(calls), [], [], timeout)
+        config = self._config_irq.fd
+        ready, _, _ = select.select([config, *calls], [], [], timeout)
         for fd in ready:
+            if fd == config:
+                if self._config_irq.drain() and self._config_callback is not None:
+                    self._config_callback()
+                continue
             idx = calls[fd]
             if self._calls[idx].drain():
                 vq = self.vqs.get(idx)
@@ -142,6 +156,7 @@ class ProcessTransport(ConfigOps):
             self.proc.wait()
         finally:
             self._close_queues()
+            self._config_irq.close()
             self.memory.close()
 
 
@@ -169,6 +184,7 @@ class ProcessDevicePair:
             try:
                 self.driver.remove()
             finally:
+                self.driver.device.detach_queues("its ProcessDevicePair is closed")
                 self.driver = None
         self.transport.close()
 

@@ -10,6 +10,7 @@ order of events is exactly what an interrupt-driven machine would see, just seri
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.driver.base import ConfigOps, Virtqueue
@@ -21,13 +22,16 @@ from pyvirtio.ring import DriverQueue
 class LoopbackTransport(ConfigOps):
     """Driver-side config ops implemented by direct calls into ``device``."""
 
-    def __init__(self, device: VirtioDevice, memory: GuestMemory, allocator: Allocator) -> None:
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, allocator: Allocator,
+                 *, legacy: bool = False) -> None:
         self.device = device
+        self._legacy = legacy
         self.device_id = device.device_id
         self.vendor_id = device.vendor_id
         self.memory = memory
         self.allocator = allocator
         self.vqs: dict[int, Virtqueue] = {}
+        self._config_callback: Callable[[], None] | None = None
         self._events: deque[tuple[str, int]] = deque()
         self._running = False
         self.kicks = 0
@@ -36,6 +40,11 @@ class LoopbackTransport(ConfigOps):
         device.memory = memory
         device.notify_queue = self._device_interrupt
         device.notify_config = self._device_config_interrupt
+
+    @property
+    def legacy(self) -> bool:
+        """Whether to behave as a legacy (pre-1.0) interface: no VERSION_1, no FEATURES_OK."""
+        return self._legacy
 
     # config ops
     def get_features(self) -> int:
@@ -69,6 +78,15 @@ class LoopbackTransport(ConfigOps):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:
         self.vqs[index] = vq
 
+    def bind_config(self, callback: Callable[[], None] | None) -> None:
+        self._config_callback = callback
+
+    def queue_broken_reason(self, index: int) -> str | None:
+        if 0 <= index < self.device.num_queues:
+            ring = self.device.queues[index].ring
+            return None if ring is None else ring.broken
+        return None
+
     def setup_queue(self, index: int, ring: DriverQueue) -> None:
         self.device.start_queue(index, ring.size, ring.desc_addr, ring.avail_addr,
                                 ring.used_addr)
@@ -84,6 +102,7 @@ class LoopbackTransport(ConfigOps):
 
     def _device_config_interrupt(self) -> None:
         self.config_interrupts += 1
+        self._post("config", -1)
 
     def _post(self, kind: str, index: int) -> None:
         self._events.append((kind, index))
@@ -95,6 +114,9 @@ class LoopbackTransport(ConfigOps):
                 what, idx = self._events.popleft()
                 if what == "kick":
                     self.device.kick(idx)
+                elif what == "config":
+                    if self._config_callback is not None:
+                        self._config_callback()
                 else:
                     vq = self.vqs.get(idx)
                     if vq is not None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyvirtio.driver.base import ConfigOps, Virtqueue
+from pyvirtio.driver.base import ConfigOps, NoSuchQueueError, Virtqueue
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
@@ -255,7 +255,7 @@ class VirtioPciLegacy(VirtioPciTransport):
         self.regs.write(P.VIRTIO_PCI_QUEUE_SEL, 2, index)
         num = self.regs.read(P.VIRTIO_PCI_QUEUE_NUM, 2)
         if num == 0:
-            raise PeerError(f"PCI {self.func.address}: device has no queue {index}")
+            raise NoSuchQueueError(f"PCI {self.func.address}: device has no queue {index}")
         if ring.size != num:
             raise LocalError(f"queue {index}: legacy devices fix the queue size at {num}, "
                              f"the ring has {ring.size}")
@@ -374,7 +374,7 @@ class VirtioPciModern(VirtioPciTransport):
         c = self.common
         max_size = self.queue_max_size(index)  # also selects the queue
         if max_size == 0:
-            raise PeerError(f"PCI {self.func.address}: device has no queue {index}")
+            raise NoSuchQueueError(f"PCI {self.func.address}: device has no queue {index}")
         if ring.size > max_size:
             raise LocalError(f"queue {index}: ring of {ring.size} exceeds the device's "
                              f"maximum {max_size}")

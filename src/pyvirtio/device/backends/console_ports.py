@@ -258,7 +258,8 @@ class FdPort(PortBackend):
             self._loop.remove_reader(self._reading)
         self._reading = want
         if want is not None:
-            self._loop.add_reader(want, self._on_readable)
+            # the host's own fd: stdin may be a regular file or /dev/null
+            self._loop.add_reader(want, self._on_readable, allow_files=True)
 
     def _update_writer(self) -> None:
         want = self._wfd if self._out else None
@@ -268,7 +269,7 @@ class FdPort(PortBackend):
             self._loop.remove_writer(self._writing)
         self._writing = want
         if want is not None:
-            self._loop.add_writer(want, self._on_writable)
+            self._loop.add_writer(want, self._on_writable, allow_files=True)
 
     def _reading_changed(self) -> None:
         if self.reactor is not None:
@@ -479,10 +480,33 @@ class PtyPort(FdPort):
             os.close(master)
 
 
+def describe_unpollable_input(fd: int) -> str | None:
+    """What a port does with an input fd that cannot be polled (the event loop reports such
+    fds always ready): a regular file is read to its end, /dev/null is no input. None for
+    ordinary pollable inputs (terminals, pipes, sockets)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode):
+        return (f"input is a regular file of {st.st_size} bytes: the guest reads it to its "
+                "end, then gets no more input")
+    if stat.S_ISCHR(st.st_mode):
+        try:
+            null = os.stat(os.devnull)
+        except OSError:
+            return None
+        if st.st_rdev == null.st_rdev:
+            return "input is /dev/null: the guest gets no input"
+    return None
+
+
 class StdioPort(FdPort):
     """This process's stdin/stdout (or any two fds) as the host end: always connected.
 
-    End of input stops reading but output continues. The fds are made non-blocking while
+    End of input stops reading but output continues. Input that cannot be polled is fine: a
+    regular file is read to its end, /dev/null is no input (one log line says which). The
+    fds are made non-blocking while
     the port runs (this affects whatever shares them, such as the shell) and restored by
     :meth:`close`, as is the terminal mode when ``raw`` put a terminal input in raw mode.
     """
@@ -496,6 +520,9 @@ class StdioPort(FdPort):
         self._saved_termios: list[Any] | None = None
 
     def _started(self) -> None:
+        what = describe_unpollable_input(self.in_fd)
+        if what is not None:
+            log.warning("%s: %s", self.label, what)
         self._saved_blocking = [(fd, os.get_blocking(fd)) for fd in {self.in_fd, self.out_fd}]
         if self.raw and os.isatty(self.in_fd):
             self._saved_termios = termios.tcgetattr(self.in_fd)

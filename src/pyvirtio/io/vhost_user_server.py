@@ -545,10 +545,8 @@ class ServerThread:
             self.error = exc
 
     def stop(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.thread.is_alive() and time.monotonic() < deadline:
-            self.server.stop()  # repeated: a stop before run() starts would be lost
-            self.thread.join(0.05)
+        self.server.stop()  # pending until the loop sees it, even before run() starts
+        self.thread.join(timeout)
         if self.thread.is_alive():
             raise RuntimeError(f"server thread for {self.server.path} did not stop")
         self.server.close()

@@ -117,6 +117,19 @@ class ServeProcess:
                                          f"{timeout}s:\n{self.tail()}")
                 self._cond.wait(min(remaining, 0.5))
 
+    def wait_for_path(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
+        """Until ``path`` exists (a socket the server binds: it is up to that point); fails
+        when the process exits first or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve {self.kind} exited ({self.proc.returncode}) "
+                                     f"before creating {path}:\n{self.tail()}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"serve {self.kind} did not create {path} in "
+                                     f"{timeout}s:\n{self.tail()}")
+            time.sleep(0.001)
+
     def banner_args(self, kind: str) -> list[str]:
         """The arguments the banner printed after ``qemu-system-x86_64 ...`` (kind "qemu")
         or ``linux.uml ...`` (kind "uml")."""

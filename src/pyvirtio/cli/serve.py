@@ -88,7 +88,9 @@ def run_servers(servers: Sequence[VhostUserServer], loop: EventLoop, banner: str
                 tick: float = 1.0, cleanup: Callable[[], None] | None = None) -> int:
     """Print ``banner`` (unless --quiet), then serve until SIGINT/SIGTERM; always clean up."""
     try:
-        # Handlers first: whoever reads the banner may signal us at once.
+        # Handlers first (the commands install them before binding; this is idempotent):
+        # whoever reads the banner may signal us at once, and a signal before loop.run()
+        # stays pending until run() sees it.
         loop.stop_on_signals()
         if not args.quiet:
             print(banner, flush=True)

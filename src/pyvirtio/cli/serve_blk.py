@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     except (LocalError, OSError) as exc:
         raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
     loop = EventLoop()
+    # Before any socket is bound: a signal from then on shuts down cleanly.
+    loop.stop_on_signals()
     device.reactor = loop
     try:
         server = VhostUserServer(

@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
                                                 args.rows or DEFAULT_ROWS)
     multiport = not args.no_multiport
     loop = EventLoop()
+    # Before any socket is bound: a signal from then on shuts down cleanly.
+    loop.stop_on_signals()
     try:
         device = ConsoleDevice(
             ports, cols=cols, rows=rows, multiport=multiport, console_port=console_port,

@@ -220,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     ports: list[Port] = []
     tap: TapBackend | None = None
     loop = EventLoop()
+    # Before any socket is bound: a signal from then on shuts down cleanly.
+    loop.stop_on_signals()
 
     def capture_for(name: str) -> PcapWriter | None:
         if not per_port_pcap:

@@ -42,6 +42,8 @@ def file_source(path: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     loop = EventLoop()
+    # Before any socket is bound: a signal from then on shuts down cleanly.
+    loop.stop_on_signals()
     kwargs: dict[str, Any] = {"rate_limit": args.rate_limit, "queue_size": args.queue_size,
                               "transport_features": transport_features(args)}
     if args.source:

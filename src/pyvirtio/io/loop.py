@@ -166,8 +166,8 @@ class EventLoop:
         self.stop_reason = reason
         try:
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        except OSError:
+            pass  # full (a wake-up is pending anyway) or closed (the loop is gone)
 
     def _drain_wake(self) -> None:
         try:
@@ -177,8 +177,11 @@ class EventLoop:
             pass
 
     def stop_on_signals(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
-        """Stop the loop on these signals (main thread only)."""
+        """Stop the loop on these signals (main thread only). Idempotent: a second call
+        keeps the handlers :meth:`close` restores."""
         for sig in signals:
+            if sig in self._old_handlers:
+                continue
             self._old_handlers[sig] = signal.signal(
                 sig, lambda s, _f: self.stop(f"signal {signal.Signals(s).name}")
             )
@@ -203,19 +206,26 @@ class EventLoop:
             self._fire_due_timers()
 
     def run(self, until: Callable[[], bool] | None = None, timeout: float | None = None) -> None:
-        """Serve until :meth:`stop`, until ``until()`` is true, or ``timeout`` seconds."""
-        self._stopping = False
+        """Serve until :meth:`stop`, until ``until()`` is true, or ``timeout`` seconds.
+
+        A :meth:`stop` that came before ``run()`` (a signal between installing the handlers
+        and starting the loop) is pending, not forgotten: ``run()`` returns at once. Each
+        stop is consumed by the ``run()`` it ends, so the loop can be run again after it.
+        """
         if until is None and timeout is None:
             self._run_forever()
-            return
-        deadline = None if timeout is None else self.time() + timeout
-        while not self._stopping:
-            if until is not None and until():
-                return
-            wait = None if deadline is None else deadline - self.time()
-            if wait is not None and wait <= 0:
-                return
-            self.run_once(1.0 if wait is None else min(wait, 1.0))
+        else:
+            deadline = None if timeout is None else self.time() + timeout
+            while not self._stopping:
+                if until is not None and until():
+                    return
+                wait = None if deadline is None else deadline - self.time()
+                if wait is not None and wait <= 0:
+                    return
+                self.run_once(1.0 if wait is None else min(wait, 1.0))
+        # Consumed only here, after the loop saw it: clearing the flag on entry instead
+        # wiped a stop requested just before run() (issue 9: a lost SIGTERM).
+        self._stopping = False
 
     def _run_forever(self) -> None:
         # A busy vhost-user server goes round this loop once per wake-up, so what can be

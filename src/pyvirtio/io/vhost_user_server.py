@@ -545,10 +545,8 @@ class ServerThread:
             self.error = exc
 
     def stop(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.thread.is_alive() and time.monotonic() < deadline:
-            self.server.stop()  # repeated: a stop before run() starts would be lost
-            self.thread.join(0.05)
+        self.server.stop()  # pending until the loop sees it, even before run() starts
+        self.thread.join(timeout)
         if self.thread.is_alive():
             raise RuntimeError(f"server thread for {self.server.path} did not stop")
         self.server.close()
@@ -702,12 +700,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The handlers go in before the socket is bound: a SIGTERM from then on is a clean stop
+    # (pending until the loop runs), never a death that leaves the socket file behind.
+    loop = EventLoop()
+    loop.stop_on_signals()
     try:
         factory = load_factory(args.device, json.loads(args.kwargs))
-        server = VhostUserServer(args.socket, factory, max_connections=args.max_connections,
+        server = VhostUserServer(args.socket, factory, loop,
+                                 max_connections=args.max_connections,
                                  max_mem_slots=args.max_mem_slots)
     except (LocalError, PeerError, OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
+        loop.close()
         return 1
     if args.ready_fd is not None:
         with contextlib.suppress(OSError):
@@ -718,6 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stopping: %s", server.loop.stop_reason)
     finally:
         server.close()
+        loop.close()
     return 0
 
 

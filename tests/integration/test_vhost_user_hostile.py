@@ -400,6 +400,34 @@ def test_sealable_memory_cannot_shrink_under_the_server(path: str, log: Log) -> 
     log.expect(r"memory table: gpa 0x0 size 0x100000")
 
 
+def test_unsealable_memory_shrunk_under_the_server(path: str, log: Log,
+                                                  server: ServerProcess) -> None:
+    """A file that cannot be sealed (a memfd without MFD_ALLOW_SEALING; UML's tmpfs file)
+    is shrunk by the front-end after the server mapped it and started a ring in it. The
+    server's next look at the ring touches pages past the end of the file: the SIGBUS that
+    would kill the process is survived, the rings stop, the log says why."""
+    pid = server.pid
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        fd = _mem_table(fe)  # os.memfd_create without MFD_ALLOW_SEALING
+        assert fe.ack(R.SET_VRING_NUM, C.vring_state(0, 8)) == 0
+        assert fe.ack(R.SET_VRING_ADDR, C.vring_addr(0, UOFF, UOFF + 0x2000, UOFF + 0x1000)) == 0
+        kick = os.eventfd(0)
+        assert fe.ack(R.SET_VRING_KICK, C.vring_fd(0), [kick]) == 0
+        assert fe.ack(R.SET_VRING_ENABLE, C.vring_state(0, 1)) == 0
+        log.expect(r"vring 0 started")
+        os.ftruncate(fd, 0)  # not refused: nothing sealed it
+        os.eventfd_write(kick, 1)
+        line = log.expect(r"memory region gpa 0x0 size 0x100000: its file shrank under the "
+                          r"mapping \(the front-end truncated it\)")
+        assert "WARNING" in line
+        log.expect(r"vring 0 stopped: its guest memory was truncated")
+        assert fe.call(R.GET_FEATURES, need_reply=False).request == R.GET_FEATURES
+        os.close(kick)
+        os.close(fd)
+    assert server.alive() and server.pid == pid
+
+
 def test_add_mem_reg_of_size_zero(path: str, log: Log) -> None:
     with RawFrontend(path) as fe:
         _ready(fe)

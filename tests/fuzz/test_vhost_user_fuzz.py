@@ -46,7 +46,7 @@ from peers import require_guest
 from pyvirtio.errors import PeerError
 from pyvirtio.guest import QemuGuest
 from pyvirtio.io.vhost_user_server import VhostUserServer, qemu_args
-from pyvirtio.memory import GuestMemory, buffer_region
+from pyvirtio.memory import GuestMemory, buffer_region, sigbus
 from pyvirtio.ring import DriverQueue, RingError
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
@@ -421,7 +421,25 @@ class BackendFuzz(RuleBasedStateMachine):
         """A hostile driver writes anything into its ring areas, then kicks."""
         if self.map is None or self.kick_fd is None:
             return
-        self.map[offset : offset + len(data)] = data[: 0x3000 - offset]
+        data = data[: 0x3000 - offset]
+        self.map[offset : offset + len(data)] = data
+        os.eventfd_write(self.kick_fd, 1)
+        self.run(R.GET_FEATURES, flags=V.VERSION)
+
+    @rule(size=st.sampled_from([0, 0x1000, 0x2800]))
+    def shrink_the_memory_file(self, size: int) -> None:
+        """The front-end truncates its (unsealable) memory file under the server's mapping,
+        then kicks: the server's ring access faults (SIGBUS) and must survive it."""
+        if self.mem_fd is None or self.kick_fd is None:
+            return
+        self.queue = None  # our own mapping would fault too: drop it first
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        os.ftruncate(self.mem_fd, size)
         os.eventfd_write(self.kick_fd, 1)
         self.run(R.GET_FEATURES, flags=V.VERSION)
 
@@ -455,10 +473,12 @@ def fuzz(f: Fuzzed, target: int) -> float:
 def test_fuzzed_back_end_survives_and_leaks_nothing(fuzzed: Fuzzed) -> None:
     took = fuzz(fuzzed, fuzzed.messages + CI_MESSAGES)
     print(f"{fuzzed.messages} messages, {fuzzed.connections} connections "
-          f"({fuzzed.closed_by_server} closed by the server) in {took:.1f} s")
+          f"({fuzzed.closed_by_server} closed by the server), {sigbus.faults} SIGBUS "
+          f"survived, in {took:.1f} s")
     fuzzed.check_alive()
     assert fuzzed.closed_by_server > 0  # the hostile half did reach the closing paths
     assert fuzzed.server.kicks > 0  # and the valid half reached the device
+    assert sigbus.faults > 0  # and shrunk memory files made the server's accesses fault
 
 
 @pytest.mark.slow
@@ -468,7 +488,8 @@ def test_fuzzed_back_end_survives_and_leaks_nothing(fuzzed: Fuzzed) -> None:
 def test_fuzz_soak_million_messages(fuzzed: Fuzzed) -> None:
     took = fuzz(fuzzed, fuzzed.messages + SOAK_MESSAGES)
     print(f"soak: {fuzzed.messages} messages, {fuzzed.connections} connections "
-          f"({fuzzed.closed_by_server} closed by the server) in {took:.1f} s")
+          f"({fuzzed.closed_by_server} closed by the server), {sigbus.faults} SIGBUS "
+          f"survived, in {took:.1f} s")
     fuzzed.check_alive()
 
 

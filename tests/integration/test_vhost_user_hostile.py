@@ -558,6 +558,47 @@ def test_get_vring_base_of_a_missing_vring_closes_the_connection(path: str, log:
     assert "closing the connection" in line
 
 
+def _running_ring(fe: RawFrontend, log: Log) -> tuple[int, int]:
+    """Vring 0 started and enabled in a fresh 1 MiB memory table: (memory fd, kick fd)."""
+    _ready(fe)
+    fd = _mem_table(fe)
+    assert fe.ack(R.SET_VRING_NUM, C.vring_state(0, 8)) == 0
+    assert fe.ack(R.SET_VRING_ADDR, C.vring_addr(0, UOFF, UOFF + 0x2000, UOFF + 0x1000)) == 0
+    kick = os.eventfd(0)
+    assert fe.ack(R.SET_VRING_KICK, C.vring_fd(0), [kick]) == 0
+    assert fe.ack(R.SET_VRING_ENABLE, C.vring_state(0, 1)) == 0
+    log.expect(r"vring 0 started")
+    return fd, kick
+
+
+@pytest.mark.parametrize(("name", "payload", "what"), [
+    ("SET_VRING_NUM", C.vring_state(0, 4), "size"),
+    ("SET_VRING_ADDR", C.vring_addr(0, UOFF + 0x4000, UOFF + 0x6000, UOFF + 0x5000),
+     "addresses"),
+    ("SET_VRING_BASE", C.vring_state(0, 3), "base"),
+])
+def test_changing_a_running_ring(path: str, log: Log, name: str, payload: bytes,
+                                 what: str) -> None:
+    with RawFrontend(path) as fe:
+        fds = _running_ring(fe, log)
+        assert fe.ack(getattr(R, name), payload) == 1
+        unixsock.close_fds(fds)
+    _warned(log, name, rf"vring 0 is running; its {what} cannot change")
+
+
+def test_memory_removed_under_a_running_ring(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        fds = _running_ring(fe, log)
+        desc = C.MemoryRegionDesc(0, MEM, UOFF, 0)
+        assert fe.ack(R.REM_MEM_REG, C.mem_reg(desc)) == 0  # legal, but the ring was there
+        line = log.expect(r"vring 0 memory change left it outside guest memory")
+        assert "WARNING" in line
+        log.expect(r"vring 0 stopped at last_avail_idx 0")
+        reply = fe.call(R.GET_VRING_BASE, C.vring_state(0, 0), need_reply=False)
+        assert C.parse_vring_state(reply.payload) == C.VringState(0, 0)
+        unixsock.close_fds(fds)
+
+
 def test_ring_addresses_outside_memory(path: str, log: Log) -> None:
     with RawFrontend(path) as fe:
         _ready(fe)

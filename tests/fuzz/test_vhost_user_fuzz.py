@@ -24,6 +24,7 @@ guest's /dev/hwrng.
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -104,6 +105,7 @@ class Fuzzed:
         self.history: list[str] = []  # the current connection's messages, for failures
         self.connections = 0
         self.closed_by_server = 0
+        self.gc_rescues: list[str] = []  # connections whose fds only the collector freed
         self.baseline = fd_count()
         self.baseline_fds = fd_table()
 
@@ -120,6 +122,12 @@ class Fuzzed:
         deadline = time.monotonic() + timeout
         while fd_count() != self.baseline:
             if time.monotonic() > deadline:
+                gc.collect()
+                if fd_count() == self.baseline:
+                    # Held by a reference cycle (views of an mmap in a traceback...), freed
+                    # by the collector: counted and reported, not a leak.
+                    self.gc_rescues.append("\n  ".join(self.history[-40:]))
+                    return
                 leaked = set(fd_table().items()) - set(self.baseline_fds.items())
                 # Close them, so that the next example starts clean and hypothesis can
                 # shrink to the sequence that leaks.
@@ -456,11 +464,15 @@ class BackendFuzz(RuleBasedStateMachine):
         self.f.check_alive()
 
 
-def fuzz(f: Fuzzed, target: int) -> float:
+def fuzz(f: Fuzzed, target: int, progress: bool = False) -> float:
     """Run machines until ``target`` messages were sent; returns the seconds it took."""
     BackendFuzz.fuzzed = f
     start = time.monotonic()
     while f.messages < target:
+        if progress:
+            print(f"{f.messages} messages, {f.connections} connections, "
+                  f"{len(f.gc_rescues)} gc rescues, {time.monotonic() - start:.0f} s",
+                  flush=True)
         run_state_machine_as_test(
             BackendFuzz,
             settings=settings(max_examples=50, stateful_step_count=100, deadline=None,
@@ -474,7 +486,7 @@ def test_fuzzed_back_end_survives_and_leaks_nothing(fuzzed: Fuzzed) -> None:
     took = fuzz(fuzzed, fuzzed.messages + CI_MESSAGES)
     print(f"{fuzzed.messages} messages, {fuzzed.connections} connections "
           f"({fuzzed.closed_by_server} closed by the server), {sigbus.faults} SIGBUS "
-          f"survived, in {took:.1f} s")
+          f"survived, {len(fuzzed.gc_rescues)} released only by gc, in {took:.1f} s")
     fuzzed.check_alive()
     assert fuzzed.closed_by_server > 0  # the hostile half did reach the closing paths
     assert fuzzed.server.kicks > 0  # and the valid half reached the device
@@ -486,10 +498,10 @@ def test_fuzzed_back_end_survives_and_leaks_nothing(fuzzed: Fuzzed) -> None:
 @pytest.mark.skipif(not os.environ.get("PYVIRTIO_SOAK"),
                     reason="soak test: set PYVIRTIO_SOAK=1 to run")
 def test_fuzz_soak_million_messages(fuzzed: Fuzzed) -> None:
-    took = fuzz(fuzzed, fuzzed.messages + SOAK_MESSAGES)
+    took = fuzz(fuzzed, fuzzed.messages + SOAK_MESSAGES, progress=True)
     print(f"soak: {fuzzed.messages} messages, {fuzzed.connections} connections "
           f"({fuzzed.closed_by_server} closed by the server), {sigbus.faults} SIGBUS "
-          f"survived, in {took:.1f} s")
+          f"survived, {len(fuzzed.gc_rescues)} released only by gc, in {took:.1f} s")
     fuzzed.check_alive()
 
 

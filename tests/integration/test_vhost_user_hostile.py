@@ -9,6 +9,7 @@ from the same, still running, server process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -22,6 +23,7 @@ from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_h
 
 from peers import require_guest
 from pyvirtio.guest import QemuGuest
+from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import ServerProcess, qemu_args
 from pyvirtio.memory import GuestMemory, region_from_fd
 from pyvirtio.memory.alloc import Allocator
@@ -45,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("vhost-user-hostile")
     proc = ServerProcess(workdir / "vu.sock", "vhost_user_helpers:ConfigRngDevice",
                          pythonpath=[str(TESTS_DIR)], log_path=workdir / "server.log",
-                         extra_args=["--max-mem-slots", "4"])
+                         extra_args=["--max-mem-slots", "4", "--max-connections", "2"])
     yield proc
     proc.stop()
 
@@ -67,6 +69,49 @@ class Log:
         line_start = self.server.log_text().rfind("\n", 0, m.start()) + 1
         line_end = self.server.log_text().find("\n", m.end())
         return self.server.log_text()[line_start:line_end]
+
+
+def wait_all_closed(server: ServerProcess, timeout: float = 10.0) -> None:
+    """Until every connection the server accepted is closed (counted in its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = server.log_text()
+        if text.count("front-end connected") == text.count("connection closed"):
+            return
+        assert time.monotonic() < deadline, "the server still has a connection open"
+        time.sleep(0.02)
+
+
+def _fd_table(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
+def server_fds(server: ServerProcess) -> dict[int, str]:
+    """The server process's open fds once it has no connection left (the "connection
+    closed" line comes first, the release right after it: wait until the table is steady)."""
+    wait_all_closed(server)
+    table = _fd_table(server.pid)
+    while True:
+        time.sleep(0.1)
+        again = _fd_table(server.pid)
+        if again == table:
+            return table
+        table = again
+
+
+def server_fds_back_to(server: ServerProcess, before: dict[int, str],
+                       timeout: float = 5.0) -> None:
+    """Every fd a finished connection brought to the server is closed."""
+    wait_all_closed(server)
+    deadline = time.monotonic() + timeout
+    while (after := _fd_table(server.pid)) != before:
+        assert time.monotonic() < deadline, \
+            f"fds left open: {set(after.items()) - set(before.items())}"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -208,6 +253,85 @@ def test_fd_for_a_vring_message_with_the_no_fd_bit(path: str, log: Log) -> None:
     _warned(log, "SET_VRING_CALL", r"carries 1 file descriptors, at most 0 allowed")
 
 
+#: requests that take no fd: (request, a payload that is otherwise valid, what a refusal
+#: looks like: "ack" a NACK, "empty" GET_CONFIG's empty reply, "close" the connection closed
+#: because the reply has no error form)
+NO_FD_REQUESTS = {
+    "GET_FEATURES": (R.GET_FEATURES, b"", "close"),
+    "SET_FEATURES": (R.SET_FEATURES, C.u64(F.bit(F.VERSION_1)), "ack"),
+    "SET_OWNER": (R.SET_OWNER, b"", "ack"),
+    "RESET_OWNER": (R.RESET_OWNER, b"", "ack"),
+    "GET_PROTOCOL_FEATURES": (R.GET_PROTOCOL_FEATURES, b"", "close"),
+    "SET_PROTOCOL_FEATURES": (R.SET_PROTOCOL_FEATURES, C.u64(0), "ack"),
+    "GET_QUEUE_NUM": (R.GET_QUEUE_NUM, b"", "close"),
+    "SET_VRING_NUM": (R.SET_VRING_NUM, C.vring_state(0, 8), "ack"),
+    "SET_VRING_ADDR": (R.SET_VRING_ADDR, C.vring_addr(0, UOFF, UOFF + 0x2000, UOFF + 0x1000),
+                       "ack"),
+    "SET_VRING_BASE": (R.SET_VRING_BASE, C.vring_state(0, 0), "ack"),
+    "GET_VRING_BASE": (R.GET_VRING_BASE, C.vring_state(0, 0), "close"),
+    "SET_VRING_ENABLE": (R.SET_VRING_ENABLE, C.vring_state(0, 1), "ack"),
+    "GET_CONFIG": (R.GET_CONFIG, C.config(0, size=4), "empty"),
+    "SET_CONFIG": (R.SET_CONFIG, C.config(4, b"ok"), "ack"),
+    "RESET_DEVICE": (R.RESET_DEVICE, b"", "ack"),
+    "GET_MAX_MEM_SLOTS": (R.GET_MAX_MEM_SLOTS, b"", "close"),
+    "SET_STATUS": (R.SET_STATUS, C.u64(1), "ack"),
+    "GET_STATUS": (R.GET_STATUS, b"", "close"),
+}
+
+
+@pytest.mark.parametrize("name", list(NO_FD_REQUESTS))
+def test_fds_attached_to_a_request_that_takes_none(path: str, log: Log, server: ServerProcess,
+                                                   name: str) -> None:
+    req, payload, refusal = NO_FD_REQUESTS[name]
+    before = server_fds(server)
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        fds = [os.eventfd(0), memfd(4096)]
+        if refusal == "ack":
+            assert fe.ack(req, payload, fds) == 1
+        elif refusal == "empty":
+            assert fe.call(req, payload, fds, need_reply=False).payload == b""
+        else:
+            fe.send(req, payload, fds)
+            assert fe.closed_by_peer()
+        unixsock.close_fds(fds)
+    line = _warned(log, name, r"carries 2 file descriptors, at most 0 allowed")
+    assert ("closing the connection" in line) == (refusal == "close")
+    server_fds_back_to(server, before)  # the fds it refused were closed, not kept
+
+
+#: requests that need a protocol feature: (request, payload, fds, the feature, refusal kind)
+GATED_REQUESTS = {
+    "ADD_MEM_REG": (R.ADD_MEM_REG, C.mem_reg(C.MemoryRegionDesc(0, 0x1000, UOFF, 0)), 1,
+                    "CONFIGURE_MEM_SLOTS", "ack"),
+    "GET_MAX_MEM_SLOTS": (R.GET_MAX_MEM_SLOTS, b"", 0, "CONFIGURE_MEM_SLOTS", "close"),
+    "SET_STATUS": (R.SET_STATUS, C.u64(1), 0, "STATUS", "ack"),
+    "SET_BACKEND_REQ_FD": (R.SET_BACKEND_REQ_FD, b"", 1, "BACKEND_REQ", "ack"),
+    "RESET_DEVICE": (R.RESET_DEVICE, b"", 0, "RESET_DEVICE", "ack"),
+    "VRING_KICK": (R.VRING_KICK, C.vring_state(0, 0), 0, "INBAND_NOTIFICATIONS", "ack"),
+    "SET_INFLIGHT_FD": (R.SET_INFLIGHT_FD, bytes(V.INFLIGHT.size), 1, "INFLIGHT_SHMFD", "ack"),
+    "GET_INFLIGHT_FD": (R.GET_INFLIGHT_FD, bytes(V.INFLIGHT.size), 0, "INFLIGHT_SHMFD",
+                        "close"),
+    "SET_LOG_BASE": (R.SET_LOG_BASE, bytes(V.LOG.size), 1, "LOG_SHMFD", "ack"),
+}
+
+
+@pytest.mark.parametrize("name", list(GATED_REQUESTS))
+def test_request_whose_protocol_feature_was_not_negotiated(path: str, log: Log,
+                                                          name: str) -> None:
+    req, payload, nfds, feature, refusal = GATED_REQUESTS[name]
+    with RawFrontend(path) as fe:
+        fe.handshake(V.protocol_mask(V.ProtocolFeature.REPLY_ACK))
+        fds = [memfd(4096) for _ in range(nfds)]
+        if refusal == "ack":
+            assert fe.ack(req, payload, fds) == 1
+        else:
+            fe.send(req, payload, fds)
+            assert fe.closed_by_peer()
+        unixsock.close_fds(fds)
+    _warned(log, name, rf"needs protocol feature {feature}, which was not negotiated")
+
+
 # ---- memory table ------------------------------------------------------------------------------
 
 
@@ -246,6 +370,80 @@ def test_region_overflowing_64_bits(path: str, log: Log) -> None:
         assert fe.ack(R.SET_MEM_TABLE, C.memory_table([region]), [memfd()]) == 1
     _warned(log, "SET_MEM_TABLE", r"region 0: guest address 0xfffffffffffff000 \+ size "
                                   r"0x2000 overflows 64 bits")
+
+
+def test_memory_region_larger_than_its_fd(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        region = C.MemoryRegionDesc(0, 0x10000, UOFF, 0)
+        assert fe.ack(R.SET_MEM_TABLE, C.memory_table([region]), [memfd(4096)]) == 1
+        assert fe.ack(R.ADD_MEM_REG, C.mem_reg(region), [memfd(0x8000)]) == 1
+    _warned(log, "SET_MEM_TABLE", r"region 0: mmap offset 0x0 \+ size 0x10000 runs past the "
+                                  r"end of its 4096-byte file")
+    _warned(log, "ADD_MEM_REG", r"new region: mmap offset 0x0 \+ size 0x10000 runs past the "
+                                r"end of its 32768-byte file")
+
+
+def test_sealable_memory_cannot_shrink_under_the_server(path: str, log: Log) -> None:
+    """A shrunk file would make the server's accesses fault (SIGBUS): a memfd that allows
+    sealing is sealed against shrinking when mapped, so the front-end cannot shrink it."""
+    fd = os.memfd_create("hostile-sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, MEM)
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        region = C.MemoryRegionDesc(0, MEM, UOFF, 0)
+        assert fe.ack(R.SET_MEM_TABLE, C.memory_table([region]), [fd]) == 0
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        assert os.fstat(fd).st_size == MEM
+    os.close(fd)
+    log.expect(r"memory table: gpa 0x0 size 0x100000")
+
+
+def test_unsealable_memory_shrunk_under_the_server(path: str, log: Log,
+                                                  server: ServerProcess) -> None:
+    """A file that cannot be sealed (a memfd without MFD_ALLOW_SEALING; UML's tmpfs file)
+    is shrunk by the front-end after the server mapped it and started a ring in it. The
+    server's next look at the ring touches pages past the end of the file: the SIGBUS that
+    would kill the process is survived, the rings stop, the log says why."""
+    pid = server.pid
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        fd = _mem_table(fe)  # os.memfd_create without MFD_ALLOW_SEALING
+        assert fe.ack(R.SET_VRING_NUM, C.vring_state(0, 8)) == 0
+        assert fe.ack(R.SET_VRING_ADDR, C.vring_addr(0, UOFF, UOFF + 0x2000, UOFF + 0x1000)) == 0
+        kick = os.eventfd(0)
+        assert fe.ack(R.SET_VRING_KICK, C.vring_fd(0), [kick]) == 0
+        assert fe.ack(R.SET_VRING_ENABLE, C.vring_state(0, 1)) == 0
+        log.expect(r"vring 0 started")
+        os.ftruncate(fd, 0)  # not refused: nothing sealed it
+        os.eventfd_write(kick, 1)
+        line = log.expect(r"memory region gpa 0x0 size 0x100000: its file shrank under the "
+                          r"mapping \(the front-end truncated it\)")
+        assert "WARNING" in line
+        log.expect(r"vring 0 stopped: its guest memory was truncated")
+        assert fe.call(R.GET_FEATURES, need_reply=False).request == R.GET_FEATURES
+        os.close(kick)
+        os.close(fd)
+    assert server.alive() and server.pid == pid
+
+
+def test_add_mem_reg_of_size_zero(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        desc = C.MemoryRegionDesc(0, 0, UOFF, 0)
+        assert fe.ack(R.ADD_MEM_REG, C.mem_reg(desc), [memfd(4096)]) == 1
+    _warned(log, "ADD_MEM_REG", r"new region \(gpa 0x0 size 0x0 .*\) has size 0")
+
+
+def test_add_mem_reg_overlapping_an_existing_region(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        _ready(fe)
+        _mem_table(fe)
+        desc = C.MemoryRegionDesc(0x8000, 0x1000, UOFF + (16 << 20), 0)
+        assert fe.ack(R.ADD_MEM_REG, C.mem_reg(desc), [memfd(4096)]) == 1
+    _warned(log, "ADD_MEM_REG", r"new region \(gpa 0x8000 \+0x1000\) overlaps existing region "
+                                r"at gpa 0x0")
 
 
 def test_more_regions_than_a_table_holds(path: str, log: Log) -> None:
@@ -312,34 +510,93 @@ def test_remove_unknown_memory_region(path: str, log: Log) -> None:
 
 # ---- vrings ------------------------------------------------------------------------------------
 
-VRING_MESSAGES = {
-    "SET_VRING_NUM": (R.SET_VRING_NUM, C.vring_state(5, 8), 0),
-    "SET_VRING_ADDR": (R.SET_VRING_ADDR, C.vring_addr(5, UOFF, UOFF + 0x2000, UOFF + 0x1000), 0),
-    "SET_VRING_BASE": (R.SET_VRING_BASE, C.vring_state(5, 0), 0),
-    "SET_VRING_KICK": (R.SET_VRING_KICK, C.vring_fd(5), 1),
-    "SET_VRING_CALL": (R.SET_VRING_CALL, C.vring_fd(5), 1),
-    "SET_VRING_ERR": (R.SET_VRING_ERR, C.vring_fd(5), 1),
-    "SET_VRING_ENABLE": (R.SET_VRING_ENABLE, C.vring_state(5, 1), 0),
-}
+def _vring_message(name: str, index: int) -> tuple[int, bytes, int]:
+    """Request, payload naming vring ``index``, and the number of fds it takes."""
+    return {
+        "SET_VRING_NUM": (R.SET_VRING_NUM, C.vring_state(index, 8), 0),
+        "SET_VRING_ADDR": (R.SET_VRING_ADDR,
+                           C.vring_addr(index, UOFF, UOFF + 0x2000, UOFF + 0x1000), 0),
+        "SET_VRING_BASE": (R.SET_VRING_BASE, C.vring_state(index, 0), 0),
+        "SET_VRING_KICK": (R.SET_VRING_KICK, C.vring_fd(index), 1),
+        "SET_VRING_CALL": (R.SET_VRING_CALL, C.vring_fd(index), 1),
+        "SET_VRING_ERR": (R.SET_VRING_ERR, C.vring_fd(index), 1),
+        "SET_VRING_ENABLE": (R.SET_VRING_ENABLE, C.vring_state(index, 1), 0),
+    }[name]
 
 
-@pytest.mark.parametrize("name", list(VRING_MESSAGES))
-def test_vring_index_out_of_range(path: str, log: Log, name: str) -> None:
-    req, payload, nfds = VRING_MESSAGES[name]
+VRING_MESSAGES = ["SET_VRING_NUM", "SET_VRING_ADDR", "SET_VRING_BASE", "SET_VRING_KICK",
+                  "SET_VRING_CALL", "SET_VRING_ERR", "SET_VRING_ENABLE"]
+#: the index field of the three fd messages is 8 bits wide; the others have 32
+FD_VRING_MESSAGES = {"SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"}
+
+
+@pytest.mark.parametrize(("name", "index"), [
+    (name, index) for name in VRING_MESSAGES for index in (5, 255, 0xFFFF_FFFF)
+    if name not in FD_VRING_MESSAGES or index <= V.VRING_IDX_MASK])
+def test_vring_index_out_of_range(path: str, log: Log, server: ServerProcess, name: str,
+                                  index: int) -> None:
+    req, payload, nfds = _vring_message(name, index)
+    before = server_fds(server)
     with RawFrontend(path) as fe:
         _ready(fe)
         _mem_table(fe)
-        assert fe.ack(req, payload, [os.eventfd(0) for _ in range(nfds)]) == 1
-    _warned(log, name, r"vring 5 does not exist \(the device has 1 queue\)")
+        fds = [os.eventfd(0) for _ in range(nfds)]
+        assert fe.ack(req, payload, fds) == 1
+        unixsock.close_fds(fds)
+    _warned(log, name, rf"vring {index} does not exist \(the device has 1 queue\)")
+    server_fds_back_to(server, before)
 
 
-def test_get_vring_base_of_a_missing_vring_closes_the_connection(path: str, log: Log) -> None:
+@pytest.mark.parametrize("index", [1, 255, 0xFFFF_FFFF])
+def test_get_vring_base_of_a_missing_vring_closes_the_connection(path: str, log: Log,
+                                                                index: int) -> None:
     with RawFrontend(path) as fe:
         _ready(fe)
-        fe.send(R.GET_VRING_BASE, C.vring_state(9, 0))
+        fe.send(R.GET_VRING_BASE, C.vring_state(index, 0))
         assert fe.closed_by_peer()
-    line = _warned(log, "GET_VRING_BASE", r"vring 9 does not exist")
+    line = _warned(log, "GET_VRING_BASE", rf"vring {index} does not exist")
     assert "closing the connection" in line
+
+
+def _running_ring(fe: RawFrontend, log: Log) -> tuple[int, int]:
+    """Vring 0 started and enabled in a fresh 1 MiB memory table: (memory fd, kick fd)."""
+    _ready(fe)
+    fd = _mem_table(fe)
+    assert fe.ack(R.SET_VRING_NUM, C.vring_state(0, 8)) == 0
+    assert fe.ack(R.SET_VRING_ADDR, C.vring_addr(0, UOFF, UOFF + 0x2000, UOFF + 0x1000)) == 0
+    kick = os.eventfd(0)
+    assert fe.ack(R.SET_VRING_KICK, C.vring_fd(0), [kick]) == 0
+    assert fe.ack(R.SET_VRING_ENABLE, C.vring_state(0, 1)) == 0
+    log.expect(r"vring 0 started")
+    return fd, kick
+
+
+@pytest.mark.parametrize(("name", "payload", "what"), [
+    ("SET_VRING_NUM", C.vring_state(0, 4), "size"),
+    ("SET_VRING_ADDR", C.vring_addr(0, UOFF + 0x4000, UOFF + 0x6000, UOFF + 0x5000),
+     "addresses"),
+    ("SET_VRING_BASE", C.vring_state(0, 3), "base"),
+])
+def test_changing_a_running_ring(path: str, log: Log, name: str, payload: bytes,
+                                 what: str) -> None:
+    with RawFrontend(path) as fe:
+        fds = _running_ring(fe, log)
+        assert fe.ack(getattr(R, name), payload) == 1
+        unixsock.close_fds(fds)
+    _warned(log, name, rf"vring 0 is running; its {what} cannot change")
+
+
+def test_memory_removed_under_a_running_ring(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        fds = _running_ring(fe, log)
+        desc = C.MemoryRegionDesc(0, MEM, UOFF, 0)
+        assert fe.ack(R.REM_MEM_REG, C.mem_reg(desc)) == 0  # legal, but the ring was there
+        line = log.expect(r"vring 0 memory change left it outside guest memory")
+        assert "WARNING" in line
+        log.expect(r"vring 0 stopped at last_avail_idx 0")
+        reply = fe.call(R.GET_VRING_BASE, C.vring_state(0, 0), need_reply=False)
+        assert C.parse_vring_state(reply.payload) == C.VringState(0, 0)
+        unixsock.close_fds(fds)
 
 
 def test_ring_addresses_outside_memory(path: str, log: Log) -> None:
@@ -517,6 +774,52 @@ def test_front_end_that_never_reads_its_replies(path: str, log: Log) -> None:
     log.expect(r"connection closed")
 
 
+def test_a_front_end_that_never_reads_does_not_stall_the_others(path: str, log: Log) -> None:
+    """The server stops reading a front-end whose replies pile up (backpressure) but goes on
+    serving every other connection meanwhile."""
+    with RawFrontend(path) as hog:
+        hog.sock.setblocking(False)
+        request = C.request(R.GET_FEATURES).encode() * 256
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                sent += hog.sock.send(request)
+        except BlockingIOError:
+            pass
+        assert sent < 64 << 20
+        data = read_entropy(path, 256)  # while the hog is still connected, unread
+        assert len(data) == 256 and data != bytes(256)
+    log.expect(r"connection closed")
+
+
+def _trickle(fe: RawFrontend, data: bytes, fds: list[int], fd_at: int = 0) -> None:
+    """Send ``data`` one byte per send, the fds with byte ``fd_at``."""
+    for i in range(len(data)):
+        fe.send_raw(data[i : i + 1], fds if i == fd_at else ())
+
+
+def test_messages_split_into_single_bytes(path: str, log: Log) -> None:
+    with RawFrontend(path) as fe:
+        _trickle(fe, C.request(R.SET_OWNER).encode(), [])
+        _trickle(fe, C.request(R.GET_FEATURES).encode(), [])
+        assert fe.recv().request == R.GET_FEATURES
+        _trickle(fe, C.request(R.SET_PROTOCOL_FEATURES, C.u64(
+            V.protocol_mask(V.ProtocolFeature.REPLY_ACK))).encode(), [])
+        table = C.memory_table([C.MemoryRegionDesc(0, MEM, UOFF, 0)])
+        fd = memfd(MEM)
+        _trickle(fe, C.request(R.SET_MEM_TABLE, table, need_reply=True).encode(), [fd])
+        assert C.parse_u64(fe.recv().payload) == 0
+        os.close(fd)
+        # The fd may come with any byte of its message (here the payload's last).
+        call = os.eventfd(0)
+        msg = C.request(R.SET_VRING_CALL, C.vring_fd(0), need_reply=True).encode()
+        _trickle(fe, msg, [call], fd_at=len(msg) - 1)
+        assert C.parse_u64(fe.recv().payload) == 0
+        os.close(call)
+    log.expect(r"memory table: gpa 0x0 size 0x100000")
+    log.expect(r"<- SET_VRING_CALL flags=0x9 size=8 fds=1 vring 0")
+
+
 def test_log_lines_name_the_request_and_the_problem(path: str, log: Log,
                                                     server: ServerProcess) -> None:
     with RawFrontend(path) as fe:
@@ -545,12 +848,7 @@ def test_after_the_abuse_the_same_server_process_feeds_a_real_qemu_guest(
     require_guest("qemu")
     # The previous check's front-end may still be logging its goodbye: let it finish, so
     # that every line from here on is about the guest.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = server.log_text()
-        if text.count("front-end connected") == text.count("connection closed"):
-            break
-        time.sleep(0.02)
+    wait_all_closed(server)
     log = Log(server)
     ring = RingFeatures(ring_on)  # the server offers both; QEMU is told to turn them off
     pid = server.pid

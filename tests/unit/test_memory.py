@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -322,3 +323,44 @@ def test_views_match_a_byte_by_byte_model(layout: list[tuple[int, int]],
         else:
             with pytest.raises(RegionBoundaryError):
                 mem.view(addr, length)
+
+
+# ---- a peer that shrinks the file under a shared mapping -----------------------------------
+
+
+def test_a_mapped_file_shrunk_by_its_owner_reads_zeros_instead_of_killing_us() -> None:
+    fd = os.memfd_create("shrunk", os.MFD_CLOEXEC)  # not sealable: nothing stops a shrink
+    os.ftruncate(fd, 4 * 4096)
+    region = region_from_fd(fd, 0x10000, 4 * 4096, 0)
+    try:
+        region.buf[:4] = b"live"
+        os.ftruncate(fd, 4096)  # the owner cuts the file to its first page
+        assert region.guard is not None and region.guard.faulted == 0
+        assert bytes(region.buf[:4]) == b"live"  # still inside the file
+        assert bytes(region.buf[8192:8200]) == bytes(8)  # past its end: SIGBUS, survived
+        assert region.guard.faulted == 1
+        region.buf[3 * 4096 : 3 * 4096 + 4] = b"gone"  # already replaced: no second fault
+        assert bytes(region.buf[3 * 4096 : 3 * 4096 + 4]) == b"gone"
+        assert region.guard.faulted == 1
+    finally:
+        region.close()
+
+
+UNGUARDED_CHILD = r"""
+import mmap, os
+from pyvirtio.memory import region_from_fd
+fd = os.memfd_create("guarded")
+os.ftruncate(fd, 8192)
+region = region_from_fd(fd, 0, 8192, 0)  # installs the SIGBUS handler
+other = os.memfd_create("unguarded")
+os.ftruncate(other, 8192)
+m = mmap.mmap(other, 8192)
+os.ftruncate(other, 0)
+print(m[5000])  # not guest memory: must still die of SIGBUS
+"""
+
+
+def test_a_sigbus_outside_guest_memory_still_kills_the_process() -> None:
+    proc = subprocess.run([sys.executable, "-c", UNGUARDED_CHILD], capture_output=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGBUS, proc

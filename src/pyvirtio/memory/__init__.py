@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.memory import sigbus
 
 U64_MAX = (1 << 64) - 1
 
@@ -84,6 +85,8 @@ class Region:
     fd_offset: int = 0
     mmap: mmap.mmap | None = None
     owned: bool = True
+    #: the SIGBUS guard of a mapping the peer could shrink (see :mod:`pyvirtio.memory.sigbus`)
+    guard: sigbus.Guard | None = None
     end: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +116,8 @@ class Region:
                     self.mmap.close()
                 except BufferError:
                     pass  # outstanding views: unmapped when the last one is collected
+                else:
+                    sigbus.release(self.guard)  # (kept while the views may still fault)
             if self.fd is not None:
                 os.close(self.fd)
         self.mmap = None
@@ -382,9 +387,11 @@ def region_from_fd(
         raise GuestMemoryError(
             f"cannot map fd {fd} offset 0x{fd_offset:x} size 0x{size:x}: {exc}", gpa, size
         ) from exc
+    # The file's owner may shrink it later: a fault past its end must not kill us.
+    guard = sigbus.protect(mm, f"region {_describe(gpa, size)}")
     buf = memoryview(mm)[skip : skip + size]
     return Region(gpa=gpa, size=size, buf=buf, user_addr=user_addr, fd=fd,
-                  fd_offset=fd_offset, mmap=mm, owned=owned)
+                  fd_offset=fd_offset, mmap=mm, owned=owned, guard=guard)
 
 
 def buffer_region(buf: bytearray | memoryview, gpa: int = 0) -> Region:

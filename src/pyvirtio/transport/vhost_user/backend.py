@@ -42,7 +42,7 @@ from pyvirtio.core.features import describe as _describe
 from pyvirtio.core.reactor import Reactor
 from pyvirtio.device.base import ConfigAccessError, VirtioDevice
 from pyvirtio.errors import PeerError
-from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, region_from_fd
+from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, region_from_fd, sigbus
 from pyvirtio.ring import DeviceQueue
 from pyvirtio.spec import features as F
 from pyvirtio.spec import split as SP
@@ -177,6 +177,8 @@ class BackendProtocol:
         self.requests: deque[str] = deque(maxlen=1000)
         self.messages = 0
         self.closed = False
+        self._sigbus_seen = sigbus.faults
+        self._truncated: set[int] = set()  # id() of regions reported as truncated
         self.rules: dict[int, RequestRule] = dict(C.REQUEST_RULES)
         self.handlers: dict[int, Handler] = {
             R.GET_FEATURES: self._get_features,
@@ -682,9 +684,32 @@ class BackendProtocol:
             return
         if ring.broken is None:
             self.device.kick(index)
+            if sigbus.faults != self._sigbus_seen:
+                self._check_truncated()
+                if v.ring is None:
+                    return
         if ring.broken is not None and not v.broken_reported:
             v.broken_reported = True
             self._ring_problem(v, f"broken: {ring.broken}")
+
+    def _check_truncated(self) -> None:
+        """A SIGBUS was survived (see :mod:`pyvirtio.memory.sigbus`): if it was in our
+        memory, the front-end shrank a region's file under the mapping. Its pages past the
+        end now read as zeros, shared with nobody: every ring stops."""
+        self._sigbus_seen = sigbus.faults
+        for r in self.memory.regions:
+            if r.guard is None or not r.guard.faulted or id(r) in self._truncated:
+                continue
+            self._truncated.add(id(r))
+            text = (f"{self.name}: memory region gpa 0x{r.gpa:x} size 0x{r.size:x}: its file "
+                    "shrank under the mapping (the front-end truncated it); access past its "
+                    "end faulted (SIGBUS, survived)")
+            self.problems.append(text)
+            self.log.warning("%s", text)
+            for v in self.vrings:
+                if v.ring is not None:
+                    self._ring_problem(v, "stopped: its guest memory was truncated")
+                    self._stop_vring(v)
 
     def _ring_problem(self, v: Vring, text: str) -> None:
         message = f"{self.name}: {v.describe()} {text}"

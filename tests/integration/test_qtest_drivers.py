@@ -30,8 +30,8 @@ from pyvirtio.io.qtest import QtestError, QtestMachine, QtestTimeoutError
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import pci as P
-from pyvirtio.transport.pci import PcFirmware, piix_pirq
-from pyvirtio.transport.pci_driver import (
+from pyvirtio.transport.pci_bus import PcFirmware, piix_pirq
+from pyvirtio.transport.virtio_pci import (
     VirtioPciLegacy,
     VirtioPciModern,
     VirtioPciTransport,

@@ -11,7 +11,7 @@ Debian's QEMU has no qtest *accelerator*, so the machine runs TCG. Not with ``-S
 a stopped VM is not what device models expect (virtio-rng leaves its queue alone unless the
 VM is running; virtio-blk happens to work). Instead the "BIOS" is :data:`HALT_BIOS`, 64 KiB
 of HLT: the vCPU halts at the reset vector with interrupts off, so the VM is *running* while
-no firmware touches the hardware (see :mod:`pyvirtio.transport.pci` for doing the firmware's
+no firmware touches the hardware (see :mod:`pyvirtio.transport.pci_bus` for doing the firmware's
 job ourselves). The main loop runs device back-ends, timers and DMA. Guest RAM is a shared
 ``memory-backend-file`` in /dev/shm that we map ourselves, so rings and buffers are plain
 memory writes instead of protocol traffic. ``-qtest-log /dev/null`` matters: without it QEMU
@@ -20,7 +20,7 @@ logs every command and answer to stderr.
 Two classes:
 
 * :class:`QtestClient` speaks the protocol over a connected socket. It is the *host bus* of
-  :mod:`pyvirtio.transport.pci` (port I/O, MMIO) and its INTx line source (IRQ levels).
+  :mod:`pyvirtio.transport.pci_bus` (port I/O, MMIO) and its INTx line source (IRQ levels).
 * :class:`QtestMachine` owns the QEMU process, the socket and the RAM file: it starts QEMU,
   waits for its connection, maps RAM, and on :meth:`QtestMachine.close` (also on any failure
   while starting) stops QEMU and removes every file it made.
@@ -48,7 +48,7 @@ from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 
 if TYPE_CHECKING:
-    from pyvirtio.transport.pci_driver import VirtioPciTransport
+    from pyvirtio.transport.virtio_pci import VirtioPciTransport
 
 log = logging.getLogger("pyvirtio.qtest")
 
@@ -276,7 +276,7 @@ class QtestClient:
         if length > 0:
             self.command(f"memset 0x{addr:x} 0x{length:x} 0x{byte:x}")
 
-    # ---- the host bus interface of pyvirtio.transport.pci -------------------------------
+    # ---- the host bus interface of pyvirtio.transport.pci_bus -------------------------------
 
     def io_read(self, port: int, size: int) -> int:
         if size == 1:
@@ -562,7 +562,7 @@ class QtestMachine:
         With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
         their INTx line; otherwise they poll the ISR register. Call once per machine.
         """
-        from pyvirtio.transport.pci_driver import discover
+        from pyvirtio.transport.virtio_pci import discover
 
         client = self.qtest
         assert self.memory is not None and self.allocator is not None

@@ -6,6 +6,8 @@
   (``virtio_uml``), ~1.5 s per boot, native speed, host files through hostfs.
 * :mod:`~pyvirtio.guest.qemu`: QEMU TCG with the Debian cloud kernel, virtio PCI,
   vhost-user blk/net/rng.
+* :mod:`~pyvirtio.guest.qtest`: QEMU under qtest (no guest kernel) so our drivers can drive
+  QEMU's own device models.
 * :mod:`~pyvirtio.guest.base`: what both share: :class:`GuestResult`, console capture,
   ``PYVIRTIO-*`` markers, timeouts, cleanup of every process.
 
@@ -47,6 +49,7 @@ from pyvirtio.guest.qemu import (
     VhostUserRng,
     find_qemu_binary,
 )
+from pyvirtio.guest.qtest import QtestMachine
 from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "MissingDependencyError",
     "QemuDevice",
     "QemuGuest",
+    "QtestMachine",
     "UmlGuest",
     "VhostUserBlk",
     "VhostUserDevice",

@@ -48,9 +48,11 @@ from pyvirtio.guest.qemu import (
     VhostUserNet,
     VhostUserRng,
     find_qemu_binary,
+    qemu_args,
+    qemu_memory_args,
 )
 from pyvirtio.guest.qtest import QtestMachine
-from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary
+from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary, uml_args
 
 __all__ = [
     "DEFAULT_MODULES",
@@ -80,5 +82,8 @@ __all__ = [
     "find_qemu_kernel",
     "find_uml_binary",
     "find_uml_kernel",
+    "qemu_args",
+    "qemu_memory_args",
     "session_processes",
+    "uml_args",
 ]

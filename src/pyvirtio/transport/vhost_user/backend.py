@@ -57,7 +57,7 @@ from pyvirtio.transport.vhost_user.codec import (
     ReplyKind,
     RequestRule,
 )
-from pyvirtio.transport.vhost_user.extension import BackendExtension, Handler, extensions_for
+from pyvirtio.transport.vhost_user.extension import BackendExtension, Handler
 
 log = logging.getLogger("pyvirtio.vhost_user.backend")
 
@@ -160,7 +160,7 @@ class BackendProtocol:
         self.log = log
         self.memory = GuestMemory()
         self.max_mem_slots = max_mem_slots
-        self.extensions = [*extensions, *extensions_for(device)]
+        self.extensions = list(extensions)
         self.offered_protocol_features = protocol_features
         if not device.config:
             # Nothing to GET or SET; QEMU front-ends without config support warn about it.

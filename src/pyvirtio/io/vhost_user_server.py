@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterable
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.errors import LocalError
-from pyvirtio.io import unixsock
+from pyvirtio.io import memfd, unixsock
 from pyvirtio.io.loop import EventLoop, Timer
+from pyvirtio.memory import Region
 from pyvirtio.transport.vhost_user import codec as C
 from pyvirtio.transport.vhost_user.backend import (
     DEFAULT_MAX_MEM_SLOTS,
@@ -270,6 +271,13 @@ class _Connection:
             if fd not in self._bad_signal_fds:
                 self._bad_signal_fds.add(fd)
                 log.warning("%s: writing notification fd %d failed: %s", self.name, fd, exc)
+
+    def map_memory(self, fd: int, gpa: int, size: int, fd_offset: int,
+                   user_addr: int | None) -> Region:
+        return memfd.map_memory_fd(fd, gpa, size, fd_offset, user_addr)
+
+    def close_fd(self, fd: int) -> None:
+        memfd.close_fd(fd)
 
     def send_backend(self, fd: int, data: bytes) -> None:
         try:

@@ -358,7 +358,7 @@ def run_in_memory(n: int) -> int:
             f"{pair.transport.interrupts} interrupts; digest matches what the device served: "
             f"{same}")
         ok1 = same and len(data) == n
-    say("across two processes: the device runs in a child, sharing a memfd and eventfds")
+    say("across two processes: the device runs in a child behind vhost-user (memfd, eventfds)")
     with ProcessDevicePair("pyvirtio.device.rng:RngDevice") as ppair:
         driver = ppair.probe()
         assert isinstance(driver, RngDriver)

@@ -26,6 +26,7 @@ from typing import Any
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 
 log = logging.getLogger("pyvirtio.testing.server")
@@ -75,7 +76,9 @@ class ServerProcess:
     directories the child imports the device module from. ``extensions`` names the
     server's extensions factory ("module:function", e.g.
     ``"pyvirtio.io.inflight:inflight_extensions"``); ``server_options`` are keyword
-    arguments of :class:`VhostUserServer` (``{"max_mem_slots": 4}``...).
+    arguments of :class:`VhostUserServer` (``{"max_mem_slots": 4}``...). With
+    ``introspect`` the child also answers :meth:`device_attr` (test introspection of the
+    device it serves, on a socket of its own beside ``path``).
     """
 
     def __init__(self, path: str | os.PathLike[str],
@@ -84,8 +87,10 @@ class ServerProcess:
                  log_path: str | os.PathLike[str] | None = None,
                  extensions: str | None = None,
                  server_options: dict[str, Any] | None = None,
-                 pythonpath: Sequence[str] = (), start_timeout: float = 15.0) -> None:
+                 pythonpath: Sequence[str] = (), start_timeout: float = 15.0,
+                 introspect: bool = False) -> None:
         self.path = os.fspath(path)
+        self.introspect_path = self.path + ".attr" if introspect else None
         if log_path is None:
             fd, name = tempfile.mkstemp(prefix="vhost-user-server-", suffix=".log")
             os.close(fd)
@@ -94,7 +99,8 @@ class ServerProcess:
         ready_r, ready_w = os.pipe()
         spec = {"socket": self.path, "device": device, "kwargs": kwargs or {},
                 "extensions": extensions, "server": server_options or {},
-                "log_level": log_level, "ready_fd": ready_w}
+                "log_level": log_level, "ready_fd": ready_w,
+                "introspect": self.introspect_path}
         cmd = [sys.executable, "-m", "pyvirtio.testing.server", json.dumps(spec)]
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[2])
@@ -155,6 +161,25 @@ class ServerProcess:
                                    f"{self.log_text()[-3000:]}")
             time.sleep(0.02)
 
+    def device_attr(self, name: str, timeout: float = 10.0) -> Any:
+        """An attribute of the device the child serves now (a hash object reads as its hex
+        digest); needs ``introspect=True``."""
+        if self.introspect_path is None:
+            raise LocalError("this ServerProcess was started without introspect=True")
+        with unixsock.connect(self.introspect_path, timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(name.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data or b"{}")
+        if "error" in reply:
+            raise LocalError(f"device attribute {name!r}: {reply['error']}")
+        return reply["value"]
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
         if self.proc.poll() is None:
@@ -198,6 +223,27 @@ def device_factory(spec: str, kwargs: dict[str, Any]) -> Callable[[], VirtioDevi
     return factory
 
 
+def _serve_attributes(server: VhostUserServer, path: str) -> None:
+    """Answer one attribute name per connection with ``{"value": ...}`` as JSON."""
+    listener = unixsock.listen(path, 4)
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5.0)
+            try:
+                name = conn.recv(256).decode().strip()
+                value = getattr(server.last_device, name)
+                if hasattr(value, "hexdigest"):
+                    value = value.hexdigest()
+                reply = {"value": value}
+            except Exception as exc:  # a test's bad name: say so, keep serving
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    server.loop.add_reader(listener.fileno(), answer)
+
+
 def _child(spec: dict[str, Any]) -> int:
     """The child of :class:`ServerProcess`: serve until SIGTERM."""
     logging.basicConfig(level=str(spec["log_level"]).upper(),
@@ -211,6 +257,8 @@ def _child(spec: dict[str, Any]) -> int:
     except (LocalError, PeerError, OSError, ValueError, TypeError) as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if spec.get("introspect"):
+        _serve_attributes(server, spec["introspect"])
     with contextlib.suppress(OSError):
         os.write(ready_fd, b"ready\n")
     os.close(ready_fd)
@@ -219,6 +267,9 @@ def _child(spec: dict[str, Any]) -> int:
         log.info("stopping: %s", server.loop.stop_reason)
     finally:
         server.close()
+        if spec.get("introspect"):
+            with contextlib.suppress(OSError):
+                os.unlink(spec["introspect"])
     return 0
 
 

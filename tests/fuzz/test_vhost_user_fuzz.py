@@ -46,7 +46,8 @@ from hypothesis.stateful import (
 from peers import require_guest
 from pyvirtio.errors import PeerError
 from pyvirtio.guest import QemuGuest
-from pyvirtio.io.vhost_user_server import VhostUserServer, qemu_args
+from pyvirtio.guest.qemu import qemu_args
+from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.memory import GuestMemory, buffer_region, sigbus
 from pyvirtio.ring import DriverQueue, RingError
 from pyvirtio.spec import features as F

@@ -4,9 +4,8 @@
   command line), its banner parsed, its log in a file; SIGTERM (clean) or SIGKILL (crash),
   always stopped.
 * :class:`SlowBlkDevice`: a BlkDevice whose writes take ``delay`` seconds each and say so in
-  the log, so a test can SIGKILL the server while a request is certainly in flight. It gets
-  the INFLIGHT_SHMFD extension like the real server (registered at import, for
-  ``ServerProcess`` children).
+  the log, so a test can SIGKILL the server while a request is certainly in flight. Its
+  ``ServerProcess`` is given the INFLIGHT_SHMFD extension factory the real server uses.
 * Image helpers: a raw image with guard files and a guard tail, and the expected contents of
   the blocks the crash test writes.
 
@@ -27,9 +26,6 @@ from serve_process import ServeProcess
 
 from pyvirtio.device.backends.blk_file import FileBackend
 from pyvirtio.device.blk import BlkDevice
-from pyvirtio.io.inflight import allocate_region
-from pyvirtio.transport.vhost_user.extension import register_extension
-from pyvirtio.transport.vhost_user.inflight import InflightExtension
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
@@ -155,5 +151,3 @@ class SlowBlkDevice(BlkDevice):
     def close(self) -> None:
         self._slow_backend.close()
 
-
-register_extension(SlowBlkDevice, lambda device: InflightExtension(device, allocate_region))

@@ -33,7 +33,7 @@ from blk_guest_helpers import (
 
 from peers import require_guest
 from pyvirtio.guest import QemuGuest, VhostUserBlk
-from pyvirtio.io.vhost_user_server import ServerProcess
+from pyvirtio.testing.server import ServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -78,6 +78,7 @@ def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path
             first.kill()  # crash 1: anywhere in the write stream
             slow = ServerProcess(str(sock), "blk_guest_helpers:SlowBlkDevice",
                                  {"path": str(image.path), "delay": 0.5}, log_level="INFO",
+                                 extensions="pyvirtio.io.inflight:inflight_extensions",
                                  log_path=tmp_path / "slow.log", pythonpath=[str(HERE)])
             slow.wait_for_log("slow write of 4096 bytes", timeout=60)
             slow.kill()  # crash 2: inside a write, so a request is in flight for sure

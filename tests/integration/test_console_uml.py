@@ -30,6 +30,7 @@ from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 from pyvirtio.spec.features import bit
+from pyvirtio.testing.server import ServerThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -44,7 +45,7 @@ def console_setup(tmp_path: Path, ring: RingFeatures
     server = VhostUserServer(tmp_path / "vu.sock", lambda: device)
     device.reactor = server.loop  # the ports accept their host clients before any guest
     try:
-        with server.in_thread():
+        with ServerThread(server):
             yield device, server, tmp_path
     finally:
         device.close()

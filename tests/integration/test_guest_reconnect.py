@@ -28,9 +28,11 @@ from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
 from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice
+from pyvirtio.guest.qemu import qemu_args as guest_qemu_args
 from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
+from pyvirtio.testing.server import ServerThread
 from vhost_user_helpers import RecordingRngDevice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -57,8 +59,8 @@ def test_killing_qemu_mid_read_leaves_the_server_serving_the_next_guest(
         return devices[-1]
 
     server = VhostUserServer(tmp_path / "rng.sock", factory)
-    qemu_args = server.qemu_args(ids.RNG, extra=ring.qemu_device_props)
-    with server.in_thread():
+    qemu_args = guest_qemu_args(server.path, ids.RNG, extra=ring.qemu_device_props)
+    with ServerThread(server):
         first = QemuGuest(BUSY_HWRNG, extra_args=qemu_args, timeout=WAIT)
         try:
             first.start()
@@ -128,7 +130,7 @@ def test_killing_uml_mid_transfer_leaves_the_server_serving_the_next_guest(
     uml_device = [VhostUserDevice(server.path, ids.CONSOLE)]
     console = ConsoleClient(hvc0_path)
     try:
-        with server.in_thread():
+        with ServerThread(server):
             drain = Drain(data_path)
             first = UmlGuest(BUSY_CONSOLE, devices=uml_device, timeout=WAIT)
             try:

@@ -26,12 +26,13 @@ import pytest
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.rng import RngDriver
-from pyvirtio.io.qtest import QtestError, QtestMachine, QtestTimeoutError
+from pyvirtio.guest.qtest import QtestMachine
+from pyvirtio.io.qtest import QtestError, QtestTimeoutError
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import pci as P
-from pyvirtio.transport.pci import PcFirmware, piix_pirq
-from pyvirtio.transport.pci_driver import (
+from pyvirtio.transport.pci_bus import PcFirmware, piix_pirq
+from pyvirtio.transport.virtio_pci import (
     VirtioPciLegacy,
     VirtioPciModern,
     VirtioPciTransport,
@@ -354,7 +355,7 @@ def test_qemu_dies_with_the_process_that_started_it(require: Callable[..., None]
     require(QEMU)
     script = textwrap.dedent("""
         import time
-        from pyvirtio.io.qtest import QtestMachine
+        from pyvirtio.guest.qtest import QtestMachine
         m = QtestMachine(["-device", "virtio-rng-pci"]).start()
         print(m.pid, flush=True)
         time.sleep(60)

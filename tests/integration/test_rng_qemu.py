@@ -26,8 +26,10 @@ from guest_helpers import (
 
 from peers import require_guest
 from pyvirtio.guest import QemuGuest
+from pyvirtio.guest.qemu import qemu_args as guest_qemu_args
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
+from pyvirtio.testing.server import ServerThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -38,8 +40,8 @@ def test_a_qemu_guest_reads_exactly_the_bytes_pyvirtio_served_from_dev_hwrng(
     require_guest("qemu")
     device = recording_rng(seed=1, transport_features=ring.transport_features)
     server = VhostUserServer(tmp_path / "rng.sock", lambda: device)
-    with server.in_thread():
-        qemu_args = server.qemu_args(ids.RNG, extra=ring.qemu_device_props)
+    with ServerThread(server):
+        qemu_args = guest_qemu_args(server.path, ids.RNG, extra=ring.qemu_device_props)
         result = QemuGuest(HWRNG_SCRIPT, extra_args=qemu_args, timeout=WAIT).run()
         assert result.ok, result.describe()
         wait_closed(server, 1)
@@ -61,8 +63,8 @@ def test_a_rate_limited_device_still_serves_a_real_guest_every_byte_it_asks_for(
     rate = 64 * 1024  # bytes/s: the 64 KiB read has to wait for the bucket several times
     device = recording_rng(seed=2, rate_limit=rate)
     server = VhostUserServer(tmp_path / "rng.sock", lambda: device)
-    with server.in_thread():
-        result = QemuGuest(HWRNG_SCRIPT, extra_args=server.qemu_args(ids.RNG),
+    with ServerThread(server):
+        result = QemuGuest(HWRNG_SCRIPT, extra_args=guest_qemu_args(server.path, ids.RNG),
                            timeout=WAIT).run()
         assert result.ok, result.describe()
         wait_closed(server, 1)

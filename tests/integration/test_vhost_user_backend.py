@@ -23,18 +23,16 @@ from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.errors import LocalError
+from pyvirtio.guest.qemu import qemu_args, qemu_memory_args
+from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.vhost_user_client import VhostUserClient
-from pyvirtio.io.vhost_user_server import (
-    ServerProcess,
-    ServerThread,
-    VhostUserServer,
-    qemu_memory_args,
-)
+from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
 from pyvirtio.spec import status as S
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import ProtocolFeature as PF
 from pyvirtio.spec.vhost_user import Request as R
+from pyvirtio.testing.server import ServerProcess, ServerThread
 from pyvirtio.transport.vhost_user import codec as C
 from vhost_user_helpers import (
     SRC_DIR,
@@ -55,7 +53,7 @@ def sock_path(tmp_path: Path) -> str:
 @pytest.fixture
 def served(sock_path: str) -> Iterator[tuple[VhostUserServer, ServerThread]]:
     server = VhostUserServer(sock_path, RngDevice)
-    thread = server.in_thread()
+    thread = ServerThread(server)
     yield server, thread
     thread.stop()
 
@@ -143,7 +141,7 @@ def test_the_server_outlives_a_sigkilled_front_end(
 def test_one_device_instance_is_reset_between_front_ends(sock_path: str) -> None:
     device = RngDevice()
     server = VhostUserServer(sock_path, lambda: device)
-    with server.in_thread():
+    with ServerThread(server):
         for _ in range(3):
             assert len(read_entropy(sock_path, 100)) == 100
     assert device.served == 300
@@ -153,7 +151,7 @@ def test_one_device_instance_is_reset_between_front_ends(sock_path: str) -> None
 
 def test_a_second_front_end_waits_until_the_first_leaves(sock_path: str) -> None:
     server = VhostUserServer(sock_path, RngDevice, max_connections=1)
-    with server.in_thread():
+    with ServerThread(server):
         first = VhostUserClient(sock_path, ids.RNG)
         try:
             probe(first, RngDriver)
@@ -177,7 +175,7 @@ def test_with_two_connections_allowed_each_front_end_gets_its_own_device(
         return devices[-1]
 
     server = VhostUserServer(sock_path, factory, max_connections=2)
-    with server.in_thread():
+    with ServerThread(server):
         with VhostUserClient(sock_path, ids.RNG) as a, VhostUserClient(sock_path, ids.RNG) as b:
             ra, rb = probe(a, RngDriver), probe(b, RngDriver)
             assert isinstance(ra, RngDriver) and isinstance(rb, RngDriver)
@@ -190,7 +188,7 @@ def test_with_two_connections_allowed_each_front_end_gets_its_own_device(
 def test_config_space_and_config_change_notifications_cross_the_socket(
         sock_path: str) -> None:
     server = VhostUserServer(sock_path, ConfigRngDevice)
-    with server.in_thread(), VhostUserClient(sock_path, ids.RNG) as client:
+    with ServerThread(server), VhostUserClient(sock_path, ids.RNG) as client:
         probe(client, RngDriver)
         assert client.read_config(0, 8) == b"PVIO\0\0\0\0"
         client.write_config(4, b"hi")
@@ -224,18 +222,14 @@ def test_a_stale_socket_file_is_replaced_but_a_live_one_is_not(sock_path: str) -
         server.close()
 
 
-def test_server_says_how_to_attach_qemu_and_uml(sock_path: str) -> None:
-    server = VhostUserServer(sock_path, RngDevice)
-    try:
-        assert server.qemu_args() == ["-chardev", f"socket,id=vu0,path={sock_path}",
-                                      "-device", "vhost-user-rng-pci,chardev=vu0"]
-        assert server.uml_args() == [f"virtio_uml.device={sock_path}:4"]
-        assert server.qemu_args(ids.NET)[-1] == "virtio-net-pci,netdev=vu0-net"
-        with pytest.raises(LocalError, match="no vhost-user front-end for console"):
-            server.qemu_args(ids.CONSOLE)
-        assert "share=on" in " ".join(qemu_memory_args(256))
-    finally:
-        server.close()
+def test_guest_args_say_how_to_attach_qemu_and_uml(sock_path: str) -> None:
+    assert qemu_args(sock_path, ids.RNG) == ["-chardev", f"socket,id=vu0,path={sock_path}",
+                                             "-device", "vhost-user-rng-pci,chardev=vu0"]
+    assert uml_args(sock_path, ids.RNG) == [f"virtio_uml.device={sock_path}:4"]
+    assert qemu_args(sock_path, ids.NET)[-1] == "virtio-net-pci,netdev=vu0-net"
+    with pytest.raises(LocalError, match="no vhost-user front-end for console"):
+        qemu_args(sock_path, ids.CONSOLE)
+    assert "share=on" in " ".join(qemu_memory_args(256))
 
 
 def test_server_process_stops_cleanly_on_sigterm(sock_path: str, tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_h
 
 from peers import require_guest
 from pyvirtio.guest import QemuGuest
+from pyvirtio.guest.qemu import qemu_args
 from pyvirtio.io import unixsock
-from pyvirtio.io.vhost_user_server import ServerProcess, qemu_args
 from pyvirtio.memory import GuestMemory, region_from_fd
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DriverQueue
@@ -33,6 +33,7 @@ from pyvirtio.spec import ids
 from pyvirtio.spec import split as SP
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import Request as R
+from pyvirtio.testing.server import ServerProcess
 from pyvirtio.transport.vhost_user import codec as C
 from vhost_user_helpers import TESTS_DIR, RawFrontend, memfd, read_entropy
 
@@ -47,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("vhost-user-hostile")
     proc = ServerProcess(workdir / "vu.sock", "vhost_user_helpers:ConfigRngDevice",
                          pythonpath=[str(TESTS_DIR)], log_path=workdir / "server.log",
-                         extra_args=["--max-mem-slots", "4", "--max-connections", "2"])
+                         server_options={"max_mem_slots": 4, "max_connections": 2})
     yield proc
     proc.stop()
 

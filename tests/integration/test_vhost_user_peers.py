@@ -33,6 +33,7 @@ from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
+from pyvirtio.testing.server import ServerThread
 from vhost_user_helpers import RecordingRngDevice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -48,7 +49,7 @@ def sock_path(tmp_path: Path) -> str:
 def rng_server(sock_path: str) -> Iterator[VhostUserServer]:
     device = RecordingRngDevice()
     server = VhostUserServer(sock_path, lambda: device)
-    with server.in_thread():
+    with ServerThread(server):
         yield server
 
 
@@ -96,7 +97,7 @@ def test_qemu_acks_ring_features_the_device_never_offered(sock_path: str) -> Non
     device = RecordingRngDevice(transport_features=F.bit(F.VERSION_1))
     server = VhostUserServer(sock_path, lambda: device)
     script = "result bytes $(dd if=/dev/hwrng bs=4096 count=2 2>/dev/null | wc -c)\n"
-    with server.in_thread():
+    with ServerThread(server):
         result = QemuGuest(script, devices=[VhostUserRng(sock_path)], timeout=120).run()
         result.check()
         _wait_closed(server)
@@ -129,7 +130,7 @@ def test_uml_sets_up_every_vring_of_a_console(sock_path: str) -> None:
         "result hvc $(ls /dev/hvc0)\n"
         "echo hello-from-uml > /dev/hvc0\n"
     )
-    with server.in_thread():
+    with ServerThread(server):
         result = UmlGuest(script, devices=[VhostUserDevice(sock_path, ids.CONSOLE)]).run()
         result.check()
         _wait_closed(server)

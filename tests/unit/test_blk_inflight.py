@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from pyvirtio.device.blk import BlkBackend, BlkDevice, BlkRequest, Completion
+from pyvirtio.io import memfd
 from pyvirtio.io.inflight import allocate_region
 from pyvirtio.memory import GuestMemory
 from pyvirtio.ring import DriverQueue
@@ -147,7 +148,9 @@ def start(device: BlkDevice, memory: GuestMemory) -> None:
 
 
 def attach(ext: InflightExtension) -> None:
-    ext.attach(SimpleNamespace(name="test", reply_to=C.reply))  # type: ignore[arg-type]
+    host = SimpleNamespace(map_memory=memfd.map_memory_fd, close_fd=memfd.close_fd)
+    ext.attach(SimpleNamespace(name="test", reply_to=C.reply,  # type: ignore[arg-type]
+                               host=host))
 
 
 def test_a_restarted_back_end_resubmits_what_its_predecessor_held(tmp_path: Path) -> None:

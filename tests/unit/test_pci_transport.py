@@ -19,7 +19,7 @@ import pytest
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.spec import ids
 from pyvirtio.spec import pci as P
-from pyvirtio.transport.pci import (
+from pyvirtio.transport.pci_bus import (
     PIIX3_ADDRESS,
     PIIX3_PIRQRC,
     AddressWindow,
@@ -32,7 +32,7 @@ from pyvirtio.transport.pci import (
     piix_pirq,
     scan_bus,
 )
-from pyvirtio.transport.pci_driver import InterruptRouter, identify, select_virtio_caps
+from pyvirtio.transport.virtio_pci import InterruptRouter, identify, select_virtio_caps
 
 # ---- the fake bus ------------------------------------------------------------------------
 

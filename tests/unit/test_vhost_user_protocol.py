@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from pyvirtio.device.rng import RngDevice
-from pyvirtio.memory import GuestMemory, region_from_fd
+from pyvirtio.io import memfd
+from pyvirtio.memory import GuestMemory, Region, region_from_fd
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DriverQueue
 from pyvirtio.spec import features as F
@@ -60,6 +61,13 @@ class FakeHost:
 
     def send_backend(self, fd: int, data: bytes) -> None:
         self.backend.append(data)
+
+    def map_memory(self, fd: int, gpa: int, size: int, fd_offset: int,
+                   user_addr: int | None) -> Region:
+        return memfd.map_memory_fd(fd, gpa, size, fd_offset, user_addr)
+
+    def close_fd(self, fd: int) -> None:
+        memfd.close_fd(fd)
 
 
 class Front:

@@ -45,6 +45,8 @@ from pyvirtio.guest import (
     UmlGuest,
     VhostUserDevice,
 )
+from pyvirtio.guest.qemu import qemu_args as guest_qemu_args
+from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
 from pyvirtio.testing.guests import (
@@ -57,6 +59,7 @@ from pyvirtio.testing.guests import (
 )
 from pyvirtio.testing.pair import DevicePair
 from pyvirtio.testing.process_pair import ProcessDevicePair
+from pyvirtio.testing.server import ServerThread
 
 PORT_NAME = "org.pyvirtio.demo"
 TRANSFER = 1 << 20
@@ -154,7 +157,7 @@ class RecordingConsole(ConsoleDevice):
 
 @contextmanager
 def serving(server: VhostUserServer) -> Iterator[VhostUserServer]:
-    with server.in_thread():
+    with ServerThread(server):
         yield server
 
 
@@ -237,7 +240,7 @@ def uml_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
         port.send_in_background(to_guest)
         say(f"serving virtio-console on {vu}: port 0 is the console (hvc0), port 1 is named "
             f"{PORT_NAME!r}; pyvirtio holds the host end of both")
-        say(f"booting  linux.uml ... {shlex.join(server.uml_args(ids.CONSOLE))}")
+        say(f"booting  linux.uml ... {shlex.join(uml_args(server.path, ids.CONSOLE))}")
         guest = stack.enter_context(booted(UmlGuest(UML_SCRIPT, devices=[
             VhostUserDevice(vu, ids.CONSOLE)], timeout=STEP_TIMEOUT * 2)))
         bitmap = kernel_lines(guest, "uml kernel", r"PYVIRTIO-RESULT features=(\S+)")
@@ -304,7 +307,7 @@ def qemu_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
     device = RngDevice(source)
     server = VhostUserServer(vu, lambda: device)
     with serving(server):
-        qemu_args = server.qemu_args(ids.RNG)
+        qemu_args = guest_qemu_args(server.path, ids.RNG)
         say(f"serving virtio-rng on {vu}: a recorded, deterministic byte stream")
         say(f"booting  qemu-system-x86_64 ... {shlex.join(qemu_args)}")
         with booted(QemuGuest(QEMU_SCRIPT, extra_args=qemu_args,
@@ -355,7 +358,7 @@ def run_in_memory(n: int) -> int:
             f"{pair.transport.interrupts} interrupts; digest matches what the device served: "
             f"{same}")
         ok1 = same and len(data) == n
-    say("across two processes: the device runs in a child, sharing a memfd and eventfds")
+    say("across two processes: the device runs in a child behind vhost-user (memfd, eventfds)")
     with ProcessDevicePair("pyvirtio.device.rng:RngDevice") as ppair:
         driver = ppair.probe()
         assert isinstance(driver, RngDriver)

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pyvirtio.device.base import DEFAULT_QUEUE_SIZE, DEFAULT_TRANSPORT_FEATURES
+from pyvirtio.guest.qemu import qemu_args, qemu_memory_args
+from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.loop import EventLoop
-from pyvirtio.io.vhost_user_server import VhostUserServer, qemu_memory_args
+from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 
@@ -73,13 +75,13 @@ def attach_instructions(servers: Sequence[VhostUserServer], device_id: int,
     if qemu:
         qargs = list(qemu_memory_args())
         for i, server in enumerate(servers):
-            qargs += server.qemu_args(device_id, chardev_id=f"vu{i}", extra=qemu_extra)
+            qargs += qemu_args(server.path, device_id, chardev_id=f"vu{i}", extra=qemu_extra)
         lines.append("QEMU (7.2, shared guest RAM is required):")
         lines.append("  qemu-system-x86_64 ... " + shlex.join(qargs))
     if uml:
         lines.append("User-Mode Linux (one guest per socket):")
         for server in servers:
-            lines.append("  linux.uml ... " + shlex.join(server.uml_args(device_id)))
+            lines.append("  linux.uml ... " + shlex.join(uml_args(server.path, device_id)))
     return "\n".join(lines)
 
 

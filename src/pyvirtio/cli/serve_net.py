@@ -35,10 +35,12 @@ from pyvirtio.device.net import NetDevice
 from pyvirtio.device.net_endpoint import format_mac, parse_mac
 from pyvirtio.device.switch import Switch, SwitchPort
 from pyvirtio.errors import LocalError
+from pyvirtio.guest.qemu import qemu_args, qemu_memory_args
+from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.io.pcap import PcapWriter
 from pyvirtio.io.tap import Tap, TapBackend
-from pyvirtio.io.vhost_user_server import VhostUserServer, qemu_memory_args
+from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
 from pyvirtio.spec import status as S
 
@@ -186,11 +188,11 @@ def attach_lines(ports: list[Port], macs: list[bytes]) -> str:
              + shlex.join(qemu_memory_args())]
     for i, (p, mac) in enumerate(zip((p for p in ports if p.server), macs, strict=True)):
         assert p.server is not None
-        qargs = p.server.qemu_args(ids.NET, chardev_id=f"vu{i}",
+        qargs = qemu_args(p.server.path, ids.NET, chardev_id=f"vu{i}",
                                    extra=f",mac={format_mac(mac)},vectors=0")
         lines.append(f"port {p.name} ({format_mac(mac)}, {p.server.path}):")
         lines.append("  QEMU: " + shlex.join(qargs))
-        lines.append("  UML:  " + shlex.join(p.server.uml_args(ids.NET)))
+        lines.append("  UML:  " + shlex.join(uml_args(p.server.path, ids.NET)))
     return "\n".join(lines)
 
 

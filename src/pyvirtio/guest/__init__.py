@@ -6,6 +6,8 @@
   (``virtio_uml``), ~1.5 s per boot, native speed, host files through hostfs.
 * :mod:`~pyvirtio.guest.qemu`: QEMU TCG with the Debian cloud kernel, virtio PCI,
   vhost-user blk/net/rng.
+* :mod:`~pyvirtio.guest.qtest`: QEMU under qtest (no guest kernel) so our drivers can drive
+  QEMU's own device models.
 * :mod:`~pyvirtio.guest.base`: what both share: :class:`GuestResult`, console capture,
   ``PYVIRTIO-*`` markers, timeouts, cleanup of every process.
 
@@ -46,8 +48,11 @@ from pyvirtio.guest.qemu import (
     VhostUserNet,
     VhostUserRng,
     find_qemu_binary,
+    qemu_args,
+    qemu_memory_args,
 )
-from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary
+from pyvirtio.guest.qtest import QtestMachine
+from pyvirtio.guest.uml import UmlGuest, VhostUserDevice, find_uml_binary, uml_args
 
 __all__ = [
     "DEFAULT_MODULES",
@@ -63,6 +68,7 @@ __all__ = [
     "MissingDependencyError",
     "QemuDevice",
     "QemuGuest",
+    "QtestMachine",
     "UmlGuest",
     "VhostUserBlk",
     "VhostUserDevice",
@@ -76,5 +82,8 @@ __all__ = [
     "find_qemu_kernel",
     "find_uml_binary",
     "find_uml_kernel",
+    "qemu_args",
+    "qemu_memory_args",
     "session_processes",
+    "uml_args",
 ]

@@ -32,6 +32,7 @@ from pyvirtio.errors import LocalError
 from pyvirtio.guest.base import Guest
 from pyvirtio.guest.errors import MissingDependencyError
 from pyvirtio.guest.image import ExtraFiles, GuestKind, Initramfs
+from pyvirtio.spec import ids
 
 __all__ = [
     "QemuDevice",
@@ -40,6 +41,8 @@ __all__ = [
     "VhostUserNet",
     "VhostUserRng",
     "find_qemu_binary",
+    "qemu_args",
+    "qemu_memory_args",
 ]
 
 
@@ -132,6 +135,44 @@ class VhostUserRng:
             "-device",
             f"vhost-user-rng-pci,chardev=c{index},id=rng{index}",
         ]
+
+
+#: QEMU 7.2 ``-device`` names of the vhost-user devices, by virtio device id
+QEMU_DEVICES = {
+    ids.BLOCK: "vhost-user-blk-pci",
+    ids.RNG: "vhost-user-rng-pci",
+    ids.SCSI: "vhost-user-scsi-pci",
+    ids.INPUT: "vhost-user-input-pci",
+    ids.VSOCK: "vhost-user-vsock-pci",
+    ids.FS: "vhost-user-fs-pci",
+    ids.GPU: "vhost-user-gpu-pci",
+    ids.I2C_ADAPTER: "vhost-user-i2c-pci",
+    ids.GPIO: "vhost-user-gpio-pci",
+}
+
+
+def qemu_args(path: str, device_id: int, *, chardev_id: str = "vu0",
+              extra: str = "") -> list[str]:
+    """The QEMU 7.2 arguments that attach a vhost-user back-end listening on ``path``.
+
+    Guest RAM must be shareable too: add :func:`qemu_memory_args`. ``extra`` is appended to
+    the ``-device`` (e.g. ``",num-queues=2"``). Network devices go through ``-netdev``.
+    """
+    chardev = ["-chardev", f"socket,id={chardev_id},path={path}"]
+    if device_id == ids.NET:
+        return [*chardev, "-netdev", f"vhost-user,id={chardev_id}-net,chardev={chardev_id}",
+                "-device", f"virtio-net-pci,netdev={chardev_id}-net{extra}"]
+    name = QEMU_DEVICES.get(device_id)
+    if name is None:
+        raise LocalError(f"QEMU 7.2 has no vhost-user front-end for {ids.name(device_id)} "
+                         "devices; use UML (pyvirtio.guest.uml.uml_args) instead")
+    return [*chardev, "-device", f"{name},chardev={chardev_id}{extra}"]
+
+
+def qemu_memory_args(size_mb: int = 512, machine: str = "q35") -> list[str]:
+    """Guest RAM in a shared memfd, which vhost-user needs (the back-end maps it)."""
+    return ["-machine", f"{machine},memory-backend=mem", "-object",
+            f"memory-backend-memfd,id=mem,size={size_mb}M,share=on", "-m", f"{size_mb}M"]
 
 
 def find_qemu_binary(name: str = "qemu-system-x86_64") -> str:

@@ -43,7 +43,7 @@ from pyvirtio.guest.image import ExtraFiles, GuestKind, Initramfs, default_cache
 from pyvirtio.guest.uml_xstate import needs_xstate_shim
 from pyvirtio.guest.uml_xstate import xstate_shim as build_xstate_shim
 
-__all__ = ["UmlGuest", "VhostUserDevice", "find_uml_binary"]
+__all__ = ["UmlGuest", "VhostUserDevice", "find_uml_binary", "uml_args"]
 
 #: Common virtio device ids (virtio spec 5): net 1, blk 2, console 3, rng 4, balloon 5,
 #: scsi 8, 9p 9, vsock 19, fs 26.
@@ -68,6 +68,11 @@ class VhostUserDevice:
         if not 0 < self.device_id < 1 << 16:
             raise LocalError(f"invalid virtio device id {self.device_id}")
         return f"virtio_uml.device={path}:{self.device_id}"
+
+
+def uml_args(path: str | os.PathLike[str], device_id: int) -> list[str]:
+    """The User-Mode Linux kernel parameter attaching device ``device_id`` at ``path``."""
+    return [VhostUserDevice(path, device_id).kernel_arg()]
 
 
 def find_uml_binary() -> str:

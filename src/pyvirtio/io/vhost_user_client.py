@@ -15,6 +15,10 @@ vhost-user does not tell the front-end the device type, so ``device_id`` is give
 ``SOCKET:ID``). Ring addresses are sent as front-end "user addresses": guest-physical address
 plus :data:`USER_ADDR_OFFSET`, a deliberately different space so a back-end that confuses the
 two is caught.
+
+The protocol (what to send in which order, and checking every reply) is
+:class:`pyvirtio.transport.vhost_user.frontend.FrontendProtocol`; this module does the I/O:
+the socket, guest memory, eventfds and the back-end channel.
 """
 
 from __future__ import annotations
@@ -25,30 +29,32 @@ import os
 import select
 import socket
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from pyvirtio.driver.base import ConfigOps, Virtqueue
-from pyvirtio.errors import LocalError, PeerError
+from pyvirtio.errors import PeerError
 from pyvirtio.io import unixsock
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.memory import GuestMemory, Region, region_from_fd
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DriverQueue
-from pyvirtio.spec import features as F
-from pyvirtio.spec import status as S
 from pyvirtio.spec import vhost_user as V
-from pyvirtio.spec.vhost_user import ProtocolFeature as PF
-from pyvirtio.spec.vhost_user import Request as R
 from pyvirtio.transport.vhost_user import codec as C
 from pyvirtio.transport.vhost_user import frontend as FE
-from pyvirtio.transport.vhost_user.codec import Message, ReplyKind
+from pyvirtio.transport.vhost_user.codec import Message
+from pyvirtio.transport.vhost_user.frontend import (
+    PROTOCOL_FEATURES_BIT,
+    USER_ADDR_OFFSET,
+    FrontendProtocol,
+)
 
 log = logging.getLogger("pyvirtio.io.vhost_user_client")
 
-PROTOCOL_FEATURES_BIT = F.bit(V.VHOST_USER_F_PROTOCOL_FEATURES)
-#: user address = guest-physical address + this (any value works; it only has to be
-#: consistent between SET_MEM_TABLE and SET_VRING_ADDR)
-USER_ADDR_OFFSET = 0x7F00_0000_0000
 DEFAULT_QUEUE_SIZE = 256
+T = TypeVar("T")
+
+__all__ = ["DEFAULT_QUEUE_SIZE", "PROTOCOL_FEATURES_BIT", "USER_ADDR_OFFSET",
+           "VhostUserClient", "sealed_memory"]
 
 
 def sealed_memory(size: int, name: str = "pyvirtio-vhost-user") -> Region:
@@ -69,7 +75,6 @@ class _QueueFds:
     def __init__(self) -> None:
         self.kick = EventFd()
         self.call = EventFd()
-        self.started = False
 
     def close(self) -> None:
         self.kick.close()
@@ -105,20 +110,13 @@ class VhostUserClient(ConfigOps):
         self.device_id = device_id
         self.queue_size = queue_size
         self.timeout = timeout
-        self.mem_slots = mem_slots
-        self.trace: list[str] = []  # request names sent, in order (tests assert sequences)
+        self.protocol = FrontendProtocol(mem_slots=mem_slots, name=self.path)
         self.vqs: dict[int, Virtqueue] = {}
         self._queues: dict[int, _QueueFds] = {}
-        self._status = 0
-        self._features_refused = False
-        self.acked_features = 0  # last SET_FEATURES value (PROTOCOL_FEATURES bit included)
-        self._generation = 0
-        self._memory_sent = False
         self._backend_sock: socket.socket | None = None
         self._backend_decoder = C.Decoder(backend=True)
         #: called (with no arguments) when the back-end reports a config change
         self.on_config_change: Callable[[], None] | None = None
-        self.config_changes = 0
         self.sock = unixsock.connect(self.path, connect_timeout)
         self.sock.settimeout(timeout)
         self.memory = GuestMemory([sealed_memory(memory_size)])
@@ -128,6 +126,41 @@ class VhostUserClient(ConfigOps):
         except BaseException:
             self.close()
             raise
+
+    # ---- the protocol's state, for callers and tests ------------------------------------------
+
+    @property
+    def trace(self) -> list[str]:
+        """Request names sent, in order (tests assert sequences)."""
+        return self.protocol.trace
+
+    @property
+    def protocol_features(self) -> int:
+        return self.protocol.protocol_features
+
+    @property
+    def backend_features(self) -> int:
+        return self.protocol.backend_features
+
+    @property
+    def acked_features(self) -> int:
+        """The last SET_FEATURES value (PROTOCOL_FEATURES bit included)."""
+        return self.protocol.acked_features
+
+    @property
+    def num_queues(self) -> int:
+        return self.protocol.num_queues
+
+    @property
+    def max_mem_slots(self) -> int:
+        return self.protocol.max_mem_slots
+
+    @property
+    def config_changes(self) -> int:
+        return self.protocol.config_changes
+
+    def has_protocol(self, bit: int) -> bool:
+        return self.protocol.has_protocol(bit)
 
     # ---- messaging ----------------------------------------------------------------------------
 
@@ -140,6 +173,36 @@ class VhostUserClient(ConfigOps):
             msgs = decoder.feed(data, fds, truncated)
         return msgs[0]
 
+    def _transact(self, msg: Message) -> Message | None:
+        """Send ``msg``; receive its reply when one comes."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s -> %s", self.path, C.describe(msg))
+        try:
+            unixsock.send_all(self.sock, msg.encode(), list(msg.fds))
+            if not FE.expects_reply(msg):
+                return None
+            rep = self._recv()
+        except (OSError, TimeoutError) as exc:
+            raise PeerError(f"vhost-user {msg.name} to {self.path} failed: {exc}") from exc
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s <- %s", self.path, C.describe(rep))
+        return rep
+
+    def run(self, step: FE.Step[T]) -> T:
+        """Run one protocol operation over the socket; returns its result."""
+        try:
+            msg = next(step)
+            while True:
+                rep = self._transact(msg)
+                try:
+                    msg = step.send(rep)
+                finally:
+                    if rep is not None:
+                        rep.close_fds()
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
     def request(self, req: int, payload: bytes = b"", fds: Sequence[int] = (), *,
                 ack: bool | None = None) -> Message | None:
         """Send one request; return its reply (requests with a reply of their own) or None.
@@ -147,58 +210,14 @@ class VhostUserClient(ConfigOps):
         With ``ack`` (default: when REPLY_ACK is negotiated and the request has no reply of
         its own) NEED_REPLY is set and a non-zero status raises :class:`BackendRefused`.
         """
-        kind = FE.reply_kind(req)
-        if ack is None:
-            ack = FE.wants_ack(req, self.protocol_features)
-        msg = C.request(req, payload, need_reply=ack, fds=fds)
-        self.trace.append(msg.name)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %s", self.path, C.describe(msg))
-        try:
-            unixsock.send_all(self.sock, msg.encode(), list(fds))
-            if kind is ReplyKind.NONE and not ack:
-                return None
-            rep = self._recv()
-        except (OSError, TimeoutError) as exc:
-            raise PeerError(f"vhost-user {msg.name} to {self.path} failed: {exc}") from exc
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %s", self.path, C.describe(rep))
-        try:
-            if kind is ReplyKind.NONE:
-                FE.check_ack(msg, rep)
-                return None
-            FE.check_reply(msg, rep)
-            return rep
-        finally:
-            rep.close_fds()
-
-    def _u64(self, req: int) -> int:
-        msg = C.request(req)
-        rep = self.request(req)
-        assert rep is not None
-        return FE.parse_u64_reply(msg, rep)
+        return self.run(self.protocol.request(req, payload, fds, ack=ack))
 
     def _handshake(self, wanted: int | None, num_queues: int | None) -> None:
-        self.protocol_features = 0
-        self.request(R.SET_OWNER)
-        self.backend_features = self._u64(R.GET_FEATURES)
-        if wanted is None:
-            self.backend_features &= ~PROTOCOL_FEATURES_BIT
-        elif self.backend_features & PROTOCOL_FEATURES_BIT:
-            offered = self._u64(R.GET_PROTOCOL_FEATURES)
-            chosen = FE.negotiate_protocol(offered, wanted)
-            # Not yet negotiated while this very message is in flight: no ack for it.
-            self.request(R.SET_PROTOCOL_FEATURES, C.u64(chosen), ack=False)
-            self.protocol_features = chosen
-        self.num_queues = num_queues if num_queues is not None else 1
-        if self.has_protocol(PF.MQ):
-            self.num_queues = self._u64(R.GET_QUEUE_NUM)
-        if self.has_protocol(PF.CONFIGURE_MEM_SLOTS):
-            self.max_mem_slots = self._u64(R.GET_MAX_MEM_SLOTS)
-        if self.has_protocol(PF.BACKEND_REQ):
+        self.run(self.protocol.handshake(wanted, num_queues))
+        if self.protocol.wants_backend_channel:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                self.request(R.SET_BACKEND_REQ_FD, fds=[theirs.fileno()])
+                self.run(self.protocol.set_backend_channel(theirs.fileno()))
             finally:
                 theirs.close()
             ours.setblocking(False)
@@ -207,83 +226,39 @@ class VhostUserClient(ConfigOps):
                  self.backend_features, V.describe_protocol_features(self.protocol_features),
                  self.num_queues)
 
-    def has_protocol(self, bit: int) -> bool:
-        return bool(self.protocol_features >> bit & 1)
-
     # ---- ConfigOps: features and status ---------------------------------------------------------
 
     def get_features(self) -> int:
-        return self.backend_features & ~PROTOCOL_FEATURES_BIT
+        return self.protocol.get_features()
 
     def set_features(self, features: int) -> None:
-        value = features | (self.backend_features & PROTOCOL_FEATURES_BIT)
-        self._features_refused = False
-        try:
-            self.request(R.SET_FEATURES, C.u64(value))
-        except FE.BackendRefused as exc:
-            log.warning("%s: %s", self.path, exc)
-            self._features_refused = True
-        self.acked_features = value
+        self.run(self.protocol.set_features(features))
 
     def get_status(self) -> int:
-        if self.has_protocol(PF.STATUS):
-            return self._u64(R.GET_STATUS)
-        return self._status
+        return self.run(self.protocol.get_status())
 
     def set_status(self, status: int) -> None:
+        self.run(self.protocol.set_status(status))
         if status == 0:
-            self._reset()
-            return
-        if self.has_protocol(PF.STATUS):
-            self.request(R.SET_STATUS, C.u64(status))
-            return
-        if status & S.FEATURES_OK and self._features_refused:
-            status &= ~S.FEATURES_OK
-        self._status = status
-
-    def _reset(self) -> None:
-        for index, q in list(self._queues.items()):
-            if q.started:
-                self.get_vring_base(index)
-        if self.has_protocol(PF.RESET_DEVICE):
-            self.request(R.RESET_DEVICE)
-        if self.has_protocol(PF.STATUS):
-            self.request(R.SET_STATUS, C.u64(0))
-        for q in self._queues.values():
-            q.close()
-        self._queues.clear()
-        self.vqs.clear()
-        self._status = 0
+            for q in self._queues.values():
+                q.close()
+            self._queues.clear()
+            self.vqs.clear()
 
     def get_vring_base(self, index: int) -> int:
         """Stop queue ``index`` on the back-end; returns its last_avail_idx."""
-        payload = C.vring_state(index, 0)
-        rep = self.request(R.GET_VRING_BASE, payload)
-        assert rep is not None
-        state = FE.parse_vring_state_reply(C.request(R.GET_VRING_BASE, payload), rep)
-        q = self._queues.get(index)
-        if q is not None:
-            q.started = False
-        return state.num
+        return self.run(self.protocol.get_vring_base(index))
 
     # ---- ConfigOps: config space ----------------------------------------------------------------
 
     def read_config(self, offset: int, length: int) -> bytes:
-        if not self.has_protocol(PF.CONFIG):
-            raise LocalError("the back-end does not offer config space access (no CONFIG "
-                             "protocol feature)")
-        payload = C.config(offset, size=length)
-        rep = self.request(R.GET_CONFIG, payload)
-        assert rep is not None
-        return FE.parse_config_reply(C.request(R.GET_CONFIG, payload), rep)
+        return self.run(self.protocol.read_config(offset, length))
 
     def write_config(self, offset: int, data: bytes) -> None:
-        if not self.has_protocol(PF.CONFIG):
-            raise LocalError("the back-end does not offer config space access")
-        self.request(R.SET_CONFIG, C.config(offset, data, flags=V.CONFIG_TYPE_FRONTEND))
+        self.run(self.protocol.write_config(offset, data))
 
     def generation(self) -> int:
-        return self._generation
+        return self.protocol.generation
 
     # ---- ConfigOps: queues ----------------------------------------------------------------------
 
@@ -293,35 +268,12 @@ class VhostUserClient(ConfigOps):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:
         self.vqs[index] = vq
 
-    def _send_memory(self) -> None:
-        descs = [C.MemoryRegionDesc(r.gpa, r.size, r.user_addr or 0, r.fd_offset)
-                 for r in self.memory.regions]
-        fds = [r.fd for r in self.memory.regions if r.fd is not None]
-        if self.mem_slots and self.has_protocol(PF.CONFIGURE_MEM_SLOTS):
-            for desc, fd in zip(descs, fds, strict=True):
-                self.request(R.ADD_MEM_REG, C.mem_reg(desc), [fd])
-        else:
-            self.request(R.SET_MEM_TABLE, C.memory_table(descs), fds)
-        self._memory_sent = True
-
     def setup_queue(self, index: int, ring: DriverQueue) -> None:
-        if not self._memory_sent:
-            self._send_memory()
         old = self._queues.pop(index, None)
         if old is not None:
             old.close()
         q = self._queues[index] = _QueueFds()
-        self.request(R.SET_VRING_NUM, C.vring_state(index, ring.size))
-        self.request(R.SET_VRING_BASE, C.vring_state(index, 0))
-        self.request(R.SET_VRING_ADDR, C.vring_addr(
-            index, desc=ring.desc_addr + USER_ADDR_OFFSET, used=ring.used_addr + USER_ADDR_OFFSET,
-            avail=ring.avail_addr + USER_ADDR_OFFSET))
-        self.request(R.SET_VRING_KICK, C.vring_fd(index), [q.kick.fd])
-        self.request(R.SET_VRING_CALL, C.vring_fd(index), [q.call.fd])
-        if self.acked_features & PROTOCOL_FEATURES_BIT:
-            # Rings start disabled once PROTOCOL_FEATURES is negotiated.
-            self.request(R.SET_VRING_ENABLE, C.vring_state(index, 1))
-        q.started = True
+        self.run(self.protocol.setup_queue(index, ring, q.kick.fd, q.call.fd, self.memory))
 
     def notify(self, index: int) -> None:
         self._queues[index].kick.signal()
@@ -370,10 +322,8 @@ class VhostUserClient(ConfigOps):
 
     def _backend_request(self, sock: socket.socket, msg: Message) -> None:
         msg.close_fds()
-        event = FE.handle_backend_request(msg, self.protocol_features)
+        event = self.protocol.backend_request(msg)
         if event.kind == "config-change":
-            self._generation += 1
-            self.config_changes += 1
             log.info("%s: back-end reports a config change", self.path)
             if self.on_config_change is not None:
                 self.on_config_change()

@@ -4,7 +4,6 @@
 
     loop = EventLoop()
     server = VhostUserServer("/tmp/rng.sock", RngDevice, loop)
-    print(server.qemu_args())         # what to add to a QEMU command line
     server.serve_forever()            # until loop.stop() / SIGTERM with stop_on_signals=True
     server.close()                    # closes connections, removes the socket file
 
@@ -21,36 +20,24 @@ Per connection the epoll loop watches the socket and every kick fd (a kick runs
 at DEBUG on logger ``pyvirtio.vhost_user.backend``; refusals are WARNINGs there; connection
 events are logged on ``pyvirtio.io.vhost_user_server``.
 
-For tests: :meth:`VhostUserServer.in_thread` runs the loop in a background thread, and
-:class:`ServerProcess` runs ``python -m pyvirtio.io.vhost_user_server`` as a child process.
+What to put on a QEMU or UML command line to attach the socket is in :mod:`pyvirtio.guest`
+(:func:`~pyvirtio.guest.qemu.qemu_args`, :func:`~pyvirtio.guest.uml.uml_args`); running a
+server in a thread or a child process is in :mod:`pyvirtio.testing.server`.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import json
 import logging
 import os
-import re
-import select
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from pyvirtio.device.base import VirtioDevice
-from pyvirtio.errors import LocalError, PeerError
-from pyvirtio.io import unixsock
+from pyvirtio.errors import LocalError
+from pyvirtio.io import memfd, unixsock
 from pyvirtio.io.loop import EventLoop, Timer
-from pyvirtio.spec import ids
+from pyvirtio.memory import Region
 from pyvirtio.transport.vhost_user import codec as C
 from pyvirtio.transport.vhost_user.backend import (
     DEFAULT_MAX_MEM_SLOTS,
@@ -74,54 +61,11 @@ DEFAULT_POLL_INTERVAL = 0.005
 #: finished connections remembered in closed_reasons / requests_seen
 KEEP_HISTORY = 100
 
-#: QEMU 7.2 ``-device`` names of the vhost-user devices, by virtio device id
-QEMU_DEVICES = {
-    ids.BLOCK: "vhost-user-blk-pci",
-    ids.RNG: "vhost-user-rng-pci",
-    ids.SCSI: "vhost-user-scsi-pci",
-    ids.INPUT: "vhost-user-input-pci",
-    ids.VSOCK: "vhost-user-vsock-pci",
-    ids.FS: "vhost-user-fs-pci",
-    ids.GPU: "vhost-user-gpu-pci",
-    ids.I2C_ADAPTER: "vhost-user-i2c-pci",
-    ids.GPIO: "vhost-user-gpio-pci",
-}
-
-
 def _is_eventfd(fd: int) -> bool:
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
-
-
-def qemu_args(path: str, device_id: int, *, chardev_id: str = "vu0",
-              extra: str = "") -> list[str]:
-    """The QEMU 7.2 arguments that attach a vhost-user back-end listening on ``path``.
-
-    Guest RAM must be shareable too: add :func:`qemu_memory_args`. ``extra`` is appended to
-    the ``-device`` (e.g. ``",num-queues=2"``). Network devices go through ``-netdev``.
-    """
-    chardev = ["-chardev", f"socket,id={chardev_id},path={path}"]
-    if device_id == ids.NET:
-        return [*chardev, "-netdev", f"vhost-user,id={chardev_id}-net,chardev={chardev_id}",
-                "-device", f"virtio-net-pci,netdev={chardev_id}-net{extra}"]
-    name = QEMU_DEVICES.get(device_id)
-    if name is None:
-        raise LocalError(f"QEMU 7.2 has no vhost-user front-end for {ids.name(device_id)} "
-                         "devices; use UML (uml_args) instead")
-    return [*chardev, "-device", f"{name},chardev={chardev_id}{extra}"]
-
-
-def qemu_memory_args(size_mb: int = 512, machine: str = "q35") -> list[str]:
-    """Guest RAM in a shared memfd, which vhost-user needs (the back-end maps it)."""
-    return ["-machine", f"{machine},memory-backend=mem", "-object",
-            f"memory-backend-memfd,id=mem,size={size_mb}M,share=on", "-m", f"{size_mb}M"]
-
-
-def uml_args(path: str, device_id: int) -> list[str]:
-    """The User-Mode Linux kernel parameter attaching device ``device_id`` at ``path``."""
-    return [f"virtio_uml.device={path}:{device_id}"]
 
 
 class _Connection:
@@ -328,6 +272,13 @@ class _Connection:
                 self._bad_signal_fds.add(fd)
                 log.warning("%s: writing notification fd %d failed: %s", self.name, fd, exc)
 
+    def map_memory(self, fd: int, gpa: int, size: int, fd_offset: int,
+                   user_addr: int | None) -> Region:
+        return memfd.map_memory_fd(fd, gpa, size, fd_offset, user_addr)
+
+    def close_fd(self, fd: int) -> None:
+        memfd.close_fd(fd)
+
     def send_backend(self, fd: int, data: bytes) -> None:
         try:
             n = os.write(fd, data)
@@ -499,232 +450,3 @@ class VhostUserServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def in_thread(self) -> ServerThread:
-        """Run this server's loop in a background thread (started)."""
-        return ServerThread(self)
-
-    # ---- attaching front-ends -------------------------------------------------------------------
-
-    def qemu_args(self, device_id: int | None = None, *, chardev_id: str = "vu0",
-                  extra: str = "") -> list[str]:
-        """QEMU 7.2 arguments for this socket (add :func:`qemu_memory_args` too)."""
-        return qemu_args(self.path, self._device_id(device_id), chardev_id=chardev_id,
-                         extra=extra)
-
-    def uml_args(self, device_id: int | None = None) -> list[str]:
-        """The UML kernel parameter for this socket."""
-        return uml_args(self.path, self._device_id(device_id))
-
-    def _device_id(self, device_id: int | None) -> int:
-        if device_id is not None:
-            return device_id
-        factory_id = getattr(self.device_factory, "device_id", None)
-        if isinstance(factory_id, int) and factory_id:
-            return factory_id
-        if self.last_device is not None:
-            return self.last_device.device_id
-        raise LocalError("pass device_id: the factory does not say which device it makes")
-
-
-class ServerThread:
-    """A server's event loop in a daemon thread; :meth:`stop` stops it and closes the
-    server."""
-
-    def __init__(self, server: VhostUserServer) -> None:
-        self.server = server
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"vhost-user {server.path}",
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.server.serve_forever()
-        except BaseException as exc:  # reported by stop()
-            self.error = exc
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.stop()  # pending until the loop sees it, even before run() starts
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise RuntimeError(f"server thread for {self.server.path} did not stop")
-        self.server.close()
-        if self.error is not None:
-            raise RuntimeError("server thread failed") from self.error
-
-    def __enter__(self) -> ServerThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class ServerProcess:
-    """``python -m pyvirtio.io.vhost_user_server`` in a child process, logging to a file.
-
-    Waits until the socket accepts connections. :meth:`stop` sends SIGTERM (then SIGKILL);
-    :meth:`log_text` and :meth:`wait_for_log` read the child's log. ``pythonpath`` adds
-    directories the child imports the device module from; ``extra_args`` go to the command
-    line (``--max-mem-slots 4``...).
-    """
-
-    def __init__(self, path: str | os.PathLike[str],
-                 device: str = "pyvirtio.device.rng:RngDevice",
-                 kwargs: dict[str, Any] | None = None, *, log_level: str = "DEBUG",
-                 log_path: str | os.PathLike[str] | None = None,
-                 extra_args: Sequence[str] = (), pythonpath: Sequence[str] = (),
-                 start_timeout: float = 15.0) -> None:
-        self.path = os.fspath(path)
-        if log_path is None:
-            fd, name = tempfile.mkstemp(prefix="vhost-user-server-", suffix=".log")
-            os.close(fd)
-            log_path = name
-        self.log_path = Path(log_path)
-        cmd = [sys.executable, "-m", "pyvirtio.io.vhost_user_server", "--socket", self.path,
-               "--device", device, "--kwargs", json.dumps(kwargs or {}), "--log-level",
-               log_level, *extra_args]
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[2])
-        paths = [src, *map(str, pythonpath), env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        ready_r, ready_w = os.pipe()
-        cmd += ["--ready-fd", str(ready_w)]
-        try:
-            with open(self.log_path, "ab") as logf:
-                self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf,
-                                             stderr=subprocess.STDOUT, env=env,
-                                             pass_fds=(ready_w,))
-            os.close(ready_w)
-            ready_w = -1
-            self._wait_ready(ready_r, start_timeout)
-        except BaseException:
-            if hasattr(self, "proc"):
-                self.kill()
-            raise
-        finally:
-            os.close(ready_r)
-            if ready_w >= 0:
-                os.close(ready_w)
-
-    def _wait_ready(self, ready_fd: int, timeout: float) -> None:
-        # The child writes to ready_fd once it listens (probing the socket instead would be
-        # a front-end connection of its own in the server's log and counters).
-        ready, _, _ = select.select([ready_fd], [], [], timeout)
-        if not ready:
-            raise TimeoutError(f"vhost-user server did not listen on {self.path} within "
-                               f"{timeout} s")
-        if os.read(ready_fd, 16) != b"ready\n":
-            self.proc.wait(5)
-            raise LocalError(f"vhost-user server exited with {self.proc.returncode}: "
-                             f"{self.log_text()[-2000:]}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 5.0, start: int = 0) -> re.Match[str]:
-        """Wait until the log (from character ``start``) matches ``pattern`` (a regex)."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = regex.search(self.log_text(), start)
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"log never matched {pattern!r}; tail:\n"
-                                   f"{self.log_text()[-3000:]}")
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def load_factory(spec: str, kwargs: dict[str, Any]) -> DeviceFactory:
-    """``"package.module:Class"`` plus keyword arguments -> a device factory."""
-    module, _, name = spec.partition(":")
-    if not name:
-        raise LocalError(f"device {spec!r} is not of the form package.module:Class")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, VirtioDevice)):
-        raise LocalError(f"{spec} is not a VirtioDevice class")
-
-    def factory() -> VirtioDevice:
-        device: VirtioDevice = cls(**kwargs)
-        return device
-
-    factory.device_id = cls.device_id  # type: ignore[attr-defined]
-    return factory
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pyvirtio.io.vhost_user_server",
-        description="Serve one pyvirtio device over vhost-user until SIGTERM.")
-    parser.add_argument("--socket", required=True, help="unix socket path to listen on")
-    parser.add_argument("--device", default="pyvirtio.device.rng:RngDevice",
-                        help="module:Class of a VirtioDevice (default: %(default)s)")
-    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the device")
-    parser.add_argument("--max-connections", type=int, default=1)
-    parser.add_argument("--max-mem-slots", type=int, default=DEFAULT_MAX_MEM_SLOTS)
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--ready-fd", type=int, help="write 'ready\\n' to this fd once "
-                        "listening, then close it")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The handlers go in before the socket is bound: a SIGTERM from then on is a clean stop
-    # (pending until the loop runs), never a death that leaves the socket file behind.
-    loop = EventLoop()
-    loop.stop_on_signals()
-    try:
-        factory = load_factory(args.device, json.loads(args.kwargs))
-        server = VhostUserServer(args.socket, factory, loop,
-                                 max_connections=args.max_connections,
-                                 max_mem_slots=args.max_mem_slots)
-    except (LocalError, PeerError, OSError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        loop.close()
-        return 1
-    if args.ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
-    try:
-        server.serve_forever(stop_on_signals=True)
-        log.info("stopping: %s", server.loop.stop_reason)
-    finally:
-        server.close()
-        loop.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

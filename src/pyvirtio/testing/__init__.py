@@ -1,7 +1,10 @@
 """Public helpers for testing virtio code; not imported by ``import pyvirtio``.
 
 * :class:`~pyvirtio.testing.pair.DevicePair`: a driver and a device in one process.
-* :class:`~pyvirtio.testing.process_pair.ProcessDevicePair`: the device in a child process,
-  sharing a memfd and eventfds, for real cross-process visibility.
+* :class:`~pyvirtio.testing.process_pair.ProcessDevicePair`: the device in a child process
+  behind our vhost-user server, driven here through our vhost-user front-end (shared memfd,
+  eventfds), for real cross-process visibility.
+* :mod:`pyvirtio.testing.server`: a vhost-user server in a thread (:class:`ServerThread`) or
+  a child process (:class:`ServerProcess`).
 * :mod:`pyvirtio.testing.hostile`: generators of malformed rings for DeviceQueue.
 """

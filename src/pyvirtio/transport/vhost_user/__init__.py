@@ -20,7 +20,7 @@ from pyvirtio.transport.vhost_user.codec import (
     ReplyKind,
     RequestRule,
 )
-from pyvirtio.transport.vhost_user.extension import BackendExtension, register_extension
+from pyvirtio.transport.vhost_user.extension import BackendExtension
 
 __all__ = [
     "DEFAULT_PROTOCOL_FEATURES",
@@ -34,5 +34,4 @@ __all__ = [
     "MessageError",
     "ReplyKind",
     "RequestRule",
-    "register_extension",
 ]

@@ -2,11 +2,12 @@
 
 :class:`BackendProtocol` is sans-I/O. The I/O layer (:mod:`pyvirtio.io.vhost_user_server`)
 decodes messages from the socket and calls :meth:`BackendProtocol.handle`, which returns the
-replies to send; the few effects that need an event loop or a file descriptor (watch a kick
-fd, poll a ring, write an eventfd, send on the back-end channel) go through a small
-:class:`BackendHost` interface the I/O layer implements. The protocol owns the fds that
-arrive with messages (memory, kick, call, err, back-end channel) and closes them when they
-are replaced, when the ring stops and in :meth:`BackendProtocol.close`.
+replies to send; every effect that needs an event loop or a syscall on a file descriptor
+(watch a kick fd, poll a ring, write an eventfd, send on the back-end channel, examine, seal
+and map a memory file, close an fd) goes through the small :class:`BackendHost` interface the
+I/O layer implements. The protocol keeps track of the fds that arrive with messages (memory,
+kick, call, err, back-end channel) and has the host close them when they are replaced, when
+the ring stops and in :meth:`BackendProtocol.close`.
 
 Ring life cycle (spec "Ring states"): a vring is configured by SET_VRING_NUM/ADDR/BASE, is
 *started* by SET_VRING_KICK (or in polling mode when the kick fd is absent), and is *enabled*
@@ -29,10 +30,7 @@ was consumed by the decoder, so the stream stays in sync).
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import stat
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from pyvirtio.core.features import describe as _describe
 from pyvirtio.core.reactor import Reactor
 from pyvirtio.device.base import ConfigAccessError, VirtioDevice
 from pyvirtio.errors import PeerError
-from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, region_from_fd, sigbus
+from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, sigbus
 from pyvirtio.ring import DeviceQueue
 from pyvirtio.spec import features as F
 from pyvirtio.spec import split as SP
@@ -57,7 +55,7 @@ from pyvirtio.transport.vhost_user.codec import (
     ReplyKind,
     RequestRule,
 )
-from pyvirtio.transport.vhost_user.extension import BackendExtension, Handler, extensions_for
+from pyvirtio.transport.vhost_user.extension import BackendExtension, Handler
 
 log = logging.getLogger("pyvirtio.vhost_user.backend")
 
@@ -110,6 +108,16 @@ class BackendHost(Protocol):
     def send_backend(self, fd: int, data: bytes) -> None:
         """Write one back-end request on the back-end channel."""
 
+    def map_memory(self, fd: int, gpa: int, size: int, fd_offset: int,
+                   user_addr: int | None) -> Region:
+        """Map ``size`` bytes of the memory file ``fd`` from ``fd_offset`` (sealing it
+        against shrinking where possible); the region owns ``fd`` on success. Raises
+        :class:`~pyvirtio.memory.GuestMemoryError` saying what is wrong with the fd."""
+        ...
+
+    def close_fd(self, fd: int) -> None:
+        """Close an fd the front-end sent (ignoring one already gone)."""
+
 
 @dataclass(eq=False)
 class Vring:
@@ -160,7 +168,7 @@ class BackendProtocol:
         self.log = log
         self.memory = GuestMemory()
         self.max_mem_slots = max_mem_slots
-        self.extensions = [*extensions, *extensions_for(device)]
+        self.extensions = list(extensions)
         self.offered_protocol_features = protocol_features
         if not device.config:
             # Nothing to GET or SET; QEMU front-ends without config support warn about it.
@@ -311,13 +319,9 @@ class BackendProtocol:
         acked = self.acked_features
         return not (acked is not None and acked & PROTOCOL_FEATURES_BIT)
 
-    @staticmethod
-    def _close(fd: int | None) -> None:
+    def _close(self, fd: int | None) -> None:
         if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            self.host.close_fd(fd)
 
     # ---- features and ownership -----------------------------------------------------------
 
@@ -393,23 +397,7 @@ class BackendProtocol:
     def _map_region(self, d: C.MemoryRegionDesc, fd: int, what: str) -> Region:
         """Map one region from ``fd`` (not yet owned: the caller takes the fd on success)."""
         try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise MessageError(f"{what}: cannot stat its fd: {exc}") from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise MessageError(f"{what}: its fd is a {_file_kind(st.st_mode)}, not a mappable "
-                               "memory file (memfd, shm or hugetlbfs file)")
-        if d.mmap_offset + d.size > st.st_size:
-            raise MessageError(f"{what}: mmap offset 0x{d.mmap_offset:x} + size 0x{d.size:x} "
-                               f"runs past the end of its {st.st_size}-byte file")
-        # A front-end that shrank the file later would make our accesses fault (SIGBUS):
-        # seal it against shrinking when the memfd allows it (QEMU seals its own memfds).
-        try:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        except OSError:
-            pass
-        try:
-            return region_from_fd(fd, d.gpa, d.size, d.mmap_offset, d.user_addr, owned=True)
+            return self.host.map_memory(fd, d.gpa, d.size, d.mmap_offset, d.user_addr)
         except GuestMemoryError as exc:
             raise MessageError(f"{what}: {exc}") from exc
 
@@ -847,15 +835,6 @@ class BackendProtocol:
         if d.memory is self.memory:
             d.memory = None
         self.memory.close()
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "pipe"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISDIR, "directory")):
-        if test(mode):
-            return name
-    return "special file (eventfd, epoll or similar)"
 
 
 def _ignore_queue(index: int) -> None:

@@ -8,8 +8,8 @@ protocol feature bits it adds and the requests it handles (with the rule each mu
 the back-end offers those bits, validates those requests like its own and calls the
 extension's handlers and hooks.
 
-Extensions are given to the back-end explicitly, or registered for a device class with
-:func:`register_extension` so every server for that device type picks them up.
+Extensions are given to the back-end explicitly (``extensions=`` of the protocol, or an
+``extensions(device)`` factory of the server).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pyvirtio.device.base import VirtioDevice
 from pyvirtio.ring import DeviceQueue
 from pyvirtio.transport.vhost_user.codec import Message, RequestRule
 
@@ -58,19 +57,3 @@ class BackendExtension:
     def close(self) -> None:
         """The connection is gone: release what the extension holds (fds, mappings)."""
 
-
-ExtensionFactory = Callable[[VirtioDevice], BackendExtension]
-
-_registry: list[tuple[type[VirtioDevice], ExtensionFactory]] = []
-
-
-def register_extension(device_type: type[VirtioDevice], factory: ExtensionFactory) -> None:
-    """Give every back-end serving a ``device_type`` (or subclass) instance an extension made
-    by ``factory(device)``."""
-    if (device_type, factory) not in _registry:
-        _registry.append((device_type, factory))
-
-
-def extensions_for(device: VirtioDevice) -> list[BackendExtension]:
-    """Fresh instances of every extension registered for ``device``'s class."""
-    return [factory(device) for cls, factory in _registry if isinstance(device, cls)]

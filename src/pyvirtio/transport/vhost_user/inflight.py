@@ -44,14 +44,12 @@ the I/O layer for new regions (:func:`pyvirtio.io.inflight.inflight_extensions` 
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 from pyvirtio.device.base import VirtioDevice
-from pyvirtio.memory import GuestMemoryError, Region, region_from_fd
+from pyvirtio.memory import GuestMemoryError, Region
 from pyvirtio.ring import DeviceQueue
 from pyvirtio.spec import split as SP
 from pyvirtio.spec import vhost_user as V
@@ -285,16 +283,8 @@ class InflightExtension(BackendExtension):
         if mmap_size < need:
             raise MessageError(f"inflight region of {mmap_size} bytes is too small for "
                                f"{num_queues} queues of {queue_size} ({need} bytes)")
-        fd = msg.fds[0]
         try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise MessageError(f"inflight fd cannot be examined: {exc}") from exc
-        if not stat.S_ISREG(st.st_mode) or mmap_offset + mmap_size > st.st_size:
-            raise MessageError(f"inflight fd is not a memory file of at least "
-                               f"{mmap_offset + mmap_size} bytes")
-        try:
-            region = region_from_fd(fd, 0, mmap_size, mmap_offset, owned=True)
+            region = self.protocol.host.map_memory(msg.fds[0], 0, mmap_size, mmap_offset, None)
         except GuestMemoryError as exc:
             raise MessageError(f"inflight region cannot be mapped: {exc}") from exc
         msg.take_fd(0)

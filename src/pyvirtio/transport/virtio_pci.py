@@ -16,7 +16,7 @@ line is high, every handler registered on it runs; each reads its device's ISR (
 acknowledges and lowers the line) and calls the callbacks of queues with used buffers.
 Without an interrupt source, :meth:`ConfigOps.wait` polls the ISR instead.
 
-All register access goes through the bus interfaces of :mod:`pyvirtio.transport.pci`, so
+All register access goes through the bus interfaces of :mod:`pyvirtio.transport.pci_bus`, so
 this module is sans-I/O: QEMU's qtest (:mod:`pyvirtio.io.qtest`) is one bus among possible
 others.
 """
@@ -38,7 +38,7 @@ from pyvirtio.ring import DriverQueue
 from pyvirtio.spec import ids
 from pyvirtio.spec import pci as P
 from pyvirtio.spec import split as SP
-from pyvirtio.transport.pci import (
+from pyvirtio.transport.pci_bus import (
     ConfigMechanism1,
     HostBus,
     PcFirmware,
@@ -49,7 +49,7 @@ from pyvirtio.transport.pci import (
     scan_bus,
 )
 
-log = logging.getLogger("pyvirtio.transport.pci")
+log = logging.getLogger("pyvirtio.transport.virtio_pci")
 
 #: how long a modern device may take to report reset complete (§4.1.4.3.2)
 RESET_TIMEOUT = 5.0

@@ -1,4 +1,4 @@
-"""PCI semantics for virtio-pci, sans I/O: config space, BARs, capabilities, firmware duties.
+"""PCI bus and PC firmware, sans I/O: config space, BARs, capabilities, firmware duties.
 
 Everything here talks to hardware through two small interfaces, so the same code runs over
 QEMU's qtest (:class:`pyvirtio.io.qtest.QtestClient`), an in-memory fake in unit tests, or any

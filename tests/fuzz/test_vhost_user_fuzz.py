@@ -55,6 +55,7 @@ from pyvirtio.spec import ids
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import Request as R
 from pyvirtio.testing.guests import HWRNG_BYTES, hwrng_script
+from pyvirtio.testing.server import ServerThread
 from pyvirtio.transport.vhost_user import codec as C
 from vhost_user_helpers import ConfigRngDevice, RawFrontend, memfd
 
@@ -100,7 +101,7 @@ class Fuzzed:
 
     def __init__(self, path: Path) -> None:
         self.server = VhostUserServer(path, ConfigRngDevice, max_mem_slots=4)
-        self.thread = self.server.in_thread()
+        self.thread = ServerThread(self.server)
         self.errors = ErrorRecords()
         self.messages = 0
         self.history: list[str] = []  # the current connection's messages, for failures

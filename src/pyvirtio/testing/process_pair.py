@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 from pyvirtio.driver.base import Driver, probe
+from pyvirtio.errors import LocalError
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.testing.server import ServerProcess, load_object
 
@@ -49,6 +50,14 @@ class ProcessTransport(VhostUserClient):
         """Read an attribute of the device object in the child (test introspection)."""
         assert self.server is not None
         return self.server.device_attr(name)
+
+    def queue_broken_reason(self, index: int) -> str | None:
+        """Why the device in the child gave up on queue ``index`` (read from the child)."""
+        try:
+            reason = self.device_attr(f"queues.{index}.ring.broken")
+        except LocalError:
+            return None
+        return None if reason is None else str(reason)
 
     def log_text(self) -> str:
         """What the child logged (warnings and errors)."""

@@ -162,7 +162,8 @@ class ServerProcess:
 
     def device_attr(self, name: str, timeout: float = 10.0) -> Any:
         """An attribute of the device the child serves now (a hash object reads as its hex
-        digest); needs ``introspect=True``."""
+        digest; ``name`` may be a dotted path with indices, ``queues.0.ring.broken``); needs
+        ``introspect=True``."""
         if self.introspect_path is None:
             raise LocalError("this ServerProcess was started without introspect=True")
         with unixsock.connect(self.introspect_path, timeout) as sock:
@@ -232,7 +233,9 @@ def _serve_attributes(server: VhostUserServer, path: str) -> None:
             conn.settimeout(5.0)
             try:
                 name = conn.recv(256).decode().strip()
-                value = getattr(server.last_device, name)
+                value: Any = server.last_device
+                for part in name.split("."):  # "queues.0.ring.broken": attributes, indices
+                    value = value[int(part)] if part.isdigit() else getattr(value, part)
                 if hasattr(value, "hexdigest"):
                     value = value.hexdigest()
                 reply = {"value": value}

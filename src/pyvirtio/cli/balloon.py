@@ -67,9 +67,9 @@ def describe(reply: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.target is not None:
-            reply = request(args.socket, "target", bytes=args.target)
+            reply = request(args.socket, "target", timeout=2.0, bytes=args.target)
         else:
-            reply = request(args.socket, "stats")
+            reply = request(args.socket, "stats", timeout=2.0)
         if not reply.get("ok"):
             print(f"pyvirtio balloon: {reply.get('error')}", file=sys.stderr)
             return EXIT_FAILED
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                     status = EXIT_WAIT_TIMEOUT
                     break
                 time.sleep(0.1)
-                reply = request(args.socket, "stats")
+                reply = request(args.socket, "stats", timeout=2.0)
         print(json.dumps(reply) if args.json else describe(reply))
         return status
     except (VirtioError, OSError) as exc:

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pyvirtio.device.balloon import allocated_bytes
 from pyvirtio.driver.balloon import BalloonDriver
 from pyvirtio.driver.base import probe
 from pyvirtio.io.qtest import QtestMachine
 from pyvirtio.transport.pci_driver import VirtioPciLegacy, VirtioPciModern
-
-qmp_legacy = pytest.importorskip("qemu.qmp.legacy")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -41,16 +40,17 @@ class BalloonMachine:
         self.machine = QtestMachine(
             ["-device", f"virtio-balloon-pci,id=balloon0,addr=2,{prop}",
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off"], memory_size=RAM)
-        self.qmp: Any = None
+        self.qmp: QEMUMonitorProtocol | None = None
 
     def start(self) -> BalloonMachine:
         self.machine.start()
-        self.qmp = qmp_legacy.QEMUMonitorProtocol(self.qmp_path)
+        self.qmp = QEMUMonitorProtocol(self.qmp_path)
         self.qmp.connect()
         return self
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a QMP command; its return value (a QMP error raises)."""
+        assert self.qmp is not None
         return self.qmp.cmd(name, **args)
 
     def close(self) -> None:

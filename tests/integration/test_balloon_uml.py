@@ -106,7 +106,7 @@ def close_to(a: int, b: int, rel: float) -> bool:
     return abs(a - b) <= rel * max(a, b)
 
 
-@pytest.mark.parametrize("rig", [["--no-reporting"]], indirect=True)
+@pytest.mark.parametrize("rig", [["--no-reporting", "--stats"]], indirect=True)
 def test_a_uml_guest_inflates_to_the_target_and_the_host_gets_the_pages_back(
         rig: BalloonRig) -> None:
     require_guest("uml")
@@ -136,6 +136,10 @@ fill big 150; echo BALLOON-VERIFY $(verify big 150)
           f"{reclaimed / MIB:.1f} MiB reclaimed")
     assert reclaimed >= 180 * MIB
     assert inflated["discarded"] == 192 * MIB
+    # The live view (--stats) printed the same figures.
+    rig.server.wait_for(r"^target 192\.0 MiB  actual 192\.0 MiB  reclaimed 192\.0 MiB  host "
+                        r"[\d.]+ MiB  guest free [\d.]+ avail [\d.]+ swap in/out \d+/\d+ "
+                        r"majflt \d+$", timeout=10)
 
     # The guest's statistics against its own /proc/meminfo, taken at rest.
     stats = rig.fresh_stats()["stats"]

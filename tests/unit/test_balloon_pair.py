@@ -66,8 +66,16 @@ def test_the_driver_inflates_to_the_target_and_the_pages_leave_the_memory_file(
     # Batched: far fewer punches than pages (the allocator hands out consecutive pages).
     assert device.discarder.stats.calls < 8 * MIB // PAGE // 64
 
+    given = list(drv.pages)
     device.set_target(2 * MIB)
     assert drv.service()
+    # Deflated pages come back as zero pages, usable again (they take host memory again).
+    back = [gpa for gpa in given if gpa not in drv.pages]
+    assert len(back) == 6 * MIB // PAGE
+    low = allocated(p)
+    assert p.memory.read(back[0], PAGE) == bytes(PAGE)
+    p.memory.write(back[0], b"\x01" * PAGE)
+    assert allocated(p) == low + PAGE
     assert device.actual_bytes == 2 * MIB and len(device.balloon) == 2 * MIB // PAGE
     assert device.counters.deflated == 6 * MIB // PAGE
     device.set_target(0)

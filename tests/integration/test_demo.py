@@ -44,13 +44,16 @@ def test_the_demo_boots_both_guests_and_ends_with_the_success_summary() -> None:
     done = run_demo()
     assert done.returncode == 0, done.stdout + done.stderr
     said = narration(done.stdout)
-    assert said[-1].startswith("SUCCESS: two real Linux kernels used pyvirtio devices"), said
+    assert said[-1].startswith("SUCCESS: three real Linux kernels used pyvirtio devices"), said
     checks = [line for line in said if line.startswith("  \u2713 ")]
-    assert len(checks) == 8 and not [line for line in said if "\u2717" in line], said
+    assert len(checks) == 12 and not [line for line in said if "\u2717" in line], said
     # The guests' own kernels speak, indented under the narration.
     assert "   uml kernel |     virtio0: DRIVER=virtio_console" in done.stdout
     assert "  qemu kernel |     virtio0: DRIVER=virtio_rng" in done.stdout
     assert re.search(r"  qemu kernel \|     pci \S+: \[1af4:1044\]", done.stdout)
+    # Act 3: the host-side figure of the memory the guest gave back.
+    assert re.search(r"its memory file now holds \d+ MiB: (\d+) MiB back on the host",
+                     done.stdout)
     assert done.stderr == ""
 
 

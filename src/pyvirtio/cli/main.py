@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="more logging (-v: info, -vv: per-message traces)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import pyvirtio.cli.balloon
     import pyvirtio.cli.demo
     import pyvirtio.cli.serve
 
     pyvirtio.cli.demo.register(sub)
+    pyvirtio.cli.balloon.register(sub)
     pyvirtio.cli.serve.register(sub)
     return parser
 

@@ -22,7 +22,7 @@ from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 
-KINDS = ("serve_rng", "serve_console", "serve_blk", "serve_net")
+KINDS = ("serve_rng", "serve_console", "serve_blk", "serve_net", "serve_balloon")
 
 
 def register(sub: Any) -> None:

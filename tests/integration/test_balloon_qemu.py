@@ -20,8 +20,8 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from pyvirtio.device.balloon import allocated_bytes
 from pyvirtio.driver.balloon import BalloonDriver
 from pyvirtio.driver.base import probe
-from pyvirtio.io.qtest import QtestMachine
-from pyvirtio.transport.pci_driver import VirtioPciLegacy, VirtioPciModern
+from pyvirtio.guest.qtest import QtestMachine
+from pyvirtio.transport.virtio_pci import VirtioPciLegacy, VirtioPciModern
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

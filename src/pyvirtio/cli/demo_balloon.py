@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pyvirtio.cli.demo import STEP_TIMEOUT, DemoFailure, booted, expect, mark, say, serving
 from pyvirtio.device.balloon import DEFAULT_FEATURES, BalloonDevice
-from pyvirtio.guest import UmlGuest, VhostUserDevice
+from pyvirtio.guest import UmlGuest, VhostUserDevice, uml_args
 from pyvirtio.io.balloon_control import ControlServer, request
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import balloon as B
@@ -47,7 +47,7 @@ def balloon_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
         with serving(server):
             say(f"serving virtio-balloon on {vu}; control socket {ctl} "
                 f"(`pyvirtio balloon {ctl} --target 64M`)")
-            say(f"booting  linux.uml mem=256M ... {shlex.join(server.uml_args(ids.BALLOON))}")
+            say(f"booting  linux.uml mem=256M ... {shlex.join(uml_args(server.path, ids.BALLOON))}")
             guest = UmlGuest(BALLOON_SCRIPT, mem="256M", timeout=STEP_TIMEOUT * 2,
                              devices=[VhostUserDevice(vu, ids.BALLOON)])
             with booted(guest):

@@ -429,8 +429,7 @@ class VirtioDevice:
         if isinstance(exc, RingError):
             self._peer_problem(str(exc), needs_reset=True)  # the ring broke itself
             return
-        if ring.broken is None:
-            ring.broken = f"{ring.name}: {exc}"
+        ring.fail(str(exc))
         self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
 
     def __repr__(self) -> str:

@@ -8,6 +8,8 @@ from pyvirtio.core import features as CF
 from pyvirtio.core.status import judge
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.rng import RngDevice
+from pyvirtio.driver.base import Driver
+from pyvirtio.driver.rng import RngDriver
 from pyvirtio.errors import PeerError
 from pyvirtio.ring import DescriptorChain
 from pyvirtio.spec import features as F
@@ -256,3 +258,35 @@ def test_a_queue_beyond_the_device_maximum_or_outside_memory_is_refused() -> Non
             pair.device.start_queue(5, 8, 0, 0x10000, 0x20000)  # no such queue
         with pytest.raises(PeerError):
             pair.device.start_queue(0, 8, 1 << 40, 0x10000, 0x20000)  # outside memory
+
+
+# ---- a device touches its queues only while DRIVER_OK (and not NEEDS_RESET) -------------
+
+
+def _post_read(drv: Driver, vq_index: int = 0) -> int:
+    """Make one 64-byte writable buffer available on queue ``vq_index`` and return it."""
+    addr = drv.device.allocator.alloc(64, 16)
+    drv.device.vqs[vq_index].add_buf([], [(addr, 64)], token="early")
+    return addr
+
+
+def test_a_kick_before_driver_ok_is_not_served_but_recorded_and_driver_ok_serves_it() -> None:
+    device = RngDevice()
+    with DevicePair(device) as pair:
+        drv = pair.probe()
+        dev = drv.device
+        dev.reset()  # status 0: the device must not touch a queue from here
+        dev.vqs.clear()
+        dev.add_status(S.ACKNOWLEDGE | S.DRIVER)
+        dev.finalize_features(RngDriver.features | RngDriver.transport_features)
+        (vq,) = dev.find_vqs(1)
+        _post_read(drv)
+        pair.transport.notify(0)  # a driver that kicks anyway (the driver API does not)
+        assert vq.get_buf() is None
+        assert device.served == 0
+        assert any("before DRIVER_OK" in p for p in device.problems)
+        dev.ready()  # DRIVER_OK: the device looks at its rings once
+        got = vq.get_buf()
+        assert got is not None and got == ("early", 64)
+        assert device.served == 64
+

@@ -98,6 +98,7 @@ class VirtioDevice:
         #: are not processed) replaces it with its gated kick entry
         self.poll_queue: Callable[[int], None] = self.kick
         self.problems: list[str] = []  # every peer misbehaviour seen, newest last
+        self._idle_kick_reported = False  # a kick before DRIVER_OK was recorded (once)
 
     # ---- what subclasses implement ------------------------------------------------------
 
@@ -210,6 +211,7 @@ class VirtioDevice:
             self.on_features_ok()
         if t.driver_ok:
             self.on_driver_ok()
+            self._look_at_rings()
         if t.failed:
             self.log.warning("%s: driver set FAILED", self.name)
 
@@ -261,6 +263,7 @@ class VirtioDevice:
             q.desc = q.avail = q.used = 0
         self.status = 0
         self.driver_features = 0
+        self._idle_kick_reported = False
         self.on_reset()
 
     # ---- transport interface: config space ----------------------------------------------
@@ -348,6 +351,14 @@ class VirtioDevice:
     def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
         """A queue stopped running (hook)."""
 
+    @property
+    def live(self) -> bool:
+        """Whether the device may touch its queues: DRIVER_OK is set and NEEDS_RESET is not.
+
+        Before DRIVER_OK (and so after a reset) and while it needs a reset, a device must
+        not consume or return buffers (VIRTIO 1.2 §2.1.2, §3.1.1)."""
+        return self.status & LIVE_MASK == S.DRIVER_OK
+
     def kick(self, index: int) -> None:
         """The driver notified queue ``index``: process what is available."""
         q = self.queues[index] if 0 <= index < len(self.queues) else None
@@ -357,7 +368,32 @@ class VirtioDevice:
         ring = q.ring
         if ring is None or ring.broken:
             return
+        if self.status & LIVE_MASK != S.DRIVER_OK:
+            self._idle_kick(index)
+            return
         self.process_queue(index, ring)
+
+    def _idle_kick(self, index: int) -> None:
+        """A kick the device may not act on yet: recorded once per reset (a driver that
+        kicks before DRIVER_OK is wrong; while NEEDS_RESET is set the cause is recorded
+        already). The buffers stay available and are served when DRIVER_OK arrives."""
+        if self.status & S.DEVICE_NEEDS_RESET or self._idle_kick_reported:
+            return
+        self._idle_kick_reported = True
+        self._peer_problem(
+            f"{self.name}: kick for queue {index} at status {S.describe(self.status)}, "
+            "before DRIVER_OK: not served until the driver sets DRIVER_OK"
+        )
+
+    def _look_at_rings(self) -> None:
+        """DRIVER_OK arrived: look at every running queue once, so buffers made available
+        (and kicked) before it are served, not stranded. Goes through :attr:`poll_queue`,
+        which a transport that gates queues (vhost-user: disabled vrings) replaces."""
+        for index, q in enumerate(self.queues):
+            if not self.live:
+                return  # a handler reset the device or it needs a reset
+            if q.ring is not None and not q.ring.broken and q.ring.pending():
+                self.poll_queue(index)
 
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
         """Drain ``ring`` through :meth:`handle`, with kicks suppressed while we work and the
@@ -400,13 +436,16 @@ class VirtioDevice:
         if isinstance(exc, RingError):
             self._peer_problem(str(exc), needs_reset=True)  # the ring broke itself
             return
-        if ring.broken is None:
-            ring.broken = f"{ring.name}: {exc}"
+        ring.fail(str(exc))
         self._peer_problem(f"{self.name} queue {index}: {exc}", needs_reset=True)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(id={self.device_id}, status={S.describe(self.status)}, "
                 f"features={core_features.describe(self.driver_features)})")
+
+
+#: status bits that decide whether a device may touch its queues (DRIVER_OK alone)
+LIVE_MASK = S.DRIVER_OK | S.DEVICE_NEEDS_RESET
 
 
 def _ignore_queue(index: int) -> None:

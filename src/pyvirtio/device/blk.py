@@ -45,13 +45,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyvirtio.device.base import ConfigAccessError, VirtioDevice
+from pyvirtio.device.base import LIVE_MASK, ConfigAccessError, VirtioDevice
 from pyvirtio.device.blk_fastpath import BlkFastLane, LaneConfig
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
 from pyvirtio.ring.chain import gather, scatter, split_segments
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
+from pyvirtio.spec import status as S
 
 log = logging.getLogger("pyvirtio.device.blk")
 
@@ -587,7 +588,8 @@ class BlkDevice(VirtioDevice):
     def kick(self, index: int) -> None:
         # The data path's entry: straight to the queue's fast lane when it has one.
         lanes = self._lanes
-        if 0 <= index < len(lanes) and not self._resubmit:
+        if (0 <= index < len(lanes) and not self._resubmit
+                and self.status & LIVE_MASK == S.DRIVER_OK):
             lane = lanes[index]
             if lane is not None and lane.ring is self.queues[index].ring:
                 lane.run()

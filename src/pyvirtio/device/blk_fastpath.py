@@ -39,49 +39,28 @@ no interrupt is ever left waiting for a kick that will not come.
 from __future__ import annotations
 
 import os
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import PeerError
 from pyvirtio.ring import DeviceQueue, RingError
-from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.spec import blk as B
-from pyvirtio.spec import split as S
 
 if TYPE_CHECKING:
     from pyvirtio.device.blk import BlkDevice, RequestTracker
 
-_NEXT = S.VRING_DESC_F_NEXT
-_WRITE = S.VRING_DESC_F_WRITE
-_INDIRECT = S.VRING_DESC_F_INDIRECT
-_NEXT_WRITE = _NEXT | _WRITE
 _T_IN = B.VIRTIO_BLK_T_IN
 _T_OUT = B.VIRTIO_BLK_T_OUT
-
-# Little-endian layouts (VERSION_1 rings): one descriptor, an indirect table of three, the
-# avail ring's u16, a used element, the request header.
-_DESC = S.desc_struct("<")
-_DESC3 = struct.Struct("<" + "QIHH" * 3)
-_U16 = S.u16_struct("<")
-_ELEM = S.used_elem_struct("<")
 _HDR = B.outhdr_struct("<")
-_TABLE3 = 3 * S.VRING_DESC_SIZE
 _monotonic = time.monotonic
 _preadv = os.preadv
 _pwritev = os.pwritev
-_u16 = _U16.unpack_from
-_desc1 = _DESC.unpack_from
-_desc3 = _DESC3.unpack_from
 _hdr = _HDR.unpack_from
-_elem = _ELEM.pack_into
 
 #: what :meth:`BlkDevice.lane_config` gives a lane at each kick: the per-queue trackers,
 #: the back-end's fast fd, its mapped image, the capacity in bytes, the block and sector
 #: alignment masks, whether writes may complete without a sync, and the back-end
 LaneConfig = tuple[list[Any], int, "memoryview | None", int, int, int, bool, Any]
-
-Span = tuple[int, int, memoryview]  # guest-physical start, end, the region's buffer
 
 # Batch mode (see the module doc). Kick-driven serving is measured over windows of
 # _WINDOW seconds; a window at _MIN_RATE requests/s or more (several per tick) may start a
@@ -105,21 +84,15 @@ class BlkFastLane:
     only for little-endian rings and synchronous back-ends.
     """
 
-    __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_consts", "_drained",
-                 "_generation", "_hot", "_interval", "_kick_rate", "_spans", "_tick",
-                 "_trial_after", "_w_count", "_w_start", "device", "index", "ring")
+    __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_interval",
+                 "_kick_rate", "_tick", "_trial_after", "_w_count", "_w_start", "device",
+                 "index", "queue", "ring")
 
     def __init__(self, device: BlkDevice, index: int, ring: DeviceQueue) -> None:
         self.device = device
         self.index = index
         self.ring = ring
-        self._generation = -1
-        self._spans: tuple[Span, ...] = ()
-        self._hot: Span = (0, 0, memoryview(b""))
-        # What never changes while this ring runs, unpacked in one go per kick.
-        self._consts = (ring._avail, ring._desc, ring._used, ring._inflight, ring._mask,
-                        ring.size, ring.indirect, ring.event_idx, ring._avail_event_off,
-                        ring._used_event_off, device.queues[index])
+        self.queue = device.queues[index]
         # Batch mode: off unless the device asks for it and has a reactor for the ticks.
         interval = device.batch_interval
         self._interval = interval if interval and device.reactor is not None else 0.0
@@ -171,7 +144,7 @@ class BlkFastLane:
             self._batching = False  # a stale lane: the queue stopped or restarted
             return
         now = _monotonic()
-        arrived = (_u16(ring._avail, 2)[0] - ring.last_avail_idx) & 0xFFFF
+        arrived = ring.pending()
         elapsed = now - self._b_start
         if arrived <= _IDLE_TICK:
             self._end_batching(now, failed=True)
@@ -201,28 +174,12 @@ class BlkFastLane:
         self._w_count = 0
 
 
-    def _find(self, addr: int, length: int) -> Span | None:
-        """The region holding ``addr`` +``length`` entirely (and remember it), or None."""
-        memory = self.ring.memory
-        if memory.generation != self._generation:
-            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
-            self._generation = memory.generation
-        for span in self._spans:
-            if span[0] <= addr and addr + length <= span[1]:
-                self._hot = span
-                return span
-        return None
-
     def run(self) -> None:
-        """Drain the ring, like :meth:`VirtioDevice.process_queue`.
-
-        With EVENT_IDX the notification steps of the ring (``disable_notifications``,
-        ``enable_notifications``, ``needs_notification``) are done here, in place, on the
-        ring's own state; without it, by calling them.
-        """
+        """Drain the ring, like :meth:`VirtioDevice.process_queue`: the short chains the
+        ring hands out in batches (:meth:`~pyvirtio.ring.split.DeviceQueue.pop_short`)
+        are served here; anything else goes through :meth:`BlkDevice.handle`."""
         ring = self.ring
-        (avail, desc, used, inflight, mask, qsize, indirect, event_idx, avail_event_off,
-         used_event_off, queue) = self._consts
+        queue = self.queue
         if queue.ring is not ring or ring.broken is not None:
             return
         self._drained = True
@@ -231,174 +188,98 @@ class BlkFastLane:
         (trackers, fd, image, size, lbs_mask, sector_mask, fast_write,
          backend) = device._lane_config or device.lane_config()
         tracker = trackers[index]
-        if ring.memory.generation != self._generation:
-            self._hot = (0, 0, memoryview(b""))  # the regions changed: look them up again
-        hb, he, hbuf = self._hot
-        last = first = ring.last_avail_idx
-        used_idx = ring.used_idx
-        heads: list[int] = []  # completed since the last publish (elements already written)
+        first = ring.last_avail_idx
+        done: list[tuple[int, int]] = []  # (head, bytes written), not yet published
         reads = writes = bytes_read = bytes_written = 0
-        published = fenced = False  # fenced: a full barrier after the last used->idx store
+        published = False
+        pop_short = ring.pop_short
         try:
-            if event_idx:
-                ring._kicks_enabled = False  # = ring.disable_notifications()
-            else:
-                ring.disable_notifications()
-            pending = (_u16(avail, 2)[0] - last) & 0xFFFF
+            ring.disable_notifications()
             while True:
-                if pending > qsize:  # a broken avail index: let the ring say so
-                    if heads:
-                        ring.used_idx = used_idx
-                        _publish(ring, heads, tracker)
-                        published = True
-                    ring.last_avail_idx = last
-                    ring.pop()  # raises RingError
-                    return
-                while pending:
-                    pending -= 1
-                    # ---- the chain: exactly [header R16] [data R/W] [status W1] --------
-                    head = _u16(avail, 4 + 2 * (last & mask))[0]
-                    ok = False
-                    if head < qsize and not inflight[head]:
-                        addr, length, flags, nxt = _desc1(desc, head << 4)
-                        if flags == _INDIRECT:
-                            if length == _TABLE3 and indirect:
-                                if not hb <= addr <= he - _TABLE3:
-                                    span = self._find(addr, _TABLE3)
-                                    if span is not None:
-                                        hb, he, hbuf = span
-                                if hb <= addr <= he - _TABLE3:
-                                    (a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2,
-                                     _n2) = _desc3(hbuf, addr - hb)
-                                    ok = n0 == 1 and n1 == 2
-                        elif flags == _NEXT and nxt < qsize:
-                            a0, l0, f0, n0 = addr, length, flags, nxt
-                            a1, l1, f1, n1 = _desc1(desc, n0 << 4)
-                            if n1 < qsize:
-                                a2, l2, f2, _n2 = _desc1(desc, n1 << 4)
-                                ok = True
-                        if (ok and l0 == 16 and f0 == _NEXT and f2 == _WRITE and l2 == 1
-                                and l1 and (f1 == _NEXT_WRITE or f1 == _NEXT)):
-                            if not hb <= a0 <= he - 16:
-                                span = self._find(a0, 16)
-                                if span is not None:
-                                    hb, he, hbuf = span
-                            ok = (hb <= a0 <= he - 16 and hb <= a1 and a1 + l1 <= he
-                                  and hb <= a2 < he)
-                        else:
-                            ok = False
+                batch = pop_short()
+                for i, (head, buf, o0, l0, o1, l1, w1, o2, l2) in enumerate(batch):
+                    if tracker is not None:
+                        tracker.popped(head)
                     # ---- the request: a read or write inside the disk --------------------
-                    if ok:
-                        rtype, _ioprio, sector = _hdr(hbuf, a0 - hb)
+                    if l0 == 16 and l2 == 1:
+                        rtype, _ioprio, sector = _hdr(buf, o0)
                         offset = sector << 9
                         if l1 & lbs_mask or sector & sector_mask or offset + l1 > size:
                             pass  # handle() answers IOERR
-                        elif f1 == _NEXT_WRITE:
+                        elif w1:
                             if rtype == _T_IN:
-                                inflight[head] = 1
-                                if tracker is not None:
-                                    tracker.popped(head)
-                                o1 = a1 - hb
                                 if image is not None:
                                     # size <= len(image): offset + l1 is inside it
-                                    hbuf[o1 : o1 + l1] = image[offset : offset + l1]
+                                    buf[o1 : o1 + l1] = image[offset : offset + l1]
                                     n = l1
                                 else:
                                     try:
-                                        n = (_preadv(fd, (hbuf[o1 : o1 + l1],), offset)
+                                        n = (_preadv(fd, (buf[o1 : o1 + l1],), offset)
                                              if fd >= 0 else
-                                             _readv(backend, offset, hbuf[o1 : o1 + l1], l1))
+                                             _readv(backend, offset, buf[o1 : o1 + l1], l1))
                                     except OSError:
                                         n = -1  # handle() retries and reports it
                                 if n == l1:
-                                    hbuf[a2 - hb] = 0
-                                    _elem(used, 4 + 8 * (used_idx & mask), head, l1 + 1)
-                                    used_idx = (used_idx + 1) & 0xFFFF
-                                    heads.append(head)
-                                    last = (last + 1) & 0xFFFF
+                                    buf[o2] = 0
+                                    done.append((head, l1 + 1))
                                     reads += 1
                                     bytes_read += l1
                                     continue
-                                inflight[head] = 0
                         elif rtype == _T_OUT and fast_write:
-                            inflight[head] = 1
-                            if tracker is not None:
-                                tracker.popped(head)
-                            o1 = a1 - hb
                             try:
-                                n = (_pwritev(fd, (hbuf[o1 : o1 + l1],), offset) if fd >= 0
-                                     else _writev(backend, offset, hbuf[o1 : o1 + l1], l1))
+                                n = (_pwritev(fd, (buf[o1 : o1 + l1],), offset) if fd >= 0
+                                     else _writev(backend, offset, buf[o1 : o1 + l1], l1))
                             except OSError:
                                 n = -1
                             if n == l1:
-                                hbuf[a2 - hb] = 0
-                                _elem(used, 4 + 8 * (used_idx & mask), head, 1)
-                                used_idx = (used_idx + 1) & 0xFFFF
-                                heads.append(head)
-                                last = (last + 1) & 0xFFFF
+                                buf[o2] = 0
+                                done.append((head, 1))
                                 writes += 1
                                 bytes_written += l1
                                 continue
-                            inflight[head] = 0
                     # ---- anything else: the general path, on a consistent ring -----------
-                    if heads:
-                        ring.used_idx = used_idx
-                        _publish(ring, heads, tracker)
+                    ring.rewind(len(batch) - i - 1)  # the rest is offered again
+                    if done:
+                        _publish(ring, done, tracker)
                         published = True
-                    ring.last_avail_idx = last
-                    chain = ring.pop()  # raises RingError for a malformed chain
-                    if chain is None:  # the driver moved avail->idx back: look again
-                        break
-                    if tracker is not None:
-                        tracker.popped(chain.head)
-                    result = device.handle(index, chain)
+                    result = device.handle(index, ring.chain(head))
                     if queue.ring is not ring:
                         return  # the handler reset the device or stopped this queue
-                    last = ring.last_avail_idx
-                    used_idx = ring.used_idx
                     if result is not None:
-                        _elem(used, 4 + 8 * (used_idx & mask), chain.head, result)
-                        used_idx = (used_idx + 1) & 0xFFFF
-                        heads.append(chain.head)
-                    hb, he, hbuf = self._hot
-                if heads:
-                    ring.used_idx = used_idx
-                    if tracker is None:
-                        # _publish() inline: the used->idx store, then out of flight.
-                        _U16.pack_into(used, 2, used_idx)
-                        for head in heads:
-                            inflight[head] = 0
-                        heads.clear()
-                    else:
-                        _publish(ring, heads, tracker)
-                    published = True
-                ring.last_avail_idx = last
-                if self._batching:
-                    break  # kicks stay off: the next tick looks again
-                if event_idx:
-                    # = ring.enable_notifications(): kick us for what comes after `last`,
-                    # then look again (a buffer made available meanwhile sent no kick).
-                    ring._kicks_enabled = True
-                    _U16.pack_into(used, avail_event_off, last)
-                    full_barrier()
-                    pending = (_u16(avail, 2)[0] - last) & 0xFFFF
-                    if not pending:
-                        fenced = True  # the barrier also ordered the last used->idx store
-                        break
-                    ring._kicks_enabled = False
+                        done.append((head, result))
+                    break
                 else:
+                    if ring.pending():  # not a short chain: the general path gives the verdict
+                        if done:
+                            _publish(ring, done, tracker)
+                            published = True
+                        chain = ring.pop()  # raises RingError for a malformed chain
+                        if chain is not None:
+                            if tracker is not None:
+                                tracker.popped(chain.head)
+                            result = device.handle(index, chain)
+                            if queue.ring is not ring:
+                                return  # the handler reset the device or stopped this queue
+                            if result is not None:
+                                done.append((chain.head, result))
+                            continue
+                    if done:
+                        _publish(ring, done, tracker)
+                        published = True
+                    if self._batching:
+                        break  # kicks stay off: the next tick looks again
+                    # kick us for what comes next, then look again (a buffer made available
+                    # meanwhile sent no kick)
                     if not ring.enable_notifications():
                         break
                     ring.disable_notifications()
-                    pending = (_u16(avail, 2)[0] - last) & 0xFFFF
             if self._interval:
                 self._account((ring.last_avail_idx - first) & 0xFFFF)
         except (RingError, PeerError) as exc:
             # A malformed request (handle() refused to answer it) still lets what came
             # before it be returned, as the framework's loop does; a broken ring does not.
-            if heads and ring.broken is None and queue.ring is ring:
-                ring.used_idx = used_idx
-                _publish(ring, heads, tracker)
+            if done and ring.broken is None and queue.ring is ring:
+                _publish(ring, done, tracker)
                 published = True
             device.queue_failed(index, ring, exc)
         finally:
@@ -408,23 +289,8 @@ class BlkFastLane:
                 stats.writes += writes
                 stats.bytes_read += bytes_read
                 stats.bytes_written += bytes_written
-            if published and queue.ring is ring:
-                if not event_idx:
-                    if ring.needs_notification():
-                        device.notify_queue(index)
-                elif ring.used_idx != ring._signalled_used:
-                    # = ring.needs_notification() with EVENT_IDX: interrupt iff used->idx
-                    # moved past the driver's used_event since the last decision.
-                    new = ring.used_idx
-                    old = ring._signalled_used
-                    valid = ring._signalled_valid
-                    ring._signalled_used = new
-                    ring._signalled_valid = True
-                    if not fenced:
-                        full_barrier()  # our used->idx store before the used_event load
-                    if not valid or (new - _u16(avail, used_event_off)[0] - 1) & 0xFFFF < (
-                            new - old) & 0xFFFF:
-                        device.notify_queue(index)
+            if published and queue.ring is ring and ring.needs_notification():
+                device.notify_queue(index)
             if self._batching and self._tick is None:
                 if queue.ring is ring and ring.broken is None:
                     self._tick = device.reactor.call_later(  # type: ignore[union-attr]
@@ -433,18 +299,18 @@ class BlkFastLane:
                     self._batching = False
 
 
-def _publish(ring: DeviceQueue, heads: list[int], tracker: RequestTracker | None) -> None:
-    """Make the used elements written for ``heads`` visible: one used->idx store (already
-    in ``ring.used_idx``), then the heads leave the in-flight set."""
-    if tracker is not None:
+def _publish(ring: DeviceQueue, done: list[tuple[int, int]],
+             tracker: RequestTracker | None) -> None:
+    """Return the completed requests to the driver with one used->idx store, telling the
+    request tracker before and after."""
+    if tracker is None:
+        ring.push_many(done)
+    else:
+        heads = [head for head, _ in done]
         tracker.completing(heads)
-    _U16.pack_into(ring._used, 2, ring.used_idx)
-    inflight = ring._inflight
-    for head in heads:
-        inflight[head] = 0
-    if tracker is not None:
+        ring.push_many(done)
         tracker.completed(heads, ring.used_idx)
-    heads.clear()
+    done.clear()
 
 
 def _readv(backend: object, offset: int, view: memoryview, length: int) -> int:

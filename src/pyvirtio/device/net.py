@@ -374,11 +374,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def on_driver_ok(self) -> None:
         if self.peer is not None:
             self.peer.peer_ready()  # frames may have waited for the guest to come up
-        for index, q in enumerate(self.queues):
-            # Transmit kicks before DRIVER_OK were ignored: look at those queues now.
-            if (index % 2 == 1 and index != self._ctrl_index and q.ring is not None
-                    and not q.ring.broken and q.ring.pending()):
-                self._process_tx(index, q.ring)
+        # (Kicks before DRIVER_OK were not served: the framework looks at every ring now.)
 
     def on_reset(self) -> None:
         nq = self.num_queues

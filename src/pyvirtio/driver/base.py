@@ -167,9 +167,14 @@ class Virtqueue:
         return self.ring.add_buf(out_sgs, in_sgs, token)
 
     def kick(self) -> bool:
-        """Notify the device if it wants to be; returns whether it was notified."""
+        """Notify the device if it wants to be; returns whether it was notified.
+
+        Before DRIVER_OK a driver must not notify (VIRTIO 1.2 §3.1.1): buffers added during
+        probe wait, and the device looks at its rings when DRIVER_OK arrives."""
         if self.detached is not None:
             raise self._gone()
+        if not self.device.driver_ok:
+            return False
         if self.ring.kick_prepare():
             self.device.transport.notify(self.index)
             return True
@@ -223,6 +228,7 @@ class Device:
         self.transport = transport
         self.features = 0
         self.vqs: list[Virtqueue] = []
+        self.driver_ok = False  # DRIVER_OK set by us since the last reset
         #: the driver's config-change callback (Linux ``virtio_driver.config_changed``)
         self.config_changed_callback: Callable[[], None] | None = None
         #: set when the device announced DEVICE_NEEDS_RESET, until :meth:`reset`
@@ -278,9 +284,12 @@ class Device:
 
     def add_status(self, bit: int) -> None:
         self.transport.set_status(self.transport.get_status() | bit)
+        if bit & S.DRIVER_OK:
+            self.driver_ok = True
 
     def reset(self) -> None:
         self.detach_queues("the device was reset")
+        self.driver_ok = False
         self.transport.reset()
         self.features = 0
         self.needs_reset = False

@@ -1,19 +1,25 @@
 """Sans-I/O virtqueues: memory is passed in, the ring never notifies, sleeps or opens files.
 
-:mod:`pyvirtio.ring.split` holds the split ring's DriverQueue and DeviceQueue.
+:mod:`pyvirtio.ring.queue` defines the interface devices and drivers use (DeviceRing,
+DriverRing); :mod:`pyvirtio.ring.split` implements it for the split ring (DeviceQueue,
+DriverQueue).
 """
 
 from pyvirtio.ring.chain import DescriptorChain, gather, scatter
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
 from pyvirtio.ring.split import DeviceQueue, DriverQueue
 
 __all__ = [
     "DescriptorChain",
     "DeviceQueue",
+    "DeviceRing",
     "DriverQueue",
+    "DriverRing",
     "QueueFullError",
     "QueueUsageError",
     "RingError",
+    "ShortChain",
     "gather",
     "scatter",
 ]

@@ -20,6 +20,7 @@ All indices are free-running 16-bit counters (mod 2^16), as in the spec.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
@@ -27,6 +28,7 @@ from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import split as S
 
@@ -34,6 +36,10 @@ _NEXT = S.VRING_DESC_F_NEXT
 _WRITE = S.VRING_DESC_F_WRITE
 _INDIRECT = S.VRING_DESC_F_INDIRECT
 U64_LIMIT = 1 << 64
+
+_NEXT_WRITE = _NEXT | _WRITE
+_TABLE3 = 3 * S.VRING_DESC_SIZE
+_EMPTY = memoryview(b"")
 
 # Upper bound on descriptors in one indirect table. The spec bounds direct chains by the
 # queue size but says nothing for indirect tables; like QEMU and vhost we cap them so a
@@ -84,6 +90,11 @@ class _SplitRing:
             self.broken = f"{self.name}: {reason}"
         return RingError(self.broken)
 
+    def fail(self, reason: str) -> RingError:
+        """Mark the queue broken because of ``reason`` (a request its device refused),
+        unless it is already; returns the error naming the first reason."""
+        return self._break(reason)
+
 
 class DeviceQueue(_SplitRing):
     """The device side of a split virtqueue.
@@ -119,6 +130,11 @@ class DeviceQueue(_SplitRing):
         self._kicks_enabled = True
         self._inflight = bytearray(size)  # 1 while a head is popped and not yet pushed
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
+        # pop_short's view of guest memory: the regions, and the one used last
+        self._spans: tuple[tuple[int, int, memoryview], ...] = ()
+        self._span_gen = -1
+        self._hot: tuple[int, int, memoryview] = (0, 0, _EMPTY)
+        self._desc3 = struct.Struct(endian + "QIHH" * 3)  # an indirect table of three
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else "ok"
@@ -190,6 +206,104 @@ class DeviceQueue(_SplitRing):
         chain = self._read_chain(head)
         self._inflight[head] = 1
         return chain
+
+    def pop_short(self, limit: int = 0xFFFF) -> list[ShortChain]:
+        """Batch pop: the next available chains that are *short*, as plain tuples.
+
+        A short chain is exactly three descriptors, directly linked or as an indirect table
+        of three: readable, then readable or writable, then writable, none empty, all three
+        inside one guest memory region (a Linux block request: header, data, status). Each
+        comes back as ``(head, buf, off0, len0, off1, len1, writable1, off2, len2)``, the
+        offsets being into ``buf``, the region's memory, and is in flight as if popped.
+
+        Stops at ``limit`` chains or at the first entry that is not short, leaving it for
+        :meth:`pop`, which applies every ring rule (this method never breaks the queue: a
+        malformed entry is simply not short). For the fast path of a device whose requests
+        are such chains; serve anything unusual in one with :meth:`chain`.
+        """
+        out: list[ShortChain] = []
+        if self.broken is not None:
+            return out
+        avail = self._avail
+        desc = self._desc
+        _u16 = self._u16.unpack_from
+        _desc1 = self._desc_struct.unpack_from
+        _desc3 = self._desc3.unpack_from
+        inflight = self._inflight
+        qsize = self.size
+        mask = self._mask
+        last = self.last_avail_idx
+        pending = (_u16(avail, 2)[0] - last) & 0xFFFF
+        if pending > qsize:
+            return out  # a broken avail index: pop() says so
+        if pending > limit:
+            pending = limit
+        memory = self.memory
+        if memory.generation != self._span_gen:
+            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
+            self._span_gen = memory.generation
+            self._hot = (0, 0, _EMPTY)
+        hb, he, hbuf = self._hot
+        append = out.append
+        while pending:
+            pending -= 1
+            head = _u16(avail, 4 + 2 * (last & mask))[0]
+            if head >= qsize or inflight[head]:
+                break
+            addr, length, flags, nxt = _desc1(desc, head << 4)
+            if flags == _INDIRECT:
+                if length != _TABLE3 or not self.indirect:
+                    break
+                if not hb <= addr <= he - _TABLE3:
+                    span = self._find(addr, _TABLE3)
+                    if span is None:
+                        break
+                    hb, he, hbuf = span
+                a0, l0, f0, n0, a1, l1, f1, n1, a2, l2, f2, _n2 = _desc3(hbuf, addr - hb)
+                if n0 != 1 or n1 != 2:
+                    break
+            elif flags == _NEXT and nxt < qsize:
+                a0, l0, f0 = addr, length, flags
+                a1, l1, f1, n1 = _desc1(desc, nxt << 4)
+                if n1 >= qsize:
+                    break
+                a2, l2, f2, _n2 = _desc1(desc, n1 << 4)
+            else:
+                break
+            if (f0 != _NEXT or f2 != _WRITE or not (l0 and l1 and l2)
+                    or (f1 != _NEXT_WRITE and f1 != _NEXT)):
+                break
+            if not hb <= a0 <= he - l0:
+                span = self._find(a0, l0)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            if not (hb <= a1 and a1 + l1 <= he and hb <= a2 and a2 + l2 <= he):
+                break
+            inflight[head] = 1
+            last = (last + 1) & 0xFFFF
+            append((head, hbuf, a0 - hb, l0, a1 - hb, l1, f1 == _NEXT_WRITE, a2 - hb, l2))
+        self._hot = (hb, he, hbuf)
+        if out:
+            self.last_avail_idx = last
+            if self.event_idx and self._kicks_enabled:
+                self._u16.pack_into(self._used, self._avail_event_off, last)
+        return out
+
+    def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
+        for span in self._spans:
+            if span[0] <= addr and addr + length <= span[1]:
+                return span
+        return None
+
+    def chain(self, head: int) -> DescriptorChain:
+        """The full chain of ``head``, which is in flight (popped by :meth:`pop_short`):
+        read with every ring rule, breaking the queue (:class:`RingError`) if it is bad."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if not 0 <= head < self.size or not self._inflight[head]:
+            raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
+        return self._read_chain(head)
 
     def _read_chain(self, head: int) -> DescriptorChain:
         # ``head`` < size (the callers checked). A chain of one plain descriptor (a receive
@@ -692,3 +806,8 @@ class DriverQueue(_SplitRing):
     def avail_event(self) -> int:
         idx: int = self._u16.unpack_from(self._used, self._avail_event_off)[0]
         return idx
+
+
+def _implements_the_queue_interface(device: DeviceQueue, driver: DriverQueue
+                                    ) -> tuple[DeviceRing, DriverRing]:
+    return device, driver  # mypy checks that the split ring implements ring.queue

@@ -33,6 +33,11 @@ class InOrderCompletions:
     def unpop(self, key: int) -> None:
         self._order.pop(key, None)
 
+    def pending(self, key: int) -> bool:
+        """Popped and not completed yet."""
+        entry = self._order.get(key)
+        return entry is not None and entry[2] < 0
+
     def complete(self, key: int, written: int) -> None:
         self._order[key][2] = written
 

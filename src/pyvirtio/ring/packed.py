@@ -632,7 +632,8 @@ class PackedDriverQueue(_PackedRing):
         self._free_ids: list[int] = list(range(size - 1, -1, -1))  # pop() gives 0 first
         self._inflight: list[_InFlight | None] = [None] * size
         self._order: deque[int] = deque()  # ids in the order they were made available
-        self._ready: deque[tuple[object, int]] = deque()  # collected from an in-order batch
+        # The rest of an in-order batch: (token, written, entry), each freed when returned.
+        self._ready: deque[tuple[object, int, _InFlight]] = deque()
         self._num_free = size
         self._added_total = 0  # descriptors made available since start
         self._kicked_total = 0  # ... as of the last kick_prepare
@@ -660,7 +661,7 @@ class PackedDriverQueue(_PackedRing):
     @property
     def in_flight(self) -> int:
         """Buffers added and not yet returned by get_buf."""
-        return self.size - len(self._free_ids) + len(self._ready)
+        return self.size - len(self._free_ids) + len(self._ready)  # ready ids are free
 
     # ---- add ----------------------------------------------------------------------------
 
@@ -705,7 +706,7 @@ class PackedDriverQueue(_PackedRing):
                 pack(table, 16 * i, addr, length, 0, 0)
                 i += 1
             for addr, length in in_sgs:
-                pack(table, 16 * i, addr, length, _WRITE, 0)
+                pack(table, 16 * i, addr, length, 0, _WRITE)
                 i += 1
             pack(ring, 16 * head_pos, indirect_addr, 16 * total, buf_id, 0)
             head_flags = _INDIRECT
@@ -781,7 +782,7 @@ class PackedDriverQueue(_PackedRing):
         if self.broken is not None:
             raise RingError(self.broken)
         if self._ready:
-            return self._ready.popleft()
+            return self._collect(*self._ready.popleft())
         pos, wrap = self._used_pos, self._used_wrap
         flags = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
         if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
@@ -809,22 +810,21 @@ class PackedDriverQueue(_PackedRing):
                 self._order.popleft()
         else:
             batch = [buf_id]
-        ndescs = 0
-        result: tuple[object, int] | None = None
-        for b in batch:
-            e = self._inflight[b]
-            assert e is not None
-            self._inflight[b] = None
-            self._free_ids.append(b)
-            ndescs += e.ndescs
-            if e.indirect_addr is not None and self.allocator is not None:
-                self.allocator.free(e.indirect_addr)
-            done = (e.token, written if b == buf_id else e.in_capacity)
-            if result is None:
-                result = done
-            else:
-                self._ready.append(done)
-        self._num_free += ndescs
+        if len(batch) == 1:
+            self._inflight[buf_id] = None
+            ndescs = entry.ndescs
+            result = self._collect(entry.token, written, entry)
+        else:
+            ndescs = 0
+            for b in batch:
+                e = self._inflight[b]
+                assert e is not None
+                self._inflight[b] = None
+                ndescs += e.ndescs
+                # All but the last were used completely (§2.8.8).
+                self._ready.append((e.token, written if b == buf_id else e.in_capacity, e))
+            result = self._collect(*self._ready.popleft())
+        self._free_ids.extend(batch)
         pos += ndescs
         if pos >= self.size:
             pos -= self.size
@@ -835,9 +835,16 @@ class PackedDriverQueue(_PackedRing):
             self._u16.pack_into(self._driver_evt, 0, encode(pos, wrap))
         return result
 
+    def _collect(self, token: object, written: int, entry: _InFlight) -> tuple[object, int]:
+        """Give a returned buffer's descriptors (and indirect table) back."""
+        self._num_free += entry.ndescs
+        if entry.indirect_addr is not None and self.allocator is not None:
+            self.allocator.free(entry.indirect_addr)
+        return token, written
+
     def detach_unused(self) -> list[object]:
         """After a device reset: take back every buffer still in flight, returning tokens."""
-        tokens = [token for token, _ in self._ready]
+        tokens = [self._collect(*r)[0] for r in self._ready]
         self._ready.clear()
         self._order.clear()
         for buf_id, entry in enumerate(self._inflight):
@@ -845,9 +852,7 @@ class PackedDriverQueue(_PackedRing):
                 tokens.append(entry.token)
                 self._inflight[buf_id] = None
                 self._free_ids.append(buf_id)
-                self._num_free += entry.ndescs
-                if entry.indirect_addr is not None and self.allocator is not None:
-                    self.allocator.free(entry.indirect_addr)
+                self._collect(entry.token, 0, entry)
         return tokens
 
     # ---- interrupt suppression (the paper's callback control) ---------------------------

@@ -468,8 +468,13 @@ class PackedDeviceQueue(_PackedRing):
             self._ndescs[buf_id] = 0
             self._write_used(buf_id, written, ndescs)
             return
-        # Ids stay in flight (for pop's reuse check) until their batch is published.
         order.complete(buf_id, written)
+
+    def _publish_in_order(self) -> None:
+        """IN_ORDER: write each run now complete in pop order as one used descriptor."""
+        order = self._order
+        assert order is not None
+        # Ids stay in flight (for pop's reuse check) until their run is published.
         for keys, weight, last_written in order.batches():
             for key in keys:
                 self._ndescs[key] = 0
@@ -480,6 +485,8 @@ class PackedDeviceQueue(_PackedRing):
         if self.broken is not None:
             raise RingError(self.broken)
         self._complete(self._take(chain, written), written)
+        if self._order is not None:
+            self._publish_in_order()
 
     def push_many(self, completions: Iterable[tuple[DescriptorChain | int, int]]) -> int:
         """Return several buffers; returns how many. With IN_ORDER, a run of completely
@@ -490,6 +497,8 @@ class PackedDeviceQueue(_PackedRing):
         for chain, written in completions:
             self._complete(self._take(chain, written), written)
             n += 1
+        if self._order is not None:
+            self._publish_in_order()  # one pass: runs span the whole call
         return n
 
     def in_flight(self) -> list[int]:

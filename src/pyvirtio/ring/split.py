@@ -322,7 +322,8 @@ class DeviceQueue(_SplitRing):
             raise RingError(self.broken)
         head = self._take(chain, written)
         if self._order is not None:
-            self._publish_in_order(head, written)
+            self._order.complete(head, written)
+            self._publish_in_order()
             return
         slot = self.used_idx & self._mask
         self._elem.pack_into(self._used, 4 + 8 * slot, head, written)
@@ -340,8 +341,9 @@ class DeviceQueue(_SplitRing):
         n = 0
         if self._order is not None:
             for chain, written in completions:
-                self._publish_in_order(self._take(chain, written), written)
+                self._order.complete(self._take(chain, written), written)
                 n += 1
+            self._publish_in_order()  # one pass: runs span the whole call
             return n
         for chain, written in completions:
             head = self._take(chain, written)
@@ -373,12 +375,11 @@ class DeviceQueue(_SplitRing):
             raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
         return head
 
-    def _publish_in_order(self, head: int, written: int) -> None:
-        """IN_ORDER: record a completion; publish every run now complete in pop order as
-        one used element (the run's last head) at the slot of its first buffer, moving
-        used->idx by the run's length (VIRTIO 1.x §2.7.9)."""
+    def _publish_in_order(self) -> None:
+        """IN_ORDER: publish every run now complete in pop order as one used element (the
+        run's last head) at the slot of its first buffer, moving used->idx by the run's
+        length (VIRTIO 1.x §2.7.9)."""
         assert self._order is not None
-        self._order.complete(head, written)
         idx = self.used_idx
         batches = self._order.batches()
         for heads, count, last_written in batches:  # count: each weighs 1

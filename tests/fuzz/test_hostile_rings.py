@@ -295,9 +295,11 @@ import ctypes, mmap, random, sys
 from pyvirtio.memory import GuestMemory, buffer_region
 from pyvirtio.ring import RingError
 from pyvirtio.testing.hostile import HostileRingGenerator
+from pyvirtio.testing.hostile_packed import HostilePackedRingGenerator
 
 PAGE = mmap.PAGESIZE
 count, seed = int(sys.argv[1]), int(sys.argv[2])
+generator = HostilePackedRingGenerator if sys.argv[3] == "packed" else HostileRingGenerator
 # [guard][R1][guard][R2][guard][R3][guard], one page each; R1 and R2 adjacent in gpa.
 m = mmap.mmap(-1, 7 * PAGE)
 view = memoryview(m)
@@ -308,7 +310,7 @@ for page in (0, 2, 4, 6):
         sys.exit("mprotect failed")
 layout = [(0x10000, 1), (0x10000 + PAGE, 3), (0x10000 + 3 * PAGE, 5)]
 memory = GuestMemory([buffer_region(view[p * PAGE:(p + 1) * PAGE], gpa) for gpa, p in layout])
-gen = HostileRingGenerator(memory, seed=seed)
+gen = generator(memory, seed=seed)
 broken = 0
 for case in gen.cases(count):
     queue = case.device_queue(memory)
@@ -333,10 +335,11 @@ print(broken)
 
 
 @pytest.mark.timeout(120)
-def test_hostile_rings_never_touch_inaccessible_guard_pages() -> None:
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+def test_hostile_rings_never_touch_inaccessible_guard_pages(fmt: str) -> None:
     """Guard pages around every region are mprotect(PROT_NONE): any read or write outside
     the regions would kill the device process with SIGSEGV."""
-    proc = subprocess.run([sys.executable, "-c", PROTECTED_CHILD, "20000", "99"],
+    proc = subprocess.run([sys.executable, "-c", PROTECTED_CHILD, "20000", "99", fmt],
                           capture_output=True, timeout=100)
     assert proc.returncode != -signal.SIGSEGV, "the device touched a guard page"
     assert proc.returncode == 0, proc.stderr.decode()

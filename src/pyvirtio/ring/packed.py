@@ -166,7 +166,7 @@ class PackedDeviceQueue(_PackedRing):
         # Per buffer id: ring descriptors it occupies (0: not in flight) and writable bytes.
         self._ndescs = [0] * size
         self._capacity = [0] * size
-        self._popped: dict[int, None] = {}  # ids in flight, in pop order (for rewind)
+        self._popped: dict[int, DescriptorChain] = {}  # in flight, in pop order (rewind)
         self._order = InOrderCompletions() if in_order else None
         self._used_total = 0  # descriptors used since start (for notification windows)
         self._signalled_total = 0
@@ -242,7 +242,7 @@ class PackedDeviceQueue(_PackedRing):
         buf_id = chain.head
         self._ndescs[buf_id] = ndescs
         self._capacity[buf_id] = chain.writable_len
-        self._popped[buf_id] = None
+        self._popped[buf_id] = chain
         if self._order is not None:
             self._order.popped(buf_id, ndescs, chain.writable_len)
         pos += ndescs
@@ -504,6 +504,24 @@ class PackedDeviceQueue(_PackedRing):
     def in_flight(self) -> list[int]:
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
+
+    def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
+                                                           int, bool, int, int]]:
+        """The queue interface's batch pop of short split chains as tuples. The packed ring
+        has no such fast path yet: it hands out nothing and leaves every buffer to
+        :meth:`pop` (which the interface allows: anything unusual is left for pop)."""
+        return []
+
+    def chain(self, head: int) -> DescriptorChain:
+        """The chain of an in-flight buffer id, as :meth:`pop` returned it."""
+        found = self._popped.get(head)
+        if found is None:
+            raise QueueUsageError(f"{self.name}: buffer {head} is not in flight")
+        return found
+
+    def fail(self, reason: str) -> RingError:
+        """Mark the queue broken (the device refused a request); returns the error."""
+        return self._break(reason)
 
     def rewind(self, count: int) -> None:
         """Un-pop the last ``count`` buffers (they are offered again by the next pops).

@@ -30,12 +30,19 @@ import pytest
 from pyvirtio.memory import GuestMemory, buffer_region
 from pyvirtio.ring import DeviceQueue, QueueUsageError, RingError
 from pyvirtio.ring.chain import DescriptorChain
+from pyvirtio.ring.packed import PackedDeviceQueue
 from pyvirtio.testing.hostile import (
     Defect,
     ExpectedChain,
     HostileCase,
     HostileRingGenerator,
     Reason,
+)
+from pyvirtio.testing.hostile_packed import (
+    HostilePackedRingGenerator,
+    PackedDefect,
+    PackedHostileCase,
+    PackedReason,
 )
 
 GUARD = 512
@@ -129,10 +136,20 @@ def _complete(arena: Arena, chain: DescriptorChain, want: ExpectedChain,
     return written
 
 
-def _push(arena: Arena, queue: DeviceQueue, case: HostileCase, chain: DescriptorChain,
-          written: int) -> None:
+def _push(arena: Arena, queue: DeviceQueue | PackedDeviceQueue, case: HostileCase,
+          chain: DescriptorChain, written: int) -> None:
     """Push and check the used element and used->idx the device wrote (right away: a hostile
     driver may point a later writable buffer at the used ring itself)."""
+    if isinstance(queue, PackedDeviceQueue):
+        pos, wrap = queue.used_idx & 0x7FFF, queue.used_idx >> 15
+        queue.push(chain, written)
+        used = arena.read(((case.desc_addr + 16 * pos, 16),))
+        flags = int.from_bytes(used[14:], "little")
+        assert (int.from_bytes(used[8:12], "little"), int.from_bytes(used[12:14], "little")) \
+            == (written, chain.head)
+        assert flags & 0x8080 == (0x8080 if wrap else 0)  # AVAIL = USED = wrap counter
+        return
+    assert isinstance(queue, DeviceQueue)
     slot = queue.used_idx % case.size
     queue.push(chain, written)
     used = arena.read(((case.used_addr, 4 + 8 * case.size),))
@@ -188,7 +205,7 @@ def run_case(arena: Arena, case: HostileCase, rnd: random.Random) -> str | None:
     # Nothing outside the used ring and the popped chains' writable buffers changed.
     after = bytearray(arena.view)
     expect = bytearray(before)
-    allowed = [(case.used_addr, case.used_range[1])]
+    allowed = [case.used_range]
     allowed += [seg for _, exp in popped for seg in exp.writable]
     for addr, length in allowed:
         for off, n in arena.offsets(addr, length):
@@ -278,9 +295,11 @@ import ctypes, mmap, random, sys
 from pyvirtio.memory import GuestMemory, buffer_region
 from pyvirtio.ring import RingError
 from pyvirtio.testing.hostile import HostileRingGenerator
+from pyvirtio.testing.hostile_packed import HostilePackedRingGenerator
 
 PAGE = mmap.PAGESIZE
 count, seed = int(sys.argv[1]), int(sys.argv[2])
+generator = HostilePackedRingGenerator if sys.argv[3] == "packed" else HostileRingGenerator
 # [guard][R1][guard][R2][guard][R3][guard], one page each; R1 and R2 adjacent in gpa.
 m = mmap.mmap(-1, 7 * PAGE)
 view = memoryview(m)
@@ -291,7 +310,7 @@ for page in (0, 2, 4, 6):
         sys.exit("mprotect failed")
 layout = [(0x10000, 1), (0x10000 + PAGE, 3), (0x10000 + 3 * PAGE, 5)]
 memory = GuestMemory([buffer_region(view[p * PAGE:(p + 1) * PAGE], gpa) for gpa, p in layout])
-gen = HostileRingGenerator(memory, seed=seed)
+gen = generator(memory, seed=seed)
 broken = 0
 for case in gen.cases(count):
     queue = case.device_queue(memory)
@@ -316,10 +335,11 @@ print(broken)
 
 
 @pytest.mark.timeout(120)
-def test_hostile_rings_never_touch_inaccessible_guard_pages() -> None:
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+def test_hostile_rings_never_touch_inaccessible_guard_pages(fmt: str) -> None:
     """Guard pages around every region are mprotect(PROT_NONE): any read or write outside
     the regions would kill the device process with SIGSEGV."""
-    proc = subprocess.run([sys.executable, "-c", PROTECTED_CHILD, "20000", "99"],
+    proc = subprocess.run([sys.executable, "-c", PROTECTED_CHILD, "20000", "99", fmt],
                           capture_output=True, timeout=100)
     assert proc.returncode != -signal.SIGSEGV, "the device touched a guard page"
     assert proc.returncode == 0, proc.stderr.decode()
@@ -335,6 +355,59 @@ def test_hostile_soak_million_rings(arena: Arena) -> None:
         random.randrange(1 << 32))
     print(f"hostile soak seed {seed} (rerun with PYVIRTIO_SOAK={seed})")
     gen = HostileRingGenerator(arena.memory, seed=seed)
+    rnd = random.Random(seed)
+    for case in gen.cases(1_000_000):
+        run_case(arena, case, rnd)
+
+
+# ---- packed rings ---------------------------------------------------------------------------
+
+
+def test_hostile_packed_generator_yields_every_defect_with_the_reason_it_promises(
+        arena: Arena) -> None:
+    gen = HostilePackedRingGenerator(arena.memory, seed=2)
+    rnd = random.Random(2)
+    for defect in PackedDefect:
+        for _ in range(200):
+            case = gen.case(defect)
+            assert isinstance(case, PackedHostileCase)
+            assert case.defect is defect
+            if defect.reason is not None:
+                assert defect.reason in case.verdict.reasons
+            elif defect is PackedDefect.NONE:
+                assert not case.verdict.broken
+            run_case(arena, case, rnd)
+
+
+@pytest.mark.timeout(300)
+def test_100k_hostile_packed_rings_break_the_queue_precisely_and_touch_nothing_else(
+        arena: Arena) -> None:
+    gen = HostilePackedRingGenerator(arena.memory, seed=20261203)
+    rnd = random.Random(6)
+    outcomes: Counter[str] = Counter()
+    reasons: Counter[PackedReason] = Counter()
+    for case in gen.cases(100_000):
+        reason = run_case(arena, case, rnd)
+        outcomes[f"{case.defect.name}:{'broken' if reason else 'ok'}"] += 1
+        if reason is not None:
+            for r in case.verdict.reasons:
+                if r.matches(reason):
+                    reasons[r] += 1
+    assert set(reasons) == set(PackedReason), set(PackedReason) - set(reasons)
+    assert outcomes["GARBAGE:broken"] and outcomes["GARBAGE:ok"]
+    assert outcomes["MUTATION:broken"] and outcomes["MUTATION:ok"]
+    assert outcomes["NONE:ok"] > 20_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.skipif(not os.environ.get("PYVIRTIO_SOAK"),
+                    reason="soak test: set PYVIRTIO_SOAK=1 (and optionally a seed) to run")
+def test_hostile_packed_soak_million_rings(arena: Arena) -> None:
+    seed = int(os.environ["PYVIRTIO_SOAK"]) if os.environ["PYVIRTIO_SOAK"] != "1" else (
+        random.randrange(1 << 32))
+    print(f"hostile packed soak seed {seed} (rerun with PYVIRTIO_SOAK={seed})")
+    gen = HostilePackedRingGenerator(arena.memory, seed=seed)
     rnd = random.Random(seed)
     for case in gen.cases(1_000_000):
         run_case(arena, case, rnd)

@@ -1,4 +1,4 @@
-"""Shared helpers for the split-ring tests: a driver queue and a device queue on one ring."""
+"""Shared helpers for the ring tests: a driver queue and a device queue on one ring."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DeviceQueue, DriverQueue
+from pyvirtio.ring.packed import FRESH, PackedDeviceQueue, PackedDriverQueue
 from pyvirtio.spec import LE, Endian
+from pyvirtio.spec import packed as P
 from pyvirtio.spec import split as S
 
 U16 = struct.Struct("<H")
@@ -87,3 +89,53 @@ def make_pair(size: int, *, event_idx: bool = False, indirect: bool = False,
                          indirect=indirect if device_indirect is None else device_indirect,
                          endian=endian, last_avail_idx=start_idx, name="dev")
     return RingPair(memory, alloc, driver, device)
+
+
+@dataclass
+class AnyPair:
+    """Both ends of one ring of either format in fresh guest memory (``fmt`` is "split" or
+    "packed"); the same calls drive both."""
+
+    fmt: str
+    memory: GuestMemory
+    alloc: Allocator
+    driver: DriverQueue | PackedDriverQueue
+    device: DeviceQueue | PackedDeviceQueue
+
+    def close(self) -> None:
+        self.memory.close()
+
+
+def make_any_pair(fmt: str, size: int, *, event_idx: bool = False, indirect: bool = False,
+                  in_order: bool = False, start: int | None = None,
+                  memory_size: int = 1 << 20) -> AnyPair:
+    """A ring of ``fmt`` at the bottom of fresh memory, both ends started on it. ``start``:
+    split, the free-running index (default 0); packed, ``position | wrap << 15`` (default
+    a fresh ring)."""
+    memory = GuestMemory.anonymous(memory_size)
+    alloc = Allocator(0, memory_size)
+    driver: DriverQueue | PackedDriverQueue
+    device: DeviceQueue | PackedDeviceQueue
+    if fmt == "split":
+        desc = alloc.alloc(S.desc_table_size(size), S.DESC_ALIGN)
+        avail = alloc.alloc(S.avail_size(size), S.AVAIL_ALIGN)
+        used = alloc.alloc(S.used_size(size), 4096)
+        s = start or 0
+        driver = DriverQueue(memory, size, desc, avail, used, event_idx=event_idx,
+                             indirect=indirect, in_order=in_order, allocator=alloc,
+                             start_idx=s, name="drv")
+        device = DeviceQueue(memory, size, desc, avail, used, event_idx=event_idx,
+                             indirect=indirect, in_order=in_order, last_avail_idx=s,
+                             name="dev")
+    else:
+        desc = alloc.alloc(P.ring_size(size), 16)
+        drv_area = alloc.alloc(P.EVENT_SUPPRESS_SIZE, 4)
+        dev_area = alloc.alloc(P.EVENT_SUPPRESS_SIZE, 4)
+        s = FRESH if start is None else start
+        driver = PackedDriverQueue(memory, size, desc, drv_area, dev_area, event_idx=event_idx,
+                                   indirect=indirect, in_order=in_order, allocator=alloc,
+                                   start_idx=s, name="drv")
+        device = PackedDeviceQueue(memory, size, desc, drv_area, dev_area,
+                                   event_idx=event_idx, indirect=indirect, in_order=in_order,
+                                   last_avail_idx=s, name="dev")
+    return AnyPair(fmt, memory, alloc, driver, device)

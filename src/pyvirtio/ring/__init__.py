@@ -2,11 +2,13 @@
 
 :mod:`pyvirtio.ring.queue` defines the interface devices and drivers use (DeviceRing,
 DriverRing); :mod:`pyvirtio.ring.split` implements it for the split ring (DeviceQueue,
-DriverQueue).
+DriverQueue) and :mod:`pyvirtio.ring.packed` for the packed ring (PackedDeviceQueue,
+PackedDriverQueue), with the same methods and semantics.
 """
 
 from pyvirtio.ring.chain import DescriptorChain, gather, scatter
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
 from pyvirtio.ring.split import DeviceQueue, DriverQueue
 
@@ -16,6 +18,8 @@ __all__ = [
     "DeviceRing",
     "DriverQueue",
     "DriverRing",
+    "PackedDeviceQueue",
+    "PackedDriverQueue",
     "QueueFullError",
     "QueueUsageError",
     "RingError",

@@ -21,6 +21,7 @@ All indices are free-running 16-bit counters (mod 2^16), as in the spec.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 from pyvirtio.memory import GuestMemory, GuestMemoryError
@@ -28,6 +29,7 @@ from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.inorder import InOrderCompletions
 from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import split as S
@@ -114,6 +116,7 @@ class DeviceQueue(_SplitRing):
         *,
         event_idx: bool = False,
         indirect: bool = False,
+        in_order: bool = False,
         endian: Endian = LE,
         last_avail_idx: int = 0,
         used_idx: int | None = None,
@@ -128,13 +131,17 @@ class DeviceQueue(_SplitRing):
         self._signalled_used = self.used_idx
         self._signalled_valid = False
         self._kicks_enabled = True
-        self._inflight = bytearray(size)  # 1 while a head is popped and not yet pushed
+        self._inflight = bytearray(size)  # 1 while a head is popped and not yet published
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
         # pop_short's view of guest memory: the regions, and the one used last
         self._spans: tuple[tuple[int, int, memoryview], ...] = ()
         self._span_gen = -1
         self._hot: tuple[int, int, memoryview] = (0, 0, _EMPTY)
         self._desc3 = struct.Struct(endian + "QIHH" * 3)  # an indirect table of three
+        # VIRTIO_F_IN_ORDER: completions are published in pop order, runs of completely
+        # filled buffers as one used element (ring/inorder.py).
+        self.in_order = in_order
+        self._order = InOrderCompletions() if in_order else None
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else "ok"
@@ -186,6 +193,8 @@ class DeviceQueue(_SplitRing):
             raise self._break(f"descriptor {head} was made available again while in flight")
         chain = self._read_chain(head)
         self._inflight[head] = 1
+        if self._order is not None:
+            self._order.popped(head, 1, chain.writable_len)
         return chain
 
     def resume(self, head: int) -> DescriptorChain:
@@ -205,6 +214,8 @@ class DeviceQueue(_SplitRing):
             raise self._break(f"descriptor {head} was resubmitted while already in flight")
         chain = self._read_chain(head)
         self._inflight[head] = 1
+        if self._order is not None:
+            self._order.popped(head, 1, chain.writable_len)
         return chain
 
     def pop_short(self, limit: int = 0xFFFF) -> list[ShortChain]:
@@ -222,8 +233,8 @@ class DeviceQueue(_SplitRing):
         are such chains; serve anything unusual in one with :meth:`chain`.
         """
         out: list[ShortChain] = []
-        if self.broken is not None:
-            return out
+        if self.broken is not None or self._order is not None:
+            return out  # broken, or IN_ORDER's bookkeeping: every chain goes through pop()
         avail = self._avail
         desc = self._desc
         _u16 = self._u16.unpack_from
@@ -424,6 +435,10 @@ class DeviceQueue(_SplitRing):
         if self.broken is not None:
             raise RingError(self.broken)
         head = self._take(chain, written)
+        if self._order is not None:
+            self._order.complete(head, written)
+            self._publish_in_order()
+            return
         slot = self.used_idx & self._mask
         self._elem.pack_into(self._used, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
@@ -438,6 +453,12 @@ class DeviceQueue(_SplitRing):
         pack = self._elem.pack_into
         used = self._used
         n = 0
+        if self._order is not None:
+            for chain, written in completions:
+                self._order.complete(self._take(chain, written), written)
+                n += 1
+            self._publish_in_order()  # one pass: runs span the whole call
+            return n
         for chain, written in completions:
             head = self._take(chain, written)
             pack(used, 4 + 8 * (idx & self._mask), head, written)
@@ -462,11 +483,33 @@ class DeviceQueue(_SplitRing):
             raise QueueUsageError(f"{self.name}: negative used length {written}")
         if not 0 <= head < self.size or not self._inflight[head]:
             raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
-        self._inflight[head] = 0
+        if self._order is None:
+            self._inflight[head] = 0
+        elif not self._order.pending(head):
+            raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
         return head
+
+    def _publish_in_order(self) -> None:
+        """IN_ORDER: publish every run now complete in pop order as one used element (the
+        run's last head) at the slot of its first buffer, moving used->idx by the run's
+        length (VIRTIO 1.x §2.7.9)."""
+        assert self._order is not None
+        idx = self.used_idx
+        batches = self._order.batches()
+        for heads, count, last_written in batches:  # count: each weighs 1
+            for h in heads:
+                self._inflight[h] = 0
+            self._elem.pack_into(self._used, 4 + 8 * (idx & self._mask), heads[-1],
+                                 last_written)
+            idx = (idx + count) & 0xFFFF
+        if batches:
+            self.used_idx = idx
+            self._u16.pack_into(self._used, 2, idx)
 
     def in_flight(self) -> list[int]:
         """Heads popped and not yet pushed."""
+        if self._order is not None:
+            return [i for i, f in enumerate(self._inflight) if f and self._order.pending(i)]
         return [i for i, f in enumerate(self._inflight) if f]
 
     def rewind(self, count: int) -> None:
@@ -479,6 +522,8 @@ class DeviceQueue(_SplitRing):
             head = self._u16.unpack_from(self._avail, 4 + 2 * slot)[0]
             if head < self.size:
                 self._inflight[head] = 0
+                if self._order is not None:
+                    self._order.unpop(head)
         self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
 
     # ---- notification suppression -------------------------------------------------------
@@ -565,6 +610,7 @@ class DriverQueue(_SplitRing):
         *,
         event_idx: bool = False,
         indirect: bool = False,
+        in_order: bool = False,
         allocator: Allocator | None = None,
         endian: Endian = LE,
         name: str = "queue",
@@ -579,8 +625,15 @@ class DriverQueue(_SplitRing):
         self._desc[:] = bytes(len(self._desc))
         self._avail[:] = bytes(len(self._avail))
         self._used[:] = bytes(len(self._used))
-        self._free: list[int] = list(range(size - 1, -1, -1))  # a stack: pop() gives 0 first
+        # Free descriptors. Without IN_ORDER a stack (pop() gives 0 first); with it, a
+        # queue in ring order (descriptors are used in ring order, §2.7.5, and return in
+        # that order, so the free ones stay one run: popleft() takes the next in the ring).
+        self.in_order = in_order
+        self._free: deque[int] = deque(range(size) if in_order else range(size - 1, -1, -1))
         self._inflight: list[_InFlight | None] = [None] * size
+        self._order: deque[int] = deque()  # IN_ORDER: heads in the order they were added
+        # The rest of an in-order batch: (token, written, entry), each freed when returned.
+        self._ready: deque[tuple[object, int, _InFlight]] = deque()  # the rest of an in-order batch
         # ``start_idx`` starts both free-running indices somewhere other than 0 (tests use it
         # to cross the 16-bit wrap quickly; a restored ring resumes where it was). The device
         # side honours it by reading used->idx from the ring and being given last_avail_idx
@@ -609,7 +662,16 @@ class DriverQueue(_SplitRing):
     @property
     def in_flight(self) -> int:
         """Buffers added and not yet returned by get_buf."""
-        return sum(1 for e in self._inflight if e is not None)
+        return sum(1 for e in self._inflight if e is not None) + len(self._ready)
+
+    def _take_free(self) -> int:
+        return self._free.popleft() if self.in_order else self._free.pop()
+
+    def _give_back(self, descs: list[int]) -> None:
+        if self.in_order:
+            self._free.extend(descs)
+        else:
+            self._free.extend(reversed(descs))
 
     # ---- add ----------------------------------------------------------------------------
 
@@ -649,7 +711,7 @@ class DriverQueue(_SplitRing):
                 flags = _WRITE | (_NEXT if i + 1 < total else 0)
                 pack(table, 16 * i, addr, length, flags, i + 1)
                 i += 1
-            head = self._free.pop()
+            head = self._take_free()
             pack(self._desc, 16 * head, indirect_addr, 16 * total, _INDIRECT, 0)
             descs = [head]
         else:
@@ -657,7 +719,7 @@ class DriverQueue(_SplitRing):
                 raise QueueFullError(
                     f"{self.name}: {total} descriptors needed, {len(self._free)} free"
                 )
-            descs = [self._free.pop() for _ in range(total)]
+            descs = [self._take_free() for _ in range(total)]
             i = 0
             for addr, length in out_sgs:
                 nxt = descs[i + 1] if i + 1 < total else 0
@@ -670,6 +732,8 @@ class DriverQueue(_SplitRing):
                 i += 1
             head = descs[0]
         self._inflight[head] = _InFlight(token, descs, in_capacity, indirect_addr)
+        if self.in_order:
+            self._order.append(head)
         # Publish: ring entry first, then the index (stores stay ordered).
         self._u16.pack_into(self._avail, 4 + 2 * (self.avail_idx & self._mask), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -702,16 +766,20 @@ class DriverQueue(_SplitRing):
 
     def has_used(self) -> bool:
         """Whether get_buf would return something (virtqueue_poll)."""
-        return self.used_idx != self.last_used_idx
+        return bool(self._ready) or self.used_idx != self.last_used_idx
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as ``(token, bytes_written)``, or None.
 
-        Buffers may come back in any order. Raises :class:`RingError` if the device returns
-        an id that is not in flight or claims more bytes than the buffer could hold.
+        Buffers may come back in any order. With IN_ORDER one used element may return a
+        run of buffers (the id of the last; used->idx moves by the run's length): all but
+        the last count as completely written. Raises :class:`RingError` if the device
+        returns an id that is not in flight or claims more bytes than the buffer could hold.
         """
         if self.broken is not None:
             raise RingError(self.broken)
+        if self._ready:
+            return self._collect(*self._ready.popleft())
         used_idx = self._u16.unpack_from(self._used, 2)[0]
         last = self.last_used_idx
         if used_idx == last:
@@ -734,26 +802,57 @@ class DriverQueue(_SplitRing):
                 f"device claims {written} bytes written into buffer {head}, which has only "
                 f"{entry.in_capacity} writable bytes"
             )
-        self._inflight[head] = None
-        self._free.extend(reversed(entry.descs))
-        if entry.indirect_addr is not None and self.allocator is not None:
-            self.allocator.free(entry.indirect_addr)
-        self.last_used_idx = (last + 1) & 0xFFFF
+        batch = [head]
+        if self.in_order:
+            batch = []
+            for h in self._order:
+                batch.append(h)
+                if h == head:
+                    break
+            if len(batch) > ahead:
+                raise self._break(
+                    f"device returned id {head} in used slot {last & self._mask} for a run "
+                    f"of {len(batch)} buffers, but used idx moved only {ahead} entries"
+                )
+            for _ in batch:
+                self._order.popleft()
+        if len(batch) == 1:
+            self._inflight[head] = None
+            result = self._collect(entry.token, written, entry)
+        else:
+            for h in batch:
+                e = self._inflight[h]
+                assert e is not None
+                self._inflight[h] = None
+                # All but the last were used completely (§2.7.9).
+                self._ready.append((e.token, written if h == head else e.in_capacity, e))
+            result = self._collect(*self._ready.popleft())
+        self.last_used_idx = (last + len(batch)) & 0xFFFF
         if self.event_idx and not self._avail_flags & S.VRING_AVAIL_F_NO_INTERRUPT:
             # Interrupt us when the next entry is used (Linux does the same).
             self._u16.pack_into(self._avail, self._used_event_off, self.last_used_idx)
-        return entry.token, written
+        return result
+
+    def _collect(self, token: object, written: int, entry: _InFlight) -> tuple[object, int]:
+        self._give_back(entry.descs)
+        if entry.indirect_addr is not None and self.allocator is not None:
+            self.allocator.free(entry.indirect_addr)
+        return token, written
 
     def detach_unused(self) -> list[object]:
         """After a device reset: take back every buffer still in flight, returning tokens."""
-        tokens = []
+        tokens = [self._collect(*r)[0] for r in self._ready]
+        self._ready.clear()
+        self._order.clear()
         for head, entry in enumerate(self._inflight):
             if entry is not None:
                 tokens.append(entry.token)
                 self._inflight[head] = None
-                self._free.extend(reversed(entry.descs))
+                self._give_back(entry.descs)
                 if entry.indirect_addr is not None and self.allocator is not None:
                     self.allocator.free(entry.indirect_addr)
+        if self.in_order:
+            self._free = deque(range(self.size))  # a reset ring starts again at 0
         return tokens
 
     # ---- interrupt suppression (the paper's callback control) ---------------------------
@@ -787,7 +886,8 @@ class DriverQueue(_SplitRing):
     def enable_cb(self) -> bool:
         """Re-enable interrupts. Returns False if buffers were used in the meantime (the
         paper's §3.1 race): the caller must call get_buf again rather than wait."""
-        return not self.poll(self.enable_cb_prepare())
+        opaque = self.enable_cb_prepare()
+        return not self._ready and not self.poll(opaque)
 
     def enable_cb_delayed(self) -> bool:
         """Re-enable interrupts but ask for one only after ~3/4 of the outstanding buffers
@@ -800,6 +900,8 @@ class DriverQueue(_SplitRing):
         self._u16.pack_into(self._avail, self._used_event_off,
                             (self.last_used_idx + bufs) & 0xFFFF)
         full_barrier()
+        if self._ready:
+            return False
         return (self.used_idx - self.last_used_idx) & 0xFFFF <= bufs
 
     @property

@@ -54,6 +54,7 @@ import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyvirtio.errors import LocalError
 from pyvirtio.memory import GuestMemory
@@ -182,7 +183,7 @@ class Verdict:
     """
 
     chains: tuple[ExpectedChain, ...]
-    reasons: frozenset[Reason] = frozenset()
+    reasons: frozenset[Any] = frozenset()  # Reason, or PackedReason for packed rings
     culprit: str | None = None
     address: int | None = None
 
@@ -236,7 +237,7 @@ class _Snapshot:
 
 
 class _Broken(Exception):
-    def __init__(self, reasons: set[Reason], culprit: str, address: int | None = None) -> None:
+    def __init__(self, reasons: set[Any], culprit: str, address: int | None = None) -> None:
         super().__init__(culprit)
         self.reasons = frozenset(reasons)
         self.culprit = culprit
@@ -380,7 +381,7 @@ class HostileCase:
     correct device does with it; ``description`` says what was done to the ring.
     """
 
-    defect: Defect
+    defect: Any  # a Defect (PackedDefect for packed rings)
     size: int
     desc_addr: int
     avail_addr: int
@@ -490,25 +491,30 @@ class HostileRingGenerator:
 
     # ---- public -----------------------------------------------------------------------
 
-    def cases(self, count: int, defect: Defect | None = None) -> Iterator[HostileCase]:
+    #: the defects this generator plants (an enum with NONE, GARBAGE, MUTATION members and
+    #: a ``reason`` property)
+    defects: type[enum.Enum] = Defect
+
+    def cases(self, count: int, defect: Any = None) -> Iterator[HostileCase]:
         """``count`` cases (each overwrites the previous ring)."""
         for _ in range(count):
             yield self.case(defect)
 
-    def case(self, defect: Defect | None = None) -> HostileCase:
+    def case(self, defect: Any = None) -> HostileCase:
         """Write one ring into memory and describe it. ``defect`` None picks one: a third
         valid, a third targeted, a third garbage or mutation."""
         r = self.rng
+        kinds: Any = self.defects
         if defect is None:
             roll = r.random()
             if roll < 0.3:
-                defect = Defect.NONE
+                defect = kinds.NONE
             elif roll < 0.65:
-                defect = r.choice(_TARGETED)
+                defect = r.choice([d for d in kinds if d.reason is not None])
             elif roll < 0.82:
-                defect = Defect.GARBAGE
+                defect = kinds.GARBAGE
             else:
-                defect = Defect.MUTATION
+                defect = kinds.MUTATION
         for _ in range(100):
             case = self._try(defect)
             if case is not None:
@@ -797,10 +803,15 @@ class HostileRingGenerator:
 
     def _mutate(self, size: int, chains: list[_Chain]) -> str:
         """Flip bits or plant boundary values in the ring just written."""
-        r = self.rng
         targets: list[tuple[int, int]] = [(self.desc_addr, 16 * size),
                                           (self.avail_addr + 2, 2 + 2 * size)]
         targets += [(c.table, 16 * len(c.entries)) for c in chains if c.table is not None]
+        return self._mutate_ranges(size, targets)
+
+    def _mutate_ranges(self, size: int, targets: list[tuple[int, int]]) -> str:
+        """Flip bits or plant boundary values (0, 1, around ``size``, all ones, the ends
+        of memory) at random places of the ``(gpa, length)`` targets."""
+        r = self.rng
         notes = []
         for _ in range(r.randint(1, 4)):
             base, length = r.choice(targets)
@@ -875,5 +886,3 @@ class HostileRingGenerator:
     def _snapshot(self) -> list[tuple[int, bytes]]:
         return [(gpa, bytes(buf[:size])) for gpa, size, buf in self._regions]
 
-
-_TARGETED = [d for d in Defect if d.reason is not None]

@@ -1,0 +1,971 @@
+"""Packed virtqueues (VIRTIO 1.1+ §2.8), both ends, sans-I/O.
+
+The same API as :mod:`pyvirtio.ring.split`: :class:`PackedDriverQueue` offers what
+:class:`~pyvirtio.ring.split.DriverQueue` offers (add_buf, kick_prepare, get_buf,
+disable_cb, enable_cb, enable_cb_delayed, poll, detach_unused) and
+:class:`PackedDeviceQueue` what :class:`~pyvirtio.ring.split.DeviceQueue` offers (pop,
+push, push_many, needs_notification, disable/enable_notifications, in_flight, rewind), so a
+device or driver runs on either format unchanged. The constructors take the same three
+addresses: the descriptor ring, the *driver area* (the driver's event suppression
+structure, where split has its avail ring) and the *device area* (the device's event
+suppression structure, where split has its used ring).
+
+How the packed ring works, in the terms used below:
+
+* One ring of ``size`` 16-byte descriptors (addr, len, id, flags) written by both sides.
+  Each side walks it with a *position* (0..size-1) and a one-bit *wrap counter* that
+  starts at 1 and flips each time the position wraps. Positions are published as
+  ``position | wrap << 15`` (the vhost-user encoding of GET/SET_VRING_BASE).
+* The driver makes a descriptor available by setting its AVAIL flag to its wrap counter and
+  USED to the inverse; the device marks one used with AVAIL = USED = its wrap counter.
+* A buffer is a chain of consecutive descriptors (NEXT on all but the last), or one
+  descriptor pointing at an indirect table. The driver writes the head's flags last, so a
+  device never sees half a chain. The buffer's *id* (carried by the last descriptor) is not
+  a ring position: the device reports completion by writing one used descriptor with that
+  id at its next used position, then skips as many positions as the buffer occupied.
+  Buffers may complete in any order; with IN_ORDER one used descriptor may stand for a run
+  of buffers (the id of the last; the others count as completely used).
+* Notification suppression lives in two 4-byte structures (off_wrap, flags): ENABLE,
+  DISABLE, or (with EVENT_IDX) DESC: notify only when the other side passes the ring
+  position ``off_wrap`` names.
+
+Everything read from shared memory is untrusted, as in the split ring: a violation breaks
+the queue with a reason naming the ring slot, the buffer id and the address.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from pyvirtio.memory import GuestMemory, GuestMemoryError
+from pyvirtio.memory.alloc import Allocator
+from pyvirtio.ring.barrier import full_barrier
+from pyvirtio.ring.chain import DescriptorChain
+from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.inorder import InOrderCompletions
+from pyvirtio.ring.split import MAX_INDIRECT_DESCRIPTORS, U64_LIMIT, _map_area
+from pyvirtio.spec import LE, Endian
+from pyvirtio.spec import packed as P
+
+_NEXT = P.VRING_DESC_F_NEXT
+_WRITE = P.VRING_DESC_F_WRITE
+_INDIRECT = P.VRING_DESC_F_INDIRECT
+_AVAIL = 1 << P.VRING_PACKED_DESC_F_AVAIL
+_USED = 1 << P.VRING_PACKED_DESC_F_USED
+_AVAIL_USED = _AVAIL | _USED
+_ENABLE = P.VRING_PACKED_EVENT_FLAG_ENABLE
+_DISABLE = P.VRING_PACKED_EVENT_FLAG_DISABLE
+_DESC = P.VRING_PACKED_EVENT_FLAG_DESC
+_WRAP_BIT = 1 << P.VRING_PACKED_EVENT_F_WRAP_CTR
+
+#: A fresh ring: position 0, wrap counter 1 (the encoding of GET/SET_VRING_BASE).
+FRESH = _WRAP_BIT
+
+
+def encode(pos: int, wrap: int) -> int:
+    """``position | wrap << 15``: how a ring position travels (vhost-user, off_wrap)."""
+    return pos | wrap << 15
+
+
+def decode(value: int) -> tuple[int, int]:
+    return value & 0x7FFF, value >> 15 & 1
+
+
+def _check_size(size: int) -> None:
+    if not P.is_valid_queue_size(size):
+        raise QueueUsageError(f"packed queue size {size} is not in 1..32768")
+
+
+def _crossed(event: int, new: int, old: int, modulus: int) -> bool:
+    """Whether moving from linear position ``old`` to ``new`` (``new - old`` < modulus
+    steps, both taken mod ``modulus``) passed ``event``: the EVENT_IDX rule on a ring of
+    ``modulus`` = 2 * size linear positions (position plus a lap of the wrap counter)."""
+    return (new - event - 1) % modulus < (new - old) % modulus
+
+
+class _PackedRing:
+    """What both ends share: the descriptor ring and the two suppression structures mapped
+    once as views of guest memory, the structs for the byte order, the broken state."""
+
+    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, event_idx: bool, indirect: bool, in_order: bool,
+                 endian: Endian, name: str) -> None:
+        _check_size(size)
+        self.memory = memory
+        self.size = size
+        self.name = name
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.in_order = in_order
+        # The split names, so code that reports addresses works on both formats.
+        self.desc_addr, self.avail_addr, self.used_addr = desc_addr, avail_addr, used_addr
+        self._desc = _map_area(memory, desc_addr, P.ring_size(size), "descriptor ring")
+        self._driver_evt = _map_area(memory, avail_addr, P.EVENT_SUPPRESS_SIZE,
+                                     "driver event suppression")
+        self._device_evt = _map_area(memory, used_addr, P.EVENT_SUPPRESS_SIZE,
+                                     "device event suppression")
+        self._desc_struct = P.desc_struct(endian)
+        self._evt = P.event_suppress_struct(endian)
+        self._u16 = struct.Struct(endian + "H")
+        self._len_id = struct.Struct(endian + "IH")
+        self.broken: str | None = None
+
+    @property
+    def driver_addr(self) -> int:
+        return self.avail_addr
+
+    @property
+    def device_addr(self) -> int:
+        return self.used_addr
+
+    def _break(self, reason: str) -> RingError:
+        if self.broken is None:
+            self.broken = f"{self.name}: {reason}"
+        return RingError(self.broken)
+
+    def _slot_addr(self, pos: int) -> int:
+        return self.desc_addr + 16 * pos
+
+
+class PackedDeviceQueue(_PackedRing):
+    """The device side of a packed virtqueue.
+
+    ``last_avail_idx`` (the next position to pop) and ``used_idx`` (the next position to
+    write a used descriptor) are ``position | wrap << 15``; both default to a fresh ring
+    (:data:`FRESH`: position 0, wrap counter 1) and are restored from outside for
+    vhost-user (SET_VRING_BASE) and reconnection. Unlike the split ring the used position
+    cannot be read back from memory: by default it equals ``last_avail_idx`` (nothing in
+    flight).
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        in_order: bool = False,
+        endian: Endian = LE,
+        last_avail_idx: int = FRESH,
+        used_idx: int | None = None,
+        name: str = "queue",
+    ) -> None:
+        super().__init__(memory, size, desc_addr, avail_addr, used_addr, event_idx, indirect,
+                         in_order, endian, name)
+        self._avail_pos, self._avail_wrap = 0, 1
+        self._used_pos, self._used_wrap = 0, 1
+        self.last_avail_idx = last_avail_idx
+        self.used_idx = last_avail_idx if used_idx is None else used_idx
+        self._kicks_enabled = True
+        # Per buffer id: ring descriptors it occupies (0: not in flight) and writable bytes.
+        self._ndescs = [0] * size
+        self._capacity = [0] * size
+        self._popped: dict[int, DescriptorChain] = {}  # in flight, in pop order (rewind)
+        self._order = InOrderCompletions() if in_order else None
+        self._used_total = 0  # descriptors used since start (for notification windows)
+        self._signalled_total = 0
+        self._signalled_valid = False
+        self.max_indirect = MAX_INDIRECT_DESCRIPTORS
+
+    def __repr__(self) -> str:
+        state = f"broken: {self.broken}" if self.broken else "ok"
+        return (f"PackedDeviceQueue({self.name}, size={self.size}, "
+                f"last_avail=0x{self.last_avail_idx:04x}, used=0x{self.used_idx:04x}, {state})")
+
+    # ---- positions -------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        return encode(self._avail_pos, self._avail_wrap)
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        pos, wrap = decode(value)
+        if pos >= self.size:
+            raise self._break(f"avail position {pos} (0x{value:04x}) is beyond the ring size "
+                              f"{self.size}")
+        self._avail_pos, self._avail_wrap = pos, wrap
+
+    @property
+    def used_idx(self) -> int:
+        return encode(self._used_pos, self._used_wrap)
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        pos, wrap = decode(value)
+        if pos >= self.size:
+            raise self._break(f"used position {pos} (0x{value:04x}) is beyond the ring size "
+                              f"{self.size}")
+        self._used_pos, self._used_wrap = pos, wrap
+
+    def _descs_in_flight(self) -> int:
+        """Ring descriptors between the used and the avail position."""
+        used = self._used_pos + (0 if self._used_wrap == self._avail_wrap else -self.size)
+        return self._avail_pos - used
+
+    # ---- consuming available buffers ----------------------------------------------------
+
+    def _is_avail(self, pos: int, wrap: int) -> bool:
+        flags: int = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        return bool(flags & _AVAIL) == bool(wrap) and bool(flags & _USED) != bool(wrap)
+
+    def pending(self) -> int:
+        """1 if a buffer is available at the next position, else 0 (a packed ring does not
+        say how many are pending without walking them)."""
+        return 1 if self._is_avail(self._avail_pos, self._avail_wrap) else 0
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available buffer, or None when none is available.
+
+        ``chain.head`` is the buffer id. Raises :class:`RingError` (the queue stays
+        broken) on any malformed input.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        pos, wrap = self._avail_pos, self._avail_wrap
+        flags = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        if bool(flags & _AVAIL) != bool(wrap):
+            return None
+        if bool(flags & _USED) == bool(wrap):
+            raise self._break(
+                f"ring slot {pos} (0x{self._slot_addr(pos):x}) has AVAIL and USED both equal "
+                f"to the wrap counter {wrap}: a used descriptor where the device has not "
+                "written one (wrap counter inconsistency)"
+            )
+        chain, ndescs = self._read_chain(pos, wrap, flags)
+        buf_id = chain.head
+        self._ndescs[buf_id] = ndescs
+        self._capacity[buf_id] = chain.writable_len
+        self._popped[buf_id] = chain
+        if self._order is not None:
+            self._order.popped(buf_id, ndescs, chain.writable_len)
+        pos += ndescs
+        if pos >= self.size:
+            pos -= self.size
+            wrap ^= 1
+        self._avail_pos, self._avail_wrap = pos, wrap
+        if self.event_idx and self._kicks_enabled:
+            # Ask for a kick only for descriptors beyond what we have seen.
+            self._evt.pack_into(self._device_evt, 0, encode(pos, wrap), _DESC)
+        return chain
+
+    def _read_chain(self, pos: int, wrap: int, flags: int) -> tuple[DescriptorChain, int]:
+        """Read the buffer whose first descriptor is at ``pos`` (available, flags read).
+        Returns the chain (head = buffer id) and how many ring descriptors it occupies."""
+        size = self.size
+        ring = self._desc
+        unpack = self._desc_struct.unpack_from
+        memory = self.memory
+        addr, length, buf_id, flags = unpack(ring, 16 * pos)
+        if not flags & (_NEXT | _INDIRECT) and addr + length <= U64_LIMIT and buf_id < size \
+                and not self._ndescs[buf_id] and self._descs_in_flight() < size:
+            try:
+                views = memory.views(addr, length) if length else []
+            except GuestMemoryError:
+                pass
+            else:
+                if flags & _WRITE:
+                    return DescriptorChain(buf_id, [], views, 0, length), 1
+                return DescriptorChain(buf_id, views, [], length, 0), 1
+        room = size - self._descs_in_flight()
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        count = 0
+        first = pos
+        p, w = pos, wrap
+        while True:
+            where = f"ring slot {p} (0x{self._slot_addr(p):x})"
+            count += 1
+            if count > size:
+                raise self._break(
+                    f"chain at slot {first}: {where} makes the chain longer than the ring "
+                    f"({size} descriptors)"
+                )
+            if count > room:
+                raise self._break(
+                    f"chain at slot {first}: {where} would be descriptor {count} of the chain, "
+                    f"but only {room} ring slots are not in flight (the chain overruns "
+                    "buffers the device has not used yet)"
+                )
+            addr, length, buf_id, flags = unpack(ring, 16 * p)
+            if count > 1 and (bool(flags & _AVAIL) != bool(w) or bool(flags & _USED) == bool(w)):
+                raise self._break(
+                    f"chain at slot {first}: {where} continues the chain but is not marked "
+                    f"available for wrap counter {w} (flags 0x{flags:04x}): wrap counter "
+                    "inconsistency"
+                )
+            if flags & _INDIRECT:
+                if not self.indirect:
+                    raise self._break(
+                        f"chain at slot {first}: {where} is INDIRECT but "
+                        "VIRTIO_F_INDIRECT_DESC was not negotiated"
+                    )
+                if flags & _NEXT:
+                    raise self._break(f"chain at slot {first}: {where} has both INDIRECT and NEXT")
+                if count > 1:
+                    raise self._break(
+                        f"chain at slot {first}: {where} is INDIRECT in the middle of a chain "
+                        "(a packed buffer is either direct or one indirect descriptor)"
+                    )
+                rlen, wlen = self._read_indirect(first, where, addr, length, readable, writable)
+            elif length:
+                if addr + length > U64_LIMIT:
+                    raise self._break(
+                        f"chain at slot {first}: {where} range 0x{addr:x} +{length} overflows "
+                        "64 bits"
+                    )
+                try:
+                    views = memory.views(addr, length)
+                except GuestMemoryError as exc:
+                    raise self._break(
+                        f"chain at slot {first}: {where} points outside guest memory: "
+                        f"0x{addr:x} +{length}"
+                    ) from exc
+                if flags & _WRITE:
+                    writable += views
+                    wlen += length
+                else:
+                    if writable:
+                        raise self._break(
+                            f"chain at slot {first}: {where} is readable but follows a "
+                            "writable descriptor"
+                        )
+                    readable += views
+                    rlen += length
+            elif not flags & _WRITE and writable:
+                raise self._break(
+                    f"chain at slot {first}: {where} is readable but follows a writable "
+                    "descriptor"
+                )
+            if not flags & _NEXT:
+                break
+            p += 1
+            if p == size:
+                p, w = 0, w ^ 1
+        # The buffer id is carried by the last descriptor.
+        if buf_id >= size:
+            raise self._break(
+                f"chain at slot {first}: {where} carries buffer id {buf_id}, beyond the "
+                f"queue size {size}"
+            )
+        if self._ndescs[buf_id]:
+            raise self._break(
+                f"chain at slot {first}: {where} carries buffer id {buf_id}, which is "
+                "already in flight"
+            )
+        return DescriptorChain(buf_id, readable, writable, rlen, wlen), count
+
+    def _read_indirect(self, first: int, where: str, addr: int, length: int,
+                       readable: list[memoryview], writable: list[memoryview]
+                       ) -> tuple[int, int]:
+        if length == 0 or length % P.PACKED_DESC_SIZE:
+            raise self._break(
+                f"chain at slot {first}: {where} has an indirect table of {length} bytes, not "
+                "a positive multiple of 16"
+            )
+        n = length // P.PACKED_DESC_SIZE
+        if n > self.max_indirect:
+            raise self._break(
+                f"chain at slot {first}: {where} has an indirect table of {n} descriptors, "
+                f"over the limit of {self.max_indirect}"
+            )
+        if addr + length > U64_LIMIT:
+            raise self._break(
+                f"chain at slot {first}: {where} indirect table 0x{addr:x} +{length} "
+                "overflows 64 bits"
+            )
+        try:
+            table = self.memory.view(addr, length)
+        except GuestMemoryError as exc:
+            raise self._break(
+                f"chain at slot {first}: {where} points its indirect table outside guest "
+                f"memory: 0x{addr:x} +{length} ({exc})"
+            ) from exc
+        unpack = self._desc_struct.unpack_from
+        rlen = wlen = 0
+        for i in range(n):
+            d_addr, d_len, _, d_flags = unpack(table, 16 * i)
+            at = f"indirect descriptor {i} (table of {where} at 0x{addr:x})"
+            if d_flags & _INDIRECT:
+                raise self._break(f"chain at slot {first}: {at} is INDIRECT inside an "
+                                  "indirect table")
+            if d_len:
+                if d_addr + d_len > U64_LIMIT:
+                    raise self._break(
+                        f"chain at slot {first}: {at} range 0x{d_addr:x} +{d_len} overflows "
+                        "64 bits"
+                    )
+                try:
+                    views = self.memory.views(d_addr, d_len)
+                except GuestMemoryError as exc:
+                    raise self._break(
+                        f"chain at slot {first}: {at} points outside guest memory: "
+                        f"0x{d_addr:x} +{d_len}"
+                    ) from exc
+                if d_flags & _WRITE:
+                    writable += views
+                    wlen += d_len
+                    continue
+                readable += views
+                rlen += d_len
+            elif d_flags & _WRITE:
+                continue
+            if writable:
+                raise self._break(f"chain at slot {first}: {at} is readable but follows a "
+                                  "writable descriptor")
+        return rlen, wlen
+
+    # ---- returning used buffers ---------------------------------------------------------
+
+    def _take(self, chain: DescriptorChain | int, written: int) -> int:
+        if isinstance(chain, DescriptorChain):
+            buf_id = chain.head
+            if written > chain.writable_len:
+                raise QueueUsageError(
+                    f"{self.name}: used length {written} for buffer {buf_id} exceeds its "
+                    f"{chain.writable_len} writable bytes"
+                )
+        else:
+            buf_id = chain
+        if written < 0:
+            raise QueueUsageError(f"{self.name}: negative used length {written}")
+        if not 0 <= buf_id < self.size or not self._ndescs[buf_id] \
+                or buf_id not in self._popped:
+            raise QueueUsageError(f"{self.name}: buffer {buf_id} is not in flight")
+        if written > self._capacity[buf_id]:
+            raise QueueUsageError(
+                f"{self.name}: used length {written} for buffer {buf_id} exceeds its "
+                f"{self._capacity[buf_id]} writable bytes"
+            )
+        del self._popped[buf_id]
+        return buf_id
+
+    def _write_used(self, buf_id: int, written: int, ndescs: int) -> None:
+        pos = self._used_pos
+        off = 16 * pos
+        self._len_id.pack_into(self._desc, off + 8, written, buf_id)
+        flags = (_AVAIL_USED if self._used_wrap else 0) | (_WRITE if written else 0)
+        # len and id are stored before the flags that publish them (stores stay ordered).
+        self._u16.pack_into(self._desc, off + 14, flags)
+        pos += ndescs
+        if pos >= self.size:
+            pos -= self.size
+            self._used_wrap ^= 1
+        self._used_pos = pos
+        self._used_total += ndescs
+
+    def _complete(self, buf_id: int, written: int) -> None:
+        order = self._order
+        if order is None:
+            ndescs = self._ndescs[buf_id]
+            self._ndescs[buf_id] = 0
+            self._write_used(buf_id, written, ndescs)
+            return
+        order.complete(buf_id, written)
+
+    def _publish_in_order(self) -> None:
+        """IN_ORDER: write each run now complete in pop order as one used descriptor."""
+        order = self._order
+        assert order is not None
+        # Ids stay in flight (for pop's reuse check) until their run is published.
+        for keys, weight, last_written in order.batches():
+            for key in keys:
+                self._ndescs[key] = 0
+            self._write_used(keys[-1], last_written, weight)
+
+    def push(self, chain: DescriptorChain | int, written: int) -> None:
+        """Return a buffer to the driver with the number of bytes written into it."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        self._complete(self._take(chain, written), written)
+        if self._order is not None:
+            self._publish_in_order()
+
+    def push_many(self, completions: Iterable[tuple[DescriptorChain | int, int]]) -> int:
+        """Return several buffers; returns how many. With IN_ORDER, a run of completely
+        filled buffers is published as one used descriptor."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        n = 0
+        for chain, written in completions:
+            self._complete(self._take(chain, written), written)
+            n += 1
+        if self._order is not None:
+            self._publish_in_order()  # one pass: runs span the whole call
+        return n
+
+    def in_flight(self) -> list[int]:
+        """Buffer ids popped and not yet pushed."""
+        return sorted(self._popped)
+
+    def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
+                                                           int, bool, int, int]]:
+        """The queue interface's batch pop of short split chains as tuples. The packed ring
+        has no such fast path yet: it hands out nothing and leaves every buffer to
+        :meth:`pop` (which the interface allows: anything unusual is left for pop)."""
+        return []
+
+    def chain(self, head: int) -> DescriptorChain:
+        """The chain of an in-flight buffer id, as :meth:`pop` returned it."""
+        found = self._popped.get(head)
+        if found is None:
+            raise QueueUsageError(f"{self.name}: buffer {head} is not in flight")
+        return found
+
+    def fail(self, reason: str) -> RingError:
+        """Mark the queue broken (the device refused a request); returns the error."""
+        return self._break(reason)
+
+    def rewind(self, count: int) -> None:
+        """Un-pop the last ``count`` buffers (they are offered again by the next pops).
+
+        Only valid for buffers not yet pushed; used when a back-end must give up mid-batch.
+        """
+        if count > len(self._popped):
+            raise QueueUsageError(f"{self.name}: cannot rewind {count} buffers, "
+                                  f"{len(self._popped)} in flight")
+        pos, wrap = self._avail_pos, self._avail_wrap
+        for _ in range(count):
+            buf_id, _ = self._popped.popitem()
+            pos -= self._ndescs[buf_id]
+            if pos < 0:
+                pos += self.size
+                wrap ^= 1
+            self._ndescs[buf_id] = 0
+            if self._order is not None:
+                self._order.unpop(buf_id)
+        self._avail_pos, self._avail_wrap = pos, wrap
+
+    # ---- notification suppression -------------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last call.
+
+        Reads the driver's event suppression: DISABLE never, ENABLE always, DESC (with
+        EVENT_IDX) iff the used position passed the one it names.
+        """
+        new = self._used_total
+        old = self._signalled_total
+        if new == old:
+            return False
+        valid = self._signalled_valid
+        self._signalled_total = new
+        self._signalled_valid = True
+        full_barrier()  # our used descriptors must be visible before we read the event
+        off_wrap, flags = self._evt.unpack_from(self._driver_evt, 0)
+        if flags == _DISABLE:
+            return False
+        if flags != _DESC or not self.event_idx:
+            return True
+        if not valid:
+            return True  # no reference point yet (fresh or restored queue): be safe
+        modulus = 2 * self.size
+        if new - old >= modulus:
+            return True
+        pos, wrap = decode(off_wrap)
+        event = pos + (0 if wrap else self.size)
+        now = self._used_pos + (0 if self._used_wrap else self.size)
+        return _crossed(event, now, now - (new - old), modulus)
+
+    def disable_notifications(self) -> None:
+        """Tell the driver not to kick (we are polling)."""
+        self._kicks_enabled = False
+        self._evt.pack_into(self._device_evt, 0, encode(self._avail_pos, self._avail_wrap),
+                            _DISABLE)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again. Returns True if a buffer arrived meanwhile (the caller must
+        pop again instead of sleeping)."""
+        self._kicks_enabled = True
+        self._evt.pack_into(self._device_evt, 0, encode(self._avail_pos, self._avail_wrap),
+                            _DESC if self.event_idx else _ENABLE)
+        full_barrier()
+        return self._is_avail(self._avail_pos, self._avail_wrap)
+
+    @property
+    def driver_event(self) -> tuple[int, int]:
+        """The driver's event suppression as it is in memory: (off_wrap, flags)."""
+        off_wrap, flags = self._evt.unpack_from(self._driver_evt, 0)
+        return off_wrap, flags
+
+
+class _InFlight:
+    __slots__ = ("in_capacity", "indirect_addr", "ndescs", "token")
+
+    def __init__(self, token: object, ndescs: int, in_capacity: int,
+                 indirect_addr: int | None) -> None:
+        self.token = token
+        self.ndescs = ndescs
+        self.in_capacity = in_capacity
+        self.indirect_addr = indirect_addr
+
+
+class PackedDriverQueue(_PackedRing):
+    """The driver side of a packed virtqueue (the paper's virtqueue ops, as on split).
+
+    Buffers are scatter-gather lists of ``(guest_physical_address, length)`` pairs. What
+    the driver has in flight (ids, descriptor counts, capacities) lives here in Python and
+    is never re-read from shared memory, so a device scribbling over the ring cannot
+    confuse it. ``allocator`` (needed for indirect descriptors) hands out guest memory for
+    indirect tables. ``start_idx`` (``position | wrap << 15``) starts the ring elsewhere
+    than a fresh one (position 0, wrap counter 1), e.g. to cross a wrap quickly in tests;
+    start the device at the same value.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        in_order: bool = False,
+        allocator: Allocator | None = None,
+        endian: Endian = LE,
+        name: str = "queue",
+        start_idx: int = FRESH,
+    ) -> None:
+        if indirect and allocator is None:
+            raise QueueUsageError("indirect descriptors need an allocator for their tables")
+        super().__init__(memory, size, desc_addr, avail_addr, used_addr, event_idx, indirect,
+                         in_order, endian, name)
+        self.allocator = allocator
+        pos, wrap = decode(start_idx)
+        if pos >= size:
+            raise QueueUsageError(f"start position {pos} is beyond the ring size {size}")
+        # Nothing may look available to the device or used to the driver: slots the lap
+        # starting at ``pos`` reaches with wrap counter W read "used in the lap before"
+        # (AVAIL = USED = not W); slots before ``pos``, reached with not W, the same for
+        # their lap. A fresh ring (0, 1) is all zeroes.
+        self._desc[:] = bytes(len(self._desc))
+        for p in range(size):
+            self._u16.pack_into(self._desc, 16 * p + 14,
+                                (_AVAIL_USED if not wrap else 0) if p >= pos
+                                else (_AVAIL_USED if wrap else 0))
+        self._evt.pack_into(self._driver_evt, 0, start_idx, _ENABLE)
+        self._evt.pack_into(self._device_evt, 0, start_idx, _ENABLE)
+        self._avail_pos, self._avail_wrap = pos, wrap  # next position to make available
+        self._used_pos, self._used_wrap = pos, wrap  # next position to look for a used one
+        self._free_ids: list[int] = list(range(size - 1, -1, -1))  # pop() gives 0 first
+        self._inflight: list[_InFlight | None] = [None] * size
+        self._order: deque[int] = deque()  # ids in the order they were made available
+        # The rest of an in-order batch: (token, written, entry), each freed when returned.
+        self._ready: deque[tuple[object, int, _InFlight]] = deque()
+        self._num_free = size
+        self._added_total = 0  # descriptors made available since start
+        self._kicked_total = 0  # ... as of the last kick_prepare
+        self._event_flags = _ENABLE  # shadow of the driver's event suppression flags
+
+    def __repr__(self) -> str:
+        return (f"PackedDriverQueue({self.name}, size={self.size}, free={self._num_free}, "
+                f"avail=0x{self.avail_idx:04x}, last_used=0x{self.last_used_idx:04x})")
+
+    @property
+    def avail_idx(self) -> int:
+        """The next position to make available, ``position | wrap << 15``."""
+        return encode(self._avail_pos, self._avail_wrap)
+
+    @property
+    def last_used_idx(self) -> int:
+        """The next position where a used descriptor is expected."""
+        return encode(self._used_pos, self._used_wrap)
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors in the ring."""
+        return self._num_free
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers added and not yet returned by get_buf."""
+        return self.size - len(self._free_ids) + len(self._ready)  # ready ids are free
+
+    # ---- add ----------------------------------------------------------------------------
+
+    def add_buf(
+        self,
+        out_sgs: Sequence[tuple[int, int]],
+        in_sgs: Sequence[tuple[int, int]],
+        token: object,
+    ) -> int:
+        """Expose a buffer: ``out_sgs`` the device reads, ``in_sgs`` it writes.
+
+        ``token`` comes back from :meth:`get_buf` when the device is done. Returns the
+        buffer id. Raises :class:`QueueFullError` without side effects if there is no room.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if token is None:
+            raise QueueUsageError("token must not be None (None means 'nothing used')")
+        total = len(out_sgs) + len(in_sgs)
+        if total == 0:
+            raise QueueUsageError("a buffer needs at least one scatter-gather entry")
+        in_capacity = 0
+        for _, length in in_sgs:
+            in_capacity += length
+        use_table = self.indirect and total > 1 and self.allocator is not None
+        ndescs = 1 if use_table else total
+        if self._num_free < ndescs or not self._free_ids:
+            raise QueueFullError(
+                f"{self.name}: {ndescs} descriptors needed, {self._num_free} free"
+            )
+        buf_id = self._free_ids.pop()
+        pack = self._desc_struct.pack_into
+        ring = self._desc
+        indirect_addr: int | None = None
+        head_pos, head_wrap = self._avail_pos, self._avail_wrap
+        if use_table:
+            assert self.allocator is not None
+            indirect_addr = self.allocator.alloc(16 * total, 16)
+            table = self.memory.view(indirect_addr, 16 * total)
+            i = 0
+            for addr, length in out_sgs:
+                pack(table, 16 * i, addr, length, 0, 0)
+                i += 1
+            for addr, length in in_sgs:
+                pack(table, 16 * i, addr, length, 0, _WRITE)
+                i += 1
+            pack(ring, 16 * head_pos, indirect_addr, 16 * total, buf_id, 0)
+            head_flags = _INDIRECT
+            pos, wrap = head_pos + 1, head_wrap
+            if pos == self.size:
+                pos, wrap = 0, wrap ^ 1
+        else:
+            # Everything but the head's flags first; the head's flags publish the chain.
+            head_flags = 0
+            pos, wrap = head_pos, head_wrap
+            i = 0
+            for sgs, kind in ((out_sgs, 0), (in_sgs, _WRITE)):
+                for addr, length in sgs:
+                    flags = kind | (_NEXT if i + 1 < total else 0)
+                    if i == 0:
+                        head_flags = flags
+                        pack(ring, 16 * pos, addr, length, buf_id, 0)
+                    else:
+                        pack(ring, 16 * pos, addr, length, buf_id,
+                             flags | (_AVAIL if wrap else _USED))
+                    i += 1
+                    pos += 1
+                    if pos == self.size:
+                        pos, wrap = 0, wrap ^ 1
+        self._u16.pack_into(ring, 16 * head_pos + 14,
+                            head_flags | (_AVAIL if head_wrap else _USED))
+        self._avail_pos, self._avail_wrap = pos, wrap
+        self._inflight[buf_id] = _InFlight(token, ndescs, in_capacity, indirect_addr)
+        if self.in_order:
+            self._order.append(buf_id)
+        self._num_free -= ndescs
+        self._added_total += ndescs
+        return buf_id
+
+    def kick_prepare(self) -> bool:
+        """Whether the device must be notified about buffers added since the last call:
+        the device's event suppression says ENABLE, or DESC (with EVENT_IDX) naming a
+        position among those just made available."""
+        full_barrier()  # our descriptors must be visible before we read the device's event
+        new, old = self._added_total, self._kicked_total
+        self._kicked_total = new
+        off_wrap, flags = self._evt.unpack_from(self._device_evt, 0)
+        if flags != _DESC or not self.event_idx:
+            return flags != _DISABLE
+        if new == old:
+            return False
+        modulus = 2 * self.size
+        if new - old >= modulus:
+            return True
+        pos, wrap = decode(off_wrap)
+        event = pos + (0 if wrap else self.size)
+        now = self._avail_pos + (0 if self._avail_wrap else self.size)
+        return _crossed(event, now, now - (new - old), modulus)
+
+    # ---- collect used -------------------------------------------------------------------
+
+    def _used_at(self, pos: int, wrap: int) -> bool:
+        flags: int = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        return bool(flags & _AVAIL) == bool(wrap) and bool(flags & _USED) == bool(wrap)
+
+    def has_used(self) -> bool:
+        """Whether get_buf would return something (virtqueue_poll)."""
+        return bool(self._ready) or self._used_at(self._used_pos, self._used_wrap)
+
+    def get_buf(self) -> tuple[object, int] | None:
+        """The next used buffer as ``(token, bytes_written)``, or None.
+
+        Buffers may come back in any order (with IN_ORDER, one used descriptor may return a
+        run of them: all but the last count as completely written). Raises
+        :class:`RingError` if the device returns an id that is not in flight or claims
+        more bytes than the buffer could hold.
+        """
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if self._ready:
+            return self._collect(*self._ready.popleft())
+        pos, wrap = self._used_pos, self._used_wrap
+        flags = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
+            return None
+        written, buf_id = self._len_id.unpack_from(self._desc, 16 * pos + 8)
+        if not flags & _WRITE:
+            written = 0  # the length is reserved without WRITE
+        where = f"used slot {pos} (0x{self._slot_addr(pos):x})"
+        entry = self._inflight[buf_id] if buf_id < self.size else None
+        if entry is None:
+            raise self._break(f"device returned id {buf_id} in {where}, which is not an "
+                              "in-flight buffer")
+        if written > entry.in_capacity:
+            raise self._break(
+                f"device claims {written} bytes written into buffer {buf_id} ({where}), "
+                f"which has only {entry.in_capacity} writable bytes"
+            )
+        if self.in_order:
+            batch: list[int] = []
+            for b in self._order:
+                batch.append(b)
+                if b == buf_id:
+                    break
+            for _ in batch:
+                self._order.popleft()
+        else:
+            batch = [buf_id]
+        if len(batch) == 1:
+            self._inflight[buf_id] = None
+            ndescs = entry.ndescs
+            result = self._collect(entry.token, written, entry)
+        else:
+            ndescs = 0
+            for b in batch:
+                e = self._inflight[b]
+                assert e is not None
+                self._inflight[b] = None
+                ndescs += e.ndescs
+                # All but the last were used completely (§2.8.8).
+                self._ready.append((e.token, written if b == buf_id else e.in_capacity, e))
+            result = self._collect(*self._ready.popleft())
+        self._free_ids.extend(batch)
+        pos += ndescs
+        if pos >= self.size:
+            pos -= self.size
+            wrap ^= 1
+        self._used_pos, self._used_wrap = pos, wrap
+        if self.event_idx and self._event_flags == _DESC:
+            # Interrupt us when the next one is used (Linux does the same).
+            self._u16.pack_into(self._driver_evt, 0, encode(pos, wrap))
+        return result
+
+    def _collect(self, token: object, written: int, entry: _InFlight) -> tuple[object, int]:
+        """Give a returned buffer's descriptors (and indirect table) back."""
+        self._num_free += entry.ndescs
+        if entry.indirect_addr is not None and self.allocator is not None:
+            self.allocator.free(entry.indirect_addr)
+        return token, written
+
+    def detach_unused(self) -> list[object]:
+        """After a device reset: take back every buffer still in flight, returning tokens."""
+        tokens = [self._collect(*r)[0] for r in self._ready]
+        self._ready.clear()
+        self._order.clear()
+        for buf_id, entry in enumerate(self._inflight):
+            if entry is not None:
+                tokens.append(entry.token)
+                self._inflight[buf_id] = None
+                self._free_ids.append(buf_id)
+                self._collect(entry.token, 0, entry)
+        return tokens
+
+    # ---- interrupt suppression (the paper's callback control) ---------------------------
+
+    def _set_event(self, flags: int, pos: int | None = None, wrap: int = 0) -> None:
+        if pos is not None:
+            self._u16.pack_into(self._driver_evt, 0, encode(pos, wrap))
+        if flags != self._event_flags:
+            self._event_flags = flags
+            self._u16.pack_into(self._driver_evt, 2, flags)
+
+    def disable_cb(self) -> None:
+        """Ask the device not to interrupt (we will poll)."""
+        self._set_event(_DISABLE)
+
+    def enable_cb_prepare(self) -> int:
+        """Re-enable interrupts; returns the opaque position to pass to :meth:`poll`."""
+        pos, wrap = self._used_pos, self._used_wrap
+        if self.event_idx:
+            self._set_event(_DESC, pos, wrap)  # off_wrap before the flags
+        else:
+            self._set_event(_ENABLE)
+        return encode(pos, wrap)
+
+    def poll(self, last_used_idx: int) -> bool:
+        """Whether a buffer was used at the position :meth:`enable_cb_prepare` returned."""
+        full_barrier()
+        pos, wrap = decode(last_used_idx)
+        return self._used_at(pos, wrap)
+
+    def enable_cb(self) -> bool:
+        """Re-enable interrupts. Returns False if buffers were used in the meantime (the
+        paper's §3.1 race): the caller must call get_buf again rather than wait."""
+        opaque = self.enable_cb_prepare()
+        return not self._ready and not self.poll(opaque)
+
+    def enable_cb_delayed(self) -> bool:
+        """Re-enable interrupts but ask for one only after ~3/4 of the descriptors in
+        flight are used (transmit completion batching). Returns False if that many already
+        are."""
+        pos, wrap = self._used_pos, self._used_wrap
+        bufs = (self.size - self._num_free) * 3 // 4
+        event = pos + bufs
+        ewrap = wrap
+        if event >= self.size:
+            event -= self.size
+            ewrap ^= 1
+        if self.event_idx:
+            self._set_event(_DESC, event, ewrap)
+        else:
+            self._set_event(_ENABLE)
+        full_barrier()
+        if self._ready:
+            return False
+        return self._used_descs_ahead(bufs + 1) <= bufs
+
+    def _used_descs_ahead(self, limit: int) -> int:
+        """How many ring descriptors the used descriptors waiting from our position cover
+        (counting stops once ``limit`` is reached, or at anything not in flight: get_buf
+        will judge that)."""
+        pos, wrap = self._used_pos, self._used_wrap
+        covered = 0
+        order = list(self._order) if self.in_order else []
+        k = 0
+        seen: set[int] = set()
+        while covered < limit and self._used_at(pos, wrap):
+            buf_id = self._u16.unpack_from(self._desc, 16 * pos + 12)[0]
+            entry = self._inflight[buf_id] if buf_id < self.size else None
+            if entry is None or buf_id in seen:
+                break
+            seen.add(buf_id)
+            if self.in_order:
+                try:
+                    end = order.index(buf_id, k)
+                except ValueError:
+                    break
+                n = 0
+                for b in order[k:end + 1]:
+                    e = self._inflight[b]
+                    n += e.ndescs if e is not None else 0
+                k = end + 1
+            else:
+                n = entry.ndescs
+            covered += n
+            pos += n
+            if pos >= self.size:
+                pos -= self.size
+                wrap ^= 1
+        return covered

@@ -25,6 +25,10 @@ to pass. What proves what:
   what fio verified is what the file holds; the host also checks each block's fio header
   (magic, verify type, length, offset) on its own.
 
+* Nothing hangs: a guest whose I/O stops (as it did when a back-end died between
+  publishing completions and writing the call fd, before a resumed ring notified the
+  driver) fails the bounded wait for the passes to end.
+
 CI form: at least 5 kills over at least 30 s. ``PYVIRTIO_SOAK=1``: at least 20 kills
 over at least 3 minutes.
 """

@@ -33,6 +33,7 @@ from pyvirtio.guest import (
     build_initramfs,
     find_qemu_kernel,
     find_uml_kernel,
+    host_program,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -245,6 +246,32 @@ def test_image_is_cached_and_well_formed(kind: GuestKind, tmp_path: Path) -> Non
     if kind == "qemu":
         assert order.index("virtio_ring") < order.index("virtio") < order.index("virtio_pci")
         assert "virtio-rng" in order
+
+
+def test_host_program_brings_its_loader_and_exactly_its_libraries(tmp_path: Path) -> None:
+    require_guest("qemu")
+    fio = Path("/usr/bin/fio")
+    if not fio.is_file():
+        pytest.skip("/usr/bin/fio not found: install the Debian package 'fio'")
+    files = host_program(fio)
+    assert files[str(fio)] == (fio, 0o755)
+    assert "/lib64/ld-linux-x86-64.so.2" in files  # fio's PT_INTERP, at its own path
+    needed = subprocess.run(["readelf", "-d", str(fio)], capture_output=True, text=True,
+                            check=True).stdout
+    names = {os.path.basename(k) for k in files}
+    assert set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", needed)) <= names
+    assert all(source.is_file() and path.startswith("/") for path, (source, _) in
+               files.items())
+    assert not any("vdso" in k for k in files)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    assert host_program(busybox) == {busybox: (Path(busybox), 0o755)}  # static: itself only
+
+    # a host Path as an extra file is copied into the image at build time
+    src = tmp_path / "payload.bin"
+    src.write_bytes(b"from the host\n")
+    image = build_initramfs("qemu", "true\n", extra_files={"opt/p": (src, 0o600)},
+                            cache_dir=tmp_path, compress=False)
+    assert _read_newc(image.path.read_bytes())["opt/p"] == (0o100600, b"from the host\n")
 
 
 def test_missing_package_is_named(tmp_path: Path) -> None:

@@ -193,6 +193,27 @@ def test_a_ring_serves_after_kick_and_enable_and_get_vring_base_stops_it(front: 
     assert front.device.ring(0) is None and not front.host.watched
 
 
+def test_a_resumed_ring_notifies_the_driver_once(front: Front) -> None:
+    # A back-end killed after publishing a used buffer but before writing the call fd
+    # leaves the driver waiting for an interrupt nobody sends: the next start must send it.
+    front.negotiate()
+    front.mem_table()
+    q = front.ring()
+    _post(front, q, 16)
+    front.proto.on_kick(0)
+    front.send(R.GET_VRING_BASE, C.vring_state(0, 0), need_reply=False)
+    front.host.signals.clear()  # as if the call had been lost with the dying back-end
+    call = front.eventfd()
+    front.ok(R.SET_VRING_BASE, C.vring_state(0, 1))
+    front.ok(R.SET_VRING_ADDR, C.vring_addr(0, q.desc_addr + UOFF, q.used_addr + UOFF,
+                                            q.avail_addr + UOFF))
+    front.ok(R.SET_VRING_CALL, C.vring_fd(0), [call])
+    front.ok(R.SET_VRING_KICK, C.vring_fd(0), [front.eventfd()])
+    front.ok(R.SET_VRING_ENABLE, C.vring_state(0, 1))
+    assert front.host.signals == [call]  # no kick, no new buffer: the resumption itself
+    assert q.get_buf() is not None
+
+
 def test_without_protocol_features_the_ring_starts_enabled(front: Front) -> None:
     front.negotiate(protocol_bit=False)
     front.mem_table()

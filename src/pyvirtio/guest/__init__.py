@@ -40,6 +40,7 @@ from pyvirtio.guest.image import (
     find_busybox,
     find_qemu_kernel,
     find_uml_kernel,
+    host_program,
 )
 from pyvirtio.guest.qemu import (
     QemuDevice,
@@ -82,6 +83,7 @@ __all__ = [
     "find_qemu_kernel",
     "find_uml_binary",
     "find_uml_kernel",
+    "host_program",
     "qemu_args",
     "qemu_memory_args",
     "session_processes",

@@ -13,6 +13,8 @@ The image layout::
     /bin/busybox          busybox-static, plus one symlink per applet in /bin
     /lib/modules/VER/...  the virtio modules and their dependencies, decompressed
     /dev/console          so that /init starts with the console as stdin/stdout/stderr
+    (extra files)         the caller's, e.g. a host program and its shared libraries
+                          (:func:`host_program`), each at its host path
 
 Console protocol (parsed by :mod:`pyvirtio.guest.base`):
 
@@ -60,12 +62,15 @@ __all__ = [
     "find_busybox",
     "find_qemu_kernel",
     "find_uml_kernel",
+    "host_program",
 ]
 
 GuestKind = Literal["uml", "qemu"]
 
-#: Extra image files: archive path -> content, or (content, permission bits).
-ExtraFiles = Mapping[str, "bytes | str | tuple[bytes | str, int]"]
+#: Extra image files: archive path -> content, or (content, permission bits). A
+#: :class:`~pathlib.Path` content is a host file, read when the image is built (the cache
+#: key uses its path, size and mtime, not its bytes).
+ExtraFiles = Mapping[str, "bytes | str | Path | tuple[bytes | str | Path, int]"]
 
 READY_MARKER = "PYVIRTIO-READY"
 RESULT_MARKER = "PYVIRTIO-RESULT"
@@ -341,8 +346,8 @@ def _busybox_applets(busybox: Path) -> list[str]:
     return sorted({a for a in out.split() if a and "/" not in a and a != "busybox"})
 
 
-def _read_module(path: Path) -> bytes:
-    """Module bytes, decompressed: busybox insmod does not decompress."""
+def _read_source(path: Path) -> bytes:
+    """A host file's bytes; a kernel module's decompressed (busybox insmod does not)."""
     data = path.read_bytes()
     name = path.name
     if name.endswith(".ko.xz"):
@@ -357,6 +362,51 @@ def _read_module(path: Path) -> bytes:
             [zstd, "-dc", str(path)], capture_output=True, timeout=60, check=True
         ).stdout
     return data
+
+
+_LDD_LINE = re.compile(r"^\s*(?:(\S+) => )?(\S+|not found)(?: \(0x[0-9a-f]+\))?\s*$")
+
+
+def host_program(path: str | os.PathLike[str]) -> dict[str, tuple[Path, int]]:
+    """Extra files that let a guest run the host executable ``path`` as it is.
+
+    The program goes in at its own path; its ELF interpreter (the loader) at the path its
+    ``PT_INTERP`` names, and every shared library the host's loader resolves for it (``ldd``:
+    the whole ``DT_NEEDED`` closure, nothing else) at the path the loader found it. The
+    guest's loader then finds them by itself: in its system directories
+    (``/lib/x86_64-linux-gnu`` ...) or through the ``RUNPATH`` that led the host's loader to
+    them. Works for QEMU and UML images alike; pass the result (merged with other extra
+    files) as ``extra_files``. A library the host cannot resolve raises :class:`ImageError`.
+
+    Example: ``QemuGuest("fio --version", extra_files=host_program("/usr/bin/fio"))``.
+    """
+    exe = Path(path)
+    if not exe.is_file() or not os.access(exe, os.X_OK):
+        raise ImageError(f"{exe} is not an executable file")
+    files: dict[str, tuple[Path, int]] = {str(exe): (exe, 0o755)}
+    if not _elf_interpreter(exe):
+        return files  # statically linked: nothing else to bring
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise MissingDependencyError("ldd (to list a program's shared libraries)", "libc-bin")
+    try:
+        out = subprocess.run(
+            [ldd, str(exe)], capture_output=True, text=True, timeout=30, check=True,
+            env={**os.environ, "LC_ALL": "C"},
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ImageError(f"'ldd {exe}' failed: {exc}") from exc
+    for line in out.splitlines():
+        m = _LDD_LINE.match(line)
+        if m is None:
+            raise ImageError(f"'ldd {exe}': unexpected line {line!r}")
+        soname, where = m.groups()
+        if where == "not found":
+            raise ImageError(f"{exe} needs {soname}, which the host's loader cannot find")
+        if not where.startswith("/"):
+            continue  # the vDSO: provided by the kernel
+        files[where] = (Path(where), 0o755)
+    return files
 
 
 def _host_run_helpers() -> str:
@@ -465,12 +515,16 @@ def _normalize_extra(extra_files: ExtraFiles | None) -> list[_Member]:
     members = []
     for path, spec in sorted((extra_files or {}).items()):
         data, perm = spec if isinstance(spec, tuple) else (spec, 0o644)
-        if isinstance(data, str):
-            data = data.encode()
         name = path.strip("/")
         if not name or ".." in name.split("/"):
             raise ImageError(f"invalid extra file path {path!r}")
-        members.append(_Member(name, "file", perm, data))
+        if isinstance(data, Path):
+            if not data.is_file():
+                raise ImageError(f"extra file {path!r}: {data} is not a readable file")
+            members.append(_Member(name, "file", perm, source=data))
+        else:
+            members.append(_Member(name, "file", perm,
+                                   data.encode() if isinstance(data, str) else data))
     return members
 
 
@@ -510,7 +564,7 @@ def _write_archive(members: Sequence[_Member], out: Writable) -> None:
         elif m.type == "symlink":
             writer.add_symlink(m.path, m.data.decode())
         else:
-            data = _read_module(m.source) if m.source is not None else m.data
+            data = _read_source(m.source) if m.source is not None else m.data
             writer.add_file(m.path, data, m.perm)
     writer.finish()
 

@@ -625,6 +625,15 @@ class BackendProtocol:
                 v.start_failed = str(exc)
                 self._ring_problem(v, f"cannot start: {exc}")
                 return
+            assert v.ring is not None
+            if v.base or v.ring.used_idx:
+                # The ring resumes (a reconnection, or a restart after GET_VRING_BASE): a
+                # back-end before us may have published used buffers and died before
+                # writing the call fd, and nobody else will tell the driver. A spurious
+                # notification costs the driver a look; a lost one hangs it forever.
+                self.log.info("%s: %s resumes at used idx %d: driver notified once",
+                              self.name, v.describe(), v.ring.used_idx)
+                self._notify_queue(v.index)
         self.on_kick(v.index)
 
     def _start_ring(self, v: Vring) -> None:

@@ -290,3 +290,25 @@ def test_a_kick_before_driver_ok_is_not_served_but_recorded_and_driver_ok_serves
         assert got is not None and got == ("early", 64)
         assert device.served == 64
 
+
+
+def test_a_driver_holds_a_kick_made_before_driver_ok_and_sends_it_at_driver_ok() -> None:
+    # QEMU's balloon serves its stats queue only when kicked: a kick made during probe must
+    # not be lost, nor sent before DRIVER_OK.
+    device = RngDevice()
+    device._look_at_rings = lambda: None  # type: ignore[method-assign]  # like QEMU's balloon
+    with DevicePair(device) as pair:
+        drv = pair.probe()
+        dev = drv.device
+        dev.reset()
+        dev.add_status(S.ACKNOWLEDGE | S.DRIVER)
+        dev.finalize_features(RngDriver.features | RngDriver.transport_features)
+        (vq,) = dev.find_vqs(1)
+        sent: list[int] = []
+        notify = pair.transport.notify
+        pair.transport.notify = lambda index: (sent.append(index), notify(index))[1]
+        _post_read(drv)
+        assert vq.kick() is False and sent == []  # held: no notification before DRIVER_OK
+        dev.ready()
+        assert sent == [0]  # sent once DRIVER_OK is set
+        assert vq.get_buf() == ("early", 64)

@@ -155,6 +155,7 @@ class Virtqueue:
         self.callback = callback
         #: why this queue may no longer be used (set when the device is reset)
         self.detached: str | None = None
+        self.kick_held = False  # kicked before DRIVER_OK: sent when DRIVER_OK is set
 
     def _gone(self) -> QueueDetachedError:
         return QueueDetachedError(f"{self.ring.name}: {self.detached}; probe the device "
@@ -169,11 +170,13 @@ class Virtqueue:
     def kick(self) -> bool:
         """Notify the device if it wants to be; returns whether it was notified.
 
-        Before DRIVER_OK a driver must not notify (VIRTIO 1.2 §3.1.1): buffers added during
-        probe wait, and the device looks at its rings when DRIVER_OK arrives."""
+        Before DRIVER_OK a driver must not notify (VIRTIO 1.2 §3.1.1): the kick is held and
+        sent when the driver sets DRIVER_OK (not every device looks at its rings then: QEMU's
+        balloon waits for a stats kick)."""
         if self.detached is not None:
             raise self._gone()
         if not self.device.driver_ok:
+            self.kick_held = True
             return False
         if self.ring.kick_prepare():
             self.device.transport.notify(self.index)
@@ -284,8 +287,12 @@ class Device:
 
     def add_status(self, bit: int) -> None:
         self.transport.set_status(self.transport.get_status() | bit)
-        if bit & S.DRIVER_OK:
+        if bit & S.DRIVER_OK and not self.driver_ok:
             self.driver_ok = True
+            for vq in self.vqs:
+                if vq.kick_held:
+                    vq.kick_held = False
+                    vq.kick()
 
     def reset(self) -> None:
         self.detach_queues("the device was reset")

@@ -234,18 +234,23 @@ def test_hostile_generator_yields_every_defect_with_the_reason_it_promises(arena
 def test_100k_hostile_rings_break_the_queue_precisely_and_touch_nothing_else(
         arena: Arena) -> None:
     gen = HostileRingGenerator(arena.memory, seed=20240601)
-    rnd = random.Random(5)
+    _run_100k_and_check_every_outcome(arena, gen.cases(100_000), set(Reason), random.Random(5))
+
+
+def _run_100k_and_check_every_outcome(arena: Arena, cases: Iterator[HostileCase],
+                                      all_reasons: set[object], rnd: random.Random) -> None:
+    """Run every case; then every kind of reason was exercised, garbage and mutations
+    produced both outcomes, and plenty of well-formed rings were served."""
     outcomes: Counter[str] = Counter()
-    reasons: Counter[Reason] = Counter()
-    for case in gen.cases(100_000):
+    reasons: Counter[object] = Counter()
+    for case in cases:
         reason = run_case(arena, case, rnd)
         outcomes[f"{case.defect.name}:{'broken' if reason else 'ok'}"] += 1
         if reason is not None:
             for r in case.verdict.reasons:
                 if r.matches(reason):
                     reasons[r] += 1
-    # Every kind of reason was exercised, and garbage produced both outcomes.
-    assert set(reasons) == set(Reason), set(Reason) - set(reasons)
+    assert set(reasons) == all_reasons, all_reasons - set(reasons)
     assert outcomes["GARBAGE:broken"] and outcomes["GARBAGE:ok"]
     assert outcomes["MUTATION:broken"] and outcomes["MUTATION:ok"]
     assert outcomes["NONE:ok"] > 20_000
@@ -383,20 +388,8 @@ def test_hostile_packed_generator_yields_every_defect_with_the_reason_it_promise
 def test_100k_hostile_packed_rings_break_the_queue_precisely_and_touch_nothing_else(
         arena: Arena) -> None:
     gen = HostilePackedRingGenerator(arena.memory, seed=20261203)
-    rnd = random.Random(6)
-    outcomes: Counter[str] = Counter()
-    reasons: Counter[PackedReason] = Counter()
-    for case in gen.cases(100_000):
-        reason = run_case(arena, case, rnd)
-        outcomes[f"{case.defect.name}:{'broken' if reason else 'ok'}"] += 1
-        if reason is not None:
-            for r in case.verdict.reasons:
-                if r.matches(reason):
-                    reasons[r] += 1
-    assert set(reasons) == set(PackedReason), set(PackedReason) - set(reasons)
-    assert outcomes["GARBAGE:broken"] and outcomes["GARBAGE:ok"]
-    assert outcomes["MUTATION:broken"] and outcomes["MUTATION:ok"]
-    assert outcomes["NONE:ok"] > 20_000
+    _run_100k_and_check_every_outcome(arena, gen.cases(100_000), set(PackedReason),
+                                      random.Random(6))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ unit: deps
 	$(PY) -m pytest tests/unit tests/fuzz $(PYTEST_ARGS)
 
 lint: deps
-	$(PY) -m ruff check src tests $(wildcard benchmarks)
+	$(PY) -m ruff check src tests examples $(wildcard benchmarks)
 
 typecheck: deps
 	$(PY) -m mypy

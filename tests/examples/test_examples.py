@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +35,40 @@ def test_echo_device_and_driver_work_in_process_and_over_vhost_user(tmp_path: Pa
     kicks = [line for line in out if line.startswith("vhost-user:") and "kicks" in line]
     assert len(kicks) == 1 and not kicks[0].startswith("vhost-user: 0 kicks")
     assert not (tmp_path / "echo.sock").exists()  # the server removed its socket
+
+
+TUTORIAL = EXAMPLES.parent / "docs" / "write-a-device.md"
+
+
+def tutorial_blocks() -> list[tuple[str | None, str]]:
+    """The tutorial's python blocks as (the examples/ file it shows, or None; its code)."""
+    text = TUTORIAL.read_text()
+    found = re.findall(r"(?:<!-- listing: (\S+) -->\n)?```python\n(.*?)^```", text,
+                       flags=re.S | re.M)
+    return [(listing or None, code) for listing, code in found]
+
+
+def test_the_tutorial_shows_the_example_files_as_they_are() -> None:
+    listings = [(name, code) for name, code in tutorial_blocks() if name is not None]
+    assert [name for name, _ in listings] == [
+        "examples/echo_spec.py", "examples/echo_device.py", "examples/echo_driver.py"]
+    for name, code in listings:
+        assert code == (EXAMPLES.parent / name).read_text(), f"{name} differs from the tutorial"
+    for name in ("echo_device.py", "echo_driver.py"):  # the promise of the tutorial
+        assert len((EXAMPLES / name).read_text().splitlines()) <= 40
+
+
+def test_the_tutorial_snippets_run_and_print_what_they_say(tmp_path: Path) -> None:
+    snippets = [code for name, code in tutorial_blocks() if name is None]
+    assert len(snippets) == 2
+    outputs = []
+    for i, code in enumerate(snippets):
+        script = tmp_path / f"snippet_{i}.py"
+        script.write_text(code)
+        env = dict(os.environ, PYTHONPATH=str(EXAMPLES))
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"snippet {i} failed:\n{code}\n{proc.stderr}"
+        outputs.append(proc.stdout)
+    assert outputs == ["b'OITRIV ,OLLEH'\n", "b'GNIR EHT FO SDNE HTOB'\n"]
+    assert not (tmp_path / "echo.sock").exists()

@@ -2,7 +2,7 @@
 
 Both ends of every ring: the driver side a guest OS runs and the device side a hypervisor
 runs, from the pure ABI (:mod:`pyvirtio.spec`) up through guest memory, sans-I/O virtqueues,
-devices, drivers, transports and the I/O loop. See ARCHITECTURE in the README for the layer map.
+devices, drivers, transports and the I/O loop. See docs/architecture.md for the layer map.
 """
 
 __version__ = "0.1.0"

@@ -109,12 +109,16 @@ class DevicePair:
         self.driver = probe(self.transport, driver, features)
         return self.driver
 
-    def close(self) -> None:
+    def remove(self, why: str = "the driver was removed") -> None:
+        """Remove the driver and reset the device (it may be probed again)."""
         if self.driver is not None:
             self.driver.remove()
-            self.driver.device.detach_queues("its DevicePair is closed")
+            self.driver.device.detach_queues(why)
             self.driver = None
         self.transport.reset()
+
+    def close(self) -> None:
+        self.remove("its DevicePair is closed")
         self.memory.close()
 
     def __enter__(self) -> DevicePair:

@@ -23,13 +23,13 @@ from pyvirtio.driver.base import Driver, probe
 from pyvirtio.errors import LocalError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.testing.vmm import VmmBus
+from pyvirtio.testing.vmm import VmmBus, plug
 from pyvirtio.transport.loopback import LoopbackTransport
 from pyvirtio.transport.mmio_device import VirtioMmioDevice
 from pyvirtio.transport.pci_device import VirtioPciDevice
 from pyvirtio.transport.register_model import RegisterModel, Registers, RegisterTrace
 from pyvirtio.transport.virtio_mmio import VirtioMmio
-from pyvirtio.transport.virtio_pci import InterruptRouter, VirtioPciTransport, discover
+from pyvirtio.transport.virtio_pci import VirtioPciTransport
 
 DEFAULT_MEMORY = 16 << 20
 
@@ -38,9 +38,7 @@ TRANSPORTS = ("loopback", "pci-legacy", "pci-modern", "pci-transitional", "mmio"
               "mmio-legacy")
 #: the transports that put the device behind a register model
 REGISTER_TRANSPORTS = TRANSPORTS[1:]
-PCI_SLOT = 3
 LOW_RESERVED = 4096
-MMIO_LINE = 5
 
 
 class DevicePair:
@@ -74,7 +72,6 @@ class DevicePair:
             self.transport = self._machine(transport, trace)
 
     def _machine(self, kind: str, trace: bool) -> VirtioPciTransport | VirtioMmio:
-        bus = self.bus = VmmBus()
         model: VirtioPciDevice | VirtioMmioDevice
         if kind.startswith("pci"):
             model = VirtioPciDevice(self.device, self.memory, legacy=kind != "pci-modern",
@@ -86,20 +83,7 @@ class DevicePair:
         regs: Registers = model
         if trace:
             regs = self.trace = RegisterTrace(model)
-        transport: VirtioPciTransport | VirtioMmio
-        if isinstance(model, VirtioPciDevice):
-            bus.add_pci(PCI_SLOT, model, regs)
-            found = discover(bus, self.memory, self.allocator, lines=bus,
-                             prefer_modern=kind != "pci-legacy")
-            if len(found) != 1:
-                raise LocalError(f"the machine shows {len(found)} virtio functions, not 1")
-            transport = found[0]
-        else:
-            base = bus.add_mmio(model, MMIO_LINE, regs=regs)
-            transport = VirtioMmio(bus, base, self.memory, self.allocator,
-                                   InterruptRouter(bus), MMIO_LINE)
-        if transport.line is not None:
-            bus.on_line(transport.line, lambda: transport.wait(0.0))
+        self.bus, transport = plug(model, self.memory, self.allocator, regs)
         return transport
 
     def probe(self, driver: type[Driver] | None = None, features: int | None = None) -> Driver:

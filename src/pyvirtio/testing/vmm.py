@@ -20,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from pyvirtio.errors import LocalError
+from pyvirtio.memory import GuestMemory
+from pyvirtio.memory.alloc import Allocator
 from pyvirtio.transport.mmio_device import MMIO_WINDOW, VirtioMmioDevice
 from pyvirtio.transport.pci_bus import (
     CONFIG_ADDRESS_PORT,
@@ -32,11 +35,14 @@ from pyvirtio.transport.pci_bus import (
 )
 from pyvirtio.transport.pci_device import VirtioPciDevice
 from pyvirtio.transport.register_model import Registers, all_ones
+from pyvirtio.transport.virtio_mmio import VirtioMmio
+from pyvirtio.transport.virtio_pci import InterruptRouter, VirtioPciTransport, discover
 
 #: where :meth:`VmmBus.add_mmio` puts devices by default (QEMU microvm's first window)
 MMIO_BASE = 0xFEB0_0000
-#: how many times in a row delivery may find a line high that no handler claims
-MAX_UNCLAIMED = 1
+#: where :func:`plug` puts a PCI function, and the line it wires a virtio-mmio device to
+PCI_SLOT = 3
+MMIO_LINE = 5
 
 
 @dataclass
@@ -245,4 +251,27 @@ class VmmBus:
         self._access(op)
 
 
-__all__ = ["MMIO_BASE", "VmmBus"]
+def plug(model: VirtioPciDevice | VirtioMmioDevice, memory: GuestMemory, allocator: Allocator,
+         regs: Registers | None = None, *, prefer_modern: bool = True
+         ) -> tuple[VmmBus, VirtioPciTransport | VirtioMmio]:
+    """A machine with ``model`` on a fresh :class:`VmmBus` (accesses through ``regs`` if
+    given), found and set up as a driver would find it: a PCI scan and firmware setup
+    (``prefer_modern``: take the modern interface of a transitional function), or the
+    virtio-mmio window. Returns the bus and our driver transport, interrupts wired."""
+    bus = VmmBus()
+    transport: VirtioPciTransport | VirtioMmio
+    if isinstance(model, VirtioPciDevice):
+        bus.add_pci(PCI_SLOT, model, regs)
+        found = discover(bus, memory, allocator, lines=bus, prefer_modern=prefer_modern)
+        if len(found) != 1:
+            raise LocalError(f"the machine shows {len(found)} virtio functions, not 1")
+        transport = found[0]
+    else:
+        base = bus.add_mmio(model, MMIO_LINE, regs=regs)
+        transport = VirtioMmio(bus, base, memory, allocator, InterruptRouter(bus), MMIO_LINE)
+    if transport.line is not None:
+        bus.on_line(transport.line, lambda: transport.wait(0.0))
+    return bus, transport
+
+
+__all__ = ["MMIO_BASE", "VmmBus", "plug"]

@@ -93,6 +93,7 @@ _ADDRESS_FIELDS = {
     P.VIRTIO_PCI_COMMON_Q_DESCLO: "desc", P.VIRTIO_PCI_COMMON_Q_AVAILLO: "avail",
     P.VIRTIO_PCI_COMMON_Q_USEDLO: "used",
 }
+_BAR_SPACES = {f"bar{i}": i for i in range(6)}
 #: offset of pci_cfg_data in a VIRTIO_PCI_CAP_PCI_CFG capability
 PCI_CFG_DATA = P.VIRTIO_PCI_CAP_SIZE
 
@@ -149,17 +150,25 @@ class VirtioPciDevice(RegisterModel):
         if modern:
             self.bars[MODERN_BAR] = BarSpec(MODERN_BAR, MODERN_BAR_SIZE, io=False, is_64=True,
                                             prefetchable=True)
+        self._ids = (pci_id, virtio_id)
+        self._dfselect = 0
+        self._gfselect = 0
+        self.power_on_reset()
+
+    def power_on_reset(self) -> None:
+        """The function as at power-on (a PCI reset, not only a virtio one): config space
+        with no BAR assigned and decoding off, MSI-X disabled with every entry masked, and
+        the device reset."""
         self.space = bytearray(CONFIG_SPACE_SIZE)
         self.wmask = bytearray(CONFIG_SPACE_SIZE)
-        self.msix_table = bytearray(MSIX_ENTRY_SIZE * msix_vectors)
-        for vector in range(msix_vectors):  # every entry starts masked (PCI 3.0 6.8.2.9)
+        self.msix_table = bytearray(MSIX_ENTRY_SIZE * self.msix_vectors)
+        for vector in range(self.msix_vectors):  # entries start masked (PCI 3.0 6.8.2.9)
             self.msix_table[vector * MSIX_ENTRY_SIZE + 12] = MSIX_ENTRY_CTRL_MASKBIT
         self.msix_pending = 0
         self.msix_cap = 0
         self.pci_cfg_cap = 0
-        self._dfselect = 0
-        self._gfselect = 0
-        self._build_config_space(pci_id, virtio_id)
+        self._build_config_space(*self._ids)
+        self.reset()
 
     # ---- configuration space ----------------------------------------------------------
 
@@ -350,7 +359,7 @@ class VirtioPciDevice(RegisterModel):
             self._bar_write(bar, offset, size, value & all_ones(size))
 
     def _bar_of(self, space: str, offset: int, size: int) -> int | None:
-        index = int(space[3:]) if space.startswith("bar") and space[3:].isdigit() else -1
+        index = _BAR_SPACES.get(space, -1)
         spec = self.bars.get(index)
         if spec is None:
             self.problem(f"access to {space}, which this function does not implement")

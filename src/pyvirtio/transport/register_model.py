@@ -217,7 +217,9 @@ class RegisterModel:
             return "size 0"
         if size > limit:
             return f"size {size} exceeds the maximum {limit}"
-        packed = self.device.driver_features >> F.RING_PACKED & 1
+        # Only a packed ring the device offered may have any size (§2.8): bits the driver
+        # wrote without an offer do not count.
+        packed = (self.device.driver_features & self.device.offered_features) >> F.RING_PACKED & 1
         if not packed and not SP.is_valid_queue_size(size):
             return f"size {size} is not a power of two"
         return None

@@ -291,9 +291,9 @@ class HostileRegisterGenerator:
             offsets = (M.VIRTIO_MMIO_QUEUE_DESC_LOW, M.VIRTIO_MMIO_QUEUE_AVAIL_LOW,
                        M.VIRTIO_MMIO_QUEUE_USED_LOW)
         else:
-            offsets = tuple(COMMON + o for o in (P.VIRTIO_PCI_COMMON_Q_DESCLO,
-                                                 P.VIRTIO_PCI_COMMON_Q_AVAILLO,
-                                                 P.VIRTIO_PCI_COMMON_Q_USEDLO))
+            offsets = (COMMON + P.VIRTIO_PCI_COMMON_Q_DESCLO,
+                       COMMON + P.VIRTIO_PCI_COMMON_Q_AVAILLO,
+                       COMMON + P.VIRTIO_PCI_COMMON_Q_USEDLO)
         yield from zip(offsets, (SP.desc_table_size(n), SP.avail_size(n), SP.used_size(n)),
                        (16, 2, 4), strict=True)
 

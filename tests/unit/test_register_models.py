@@ -183,6 +183,18 @@ def test_legacy_isr_is_cleared_by_reading_it_and_lowers_the_line(memory: GuestMe
     assert model.read("bar0", P.VIRTIO_PCI_ISR, 1) == 0
 
 
+def test_intx_disable_in_the_command_register_holds_the_line_low(
+        memory: GuestMemory) -> None:
+    device = RngDevice()
+    model = VirtioPciDevice(device, memory, modern=False)
+    lines = Lines(model)
+    model.write("config", P.PCI_COMMAND, 2, 0x400)
+    device.notify_queue(0)
+    assert lines.levels == [] and model.isr == P.VIRTIO_PCI_ISR_QUEUE
+    model.write("config", P.PCI_COMMAND, 2, 0)
+    assert lines.levels == [True]  # pending ISR bit: the line rises once allowed
+
+
 def test_legacy_msix_moves_the_config_to_24_and_delivers_recorded_vectors(
         memory: GuestMemory) -> None:
     from pyvirtio.device.console import ConsoleDevice

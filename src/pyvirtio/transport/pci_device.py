@@ -242,15 +242,13 @@ class VirtioPciDevice(RegisterModel):
                 self.pci_cfg_cap + PCI_CFG_DATA + 4):
             self._pci_cfg_access(value)
             return
-        was_enabled = self.msix_enabled()
         data = value.to_bytes(size, "little")
         for i, byte in enumerate(data):
             mask = self.wmask[offset + i]
             if mask:
                 self.space[offset + i] = (self.space[offset + i] & ~mask) | (byte & mask)
-        if self.msix_enabled() != was_enabled:
-            self._update_line()
-        elif self.msix_cap and offset <= self.msix_cap + 3 < offset + size:
+        self._update_line()  # MSI-X or INTx disable may have changed
+        if self.msix_cap and offset <= self.msix_cap + 3 < offset + size:
             self._msix_deliver_pending()  # the function mask may have been cleared
 
     def _pci_cfg_access(self, value: int | None) -> int:
@@ -299,6 +297,10 @@ class VirtioPciDevice(RegisterModel):
         """The (address, data) the driver programmed for ``vector``."""
         addr, data = struct.unpack_from("<QI", self.msix_table, vector * MSIX_ENTRY_SIZE)
         return addr, data
+
+    def line_enabled(self) -> bool:
+        command = struct.unpack_from("<H", self.space, P.PCI_COMMAND)[0]
+        return not (self.msix_enabled() or command & PCI_COMMAND_INTX_DISABLE)
 
     def _interrupt(self, isr_bit: int, vector: int) -> None:
         self.isr |= isr_bit

@@ -144,6 +144,11 @@ class RegisterModel:
         """Whether interrupts go out as MSI-X messages instead of the line (PCI only)."""
         return False
 
+    def line_enabled(self) -> bool:
+        """Whether a pending ISR bit drives the interrupt line (not with MSI-X on, nor on
+        PCI with INTx disabled in the command register)."""
+        return not self.msix_enabled()
+
     def _queue_interrupt(self, index: int) -> None:
         self._interrupt(1, self.queues[index].vector if 0 <= index < len(self.queues)
                         else NO_VECTOR)
@@ -160,7 +165,7 @@ class RegisterModel:
         self._update_line()
 
     def _update_line(self) -> None:
-        level = bool(self.isr) and not self.msix_enabled()
+        level = bool(self.isr) and self.line_enabled()
         if level != self.irq_level:
             self.irq_level = level
             self.on_irq(level)

@@ -117,9 +117,8 @@ class Rig:
         model.problems.clear()
         device.problems.clear()
         feature_registers = self.feature_registers
-        problems = model.problems
         for step, op in enumerate(sequence):
-            before = len(problems)
+            before = model.problem_count
             features_before = device.driver_features
             final = (op.write and op.size == 4 and (op.space, op.offset) in feature_registers
                      and model.features_final())
@@ -134,7 +133,7 @@ class Rig:
             self.ops += 1
             if op.refuse is not None:
                 self.refused[op.refuse] += 1
-                assert len(problems) > before, (
+                assert model.problem_count > before, (
                     f"{self.kind}: step {step} ({op}) must be refused and recorded "
                     f"({op.refuse}), nothing was\n" + self.show(sequence))
             if final:

@@ -429,3 +429,14 @@ def test_a_trace_records_each_access_with_the_value_read_or_written(
     trace.write("mmio", M.VIRTIO_MMIO_STATUS, 4, S.ACKNOWLEDGE)
     trace.read("mmio", M.VIRTIO_MMIO_STATUS, 4)
     assert [str(a) for a in trace.accesses] == ["w mmio+0x70/4 = 0x1", "r mmio+0x70/4 = 0x1"]
+
+
+def test_a_driver_spamming_bad_accesses_cannot_grow_the_record_without_bound(
+        memory: GuestMemory) -> None:
+    from pyvirtio.transport.register_model import MAX_PROBLEMS
+
+    model = VirtioMmioDevice(RngDevice(), memory)
+    for _ in range(MAX_PROBLEMS + 500):
+        model.write("mmio", M.VIRTIO_MMIO_MAGIC_VALUE, 4, 0)
+    assert len(model.problems) == MAX_PROBLEMS
+    assert model.problem_count == MAX_PROBLEMS + 500

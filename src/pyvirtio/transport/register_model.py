@@ -111,8 +111,10 @@ class RegisterModel:
         self.device = device
         self.memory = memory
         self.name = name
-        #: every forbidden access seen, oldest first (bounded by :data:`MAX_PROBLEMS`)
+        #: forbidden accesses seen, oldest first: the first :data:`MAX_PROBLEMS` of them
         self.problems: list[str] = []
+        #: how many forbidden accesses were seen in all
+        self.problem_count = 0
         #: the interrupt line's level changed (INTx on PCI without MSI-X; virtio-mmio's line)
         self.on_irq: Callable[[bool], None] = _ignore_level
         #: an MSI-X message for ``vector`` (PCI with MSI-X enabled)
@@ -134,6 +136,7 @@ class RegisterModel:
     def problem(self, message: str) -> None:
         """Record a forbidden access by the driver (the culprit) and carry on."""
         text = f"{self.name}: {message}"
+        self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
         log.debug("%s", text)

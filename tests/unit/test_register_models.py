@@ -244,6 +244,12 @@ def test_legacy_register_of_the_wrong_width_is_refused(memory: GuestMemory) -> N
     assert "read-only legacy register" in model.problems[-1]
 
 
+def test_the_write_only_legacy_notify_register_reads_as_all_ones(memory: GuestMemory) -> None:
+    model = VirtioPciDevice(RngDevice(), memory, modern=False)
+    assert model.read("bar0", P.VIRTIO_PCI_QUEUE_NOTIFY, 2) == 0xFFFF
+    assert model.problems == []
+
+
 def test_legacy_features_after_driver_ok_are_ignored(memory: GuestMemory) -> None:
     device = RngDevice(transport_features=0)
     model = VirtioPciDevice(device, memory, modern=False)

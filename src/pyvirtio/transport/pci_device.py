@@ -442,7 +442,7 @@ class VirtioPciDevice(RegisterModel):
         if offset == P.VIRTIO_PCI_QUEUE_SEL:
             return self.queue_sel
         if offset == P.VIRTIO_PCI_QUEUE_NOTIFY:
-            return 0
+            return all_ones(size)  # write-only: reads as nothing decoded (as QEMU's)
         if offset == P.VIRTIO_PCI_STATUS:
             return self.device.status & 0xFF
         if offset == P.VIRTIO_PCI_ISR:

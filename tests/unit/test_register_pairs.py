@@ -29,6 +29,7 @@ from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.console import ConsoleDriver
 from pyvirtio.driver.net import NetDriver
 from pyvirtio.driver.rng import RngDriver
+from pyvirtio.errors import LocalError
 from pyvirtio.spec import status as S
 from pyvirtio.testing.pair import REGISTER_TRANSPORTS, DevicePair
 from pyvirtio.transport.mmio_device import VirtioMmioDevice
@@ -202,6 +203,8 @@ def test_the_trace_records_probe_status_writes_in_order(kind: str) -> None:
                               drv | S.FEATURES_OK | S.DRIVER_OK]
 
 
-def test_unknown_transport_is_refused() -> None:
-    with pytest.raises(Exception, match="unknown transport"):
+def test_unknown_transport_or_legacy_flag_on_a_register_transport_is_refused() -> None:
+    with pytest.raises(LocalError, match="unknown transport"):
         DevicePair(RngDevice(), transport="carrier-pigeon")
+    with pytest.raises(LocalError, match="legacy= is for the loopback"):
+        DevicePair(RngDevice(), transport="pci-modern", legacy=True)

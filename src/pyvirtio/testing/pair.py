@@ -52,6 +52,9 @@ class DevicePair:
                  trace: bool = False) -> None:
         if transport not in TRANSPORTS:
             raise LocalError(f"unknown transport {transport!r}; one of {', '.join(TRANSPORTS)}")
+        if legacy and transport != "loopback":
+            raise LocalError("legacy= is for the loopback transport; the register transports "
+                             "say it in their name (pci-legacy, mmio-legacy)")
         self.device = device
         self.kind = transport
         self.memory = GuestMemory.anonymous(memory_size)

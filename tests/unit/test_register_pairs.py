@@ -208,3 +208,43 @@ def test_unknown_transport_or_legacy_flag_on_a_register_transport_is_refused() -
         DevicePair(RngDevice(), transport="carrier-pigeon")
     with pytest.raises(LocalError, match="legacy= is for the loopback"):
         DevicePair(RngDevice(), transport="pci-modern", legacy=True)
+
+
+def test_one_machine_carries_several_functions_each_on_its_own_bars_and_line() -> None:
+    """Two PCI functions and a virtio-mmio device on one VmmBus: the scan finds both
+    functions, firmware gives them disjoint BARs and different INTx lines, and each driver
+    reaches only its own device."""
+    import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
+    from pyvirtio.driver.base import probe
+    from pyvirtio.memory import GuestMemory
+    from pyvirtio.memory.alloc import Allocator
+    from pyvirtio.testing.vmm import VmmBus
+    from pyvirtio.transport.virtio_mmio import VirtioMmio
+    from pyvirtio.transport.virtio_pci import discover
+
+    memory = GuestMemory.anonymous(8 * MiB)
+    allocator = Allocator(0x1000, 8 * MiB - 0x1000)
+    devices = [RngDevice(), RngDevice(), RngDevice()]
+    bus = VmmBus()
+    bus.add_pci(3, VirtioPciDevice(devices[0], memory, modern=False))
+    bus.add_pci(4, VirtioPciDevice(devices[1], memory, legacy=False))
+    base = bus.add_mmio(VirtioMmioDevice(devices[2], memory), line=9)
+    try:
+        found = discover(bus, memory, allocator, lines=bus)
+        assert [t.kind for t in found] == ["legacy", "modern"]
+        assert found[0].line != found[1].line
+        mmio = VirtioMmio(bus, base, memory, allocator, found[0].router, 9)
+        transports = [*found, mmio]
+        for t in transports:
+            assert t.line is not None
+            bus.on_line(t.line, lambda t=t: t.wait(0.0))
+        drivers = [probe(t) for t in transports]
+        for i, drv in enumerate(drivers):
+            assert isinstance(drv, RngDriver)
+            drv.read(100 * (i + 1))
+        assert [d.served for d in devices] == [100, 200, 300]
+        assert all(t.interrupts > 0 for t in transports) and bus.unclaimed == 0
+        for t in transports:
+            t.reset()
+    finally:
+        memory.close()

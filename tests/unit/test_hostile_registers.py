@@ -33,9 +33,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.console import ConsoleDevice, MemoryPort, Port
 from pyvirtio.device.rng import RngDevice
+from pyvirtio.driver.base import probe
 from pyvirtio.driver.console import ConsoleDriver
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.memory import GuestMemory, buffer_region
@@ -181,9 +183,6 @@ class Rig:
         gpa = LAYOUT[0][0]
         allocator = Allocator(gpa, REGION)
         _, transport = plug(self.model, self.memory, allocator)
-        import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
-        from pyvirtio.driver.base import probe
-
         driver = probe(transport)
         if device_name == "rng":
             assert isinstance(driver, RngDriver)

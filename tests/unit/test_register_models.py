@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyvirtio.device.console import ConsoleDevice
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.errors import PeerError
 from pyvirtio.memory import GuestMemory
@@ -23,7 +24,7 @@ from pyvirtio.spec import split as SP
 from pyvirtio.spec import status as S
 from pyvirtio.testing.vmm import VmmBus
 from pyvirtio.transport.mmio_device import VirtioMmioDevice
-from pyvirtio.transport.pci_bus import PciFunction
+from pyvirtio.transport.pci_bus import ConfigMechanism1, PciAddress, PciFunction
 from pyvirtio.transport.pci_device import (
     COMMON_OFFSET,
     DEVICE_OFFSET,
@@ -31,7 +32,7 @@ from pyvirtio.transport.pci_device import (
     NOTIFY_OFFSET,
     VirtioPciDevice,
 )
-from pyvirtio.transport.register_model import NO_VECTOR, RegisterTrace
+from pyvirtio.transport.register_model import MAX_PROBLEMS, NO_VECTOR, RegisterTrace
 from pyvirtio.transport.virtio_mmio import VirtioMmio
 from pyvirtio.transport.virtio_pci import InterruptRouter
 
@@ -117,8 +118,6 @@ def test_our_pci_walk_finds_every_virtio_capability_where_the_model_put_it(
     bus = VmmBus()
     model = VirtioPciDevice(RngDevice(), memory, msix_vectors=3)
     bus.add_pci(3, model)
-    from pyvirtio.transport.pci_bus import ConfigMechanism1, PciAddress
-
     func = PciFunction(ConfigMechanism1(bus), PciAddress(0, 3))
     caps = {(c.cfg_type, c.bar, c.offset, c.length, c.notify_off_multiplier)
             for c in func.virtio_capabilities()}
@@ -197,8 +196,6 @@ def test_intx_disable_in_the_command_register_holds_the_line_low(
 
 def test_legacy_msix_moves_the_config_to_24_and_delivers_recorded_vectors(
         memory: GuestMemory) -> None:
-    from pyvirtio.device.console import ConsoleDevice
-
     device = ConsoleDevice(cols=80, rows=25)
     model = VirtioPciDevice(device, memory, modern=False, msix_vectors=2)
     lines = Lines(model)
@@ -316,8 +313,6 @@ def test_enabled_queue_fields_are_frozen_and_notify_kicks_by_offset(
 
 
 def test_config_generation_follows_device_config_changes(memory: GuestMemory) -> None:
-    from pyvirtio.device.console import ConsoleDevice
-
     device = ConsoleDevice(cols=80, rows=25)
     model = VirtioPciDevice(device, memory, legacy=False)
     before = common(model, P.VIRTIO_PCI_COMMON_CFGGENERATION, 1)
@@ -439,8 +434,6 @@ def test_a_trace_records_each_access_with_the_value_read_or_written(
 
 def test_a_driver_spamming_bad_accesses_cannot_grow_the_record_without_bound(
         memory: GuestMemory) -> None:
-    from pyvirtio.transport.register_model import MAX_PROBLEMS
-
     model = VirtioMmioDevice(RngDevice(), memory)
     for _ in range(MAX_PROBLEMS + 500):
         model.write("mmio", M.VIRTIO_MMIO_MAGIC_VALUE, 4, 0)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from net_helpers import arp_request, mac
 
+import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
 from pyvirtio.device.balloon import BalloonDevice
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.blk import BlkDevice
@@ -24,16 +25,21 @@ from pyvirtio.device.console import ConsoleDevice, MemoryPort, Port
 from pyvirtio.device.net import NetDevice, link
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.balloon import BalloonDriver
-from pyvirtio.driver.base import Driver
+from pyvirtio.driver.base import Driver, probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.console import ConsoleDriver
 from pyvirtio.driver.net import NetDriver
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.errors import LocalError
+from pyvirtio.memory import GuestMemory
+from pyvirtio.memory.alloc import Allocator
 from pyvirtio.spec import status as S
 from pyvirtio.testing.pair import REGISTER_TRANSPORTS, DevicePair
+from pyvirtio.testing.vmm import VmmBus
 from pyvirtio.transport.mmio_device import VirtioMmioDevice
 from pyvirtio.transport.pci_device import VirtioPciDevice
+from pyvirtio.transport.virtio_mmio import VirtioMmio
+from pyvirtio.transport.virtio_pci import discover
 
 MiB = 1 << 20
 SECTOR = 512
@@ -214,14 +220,6 @@ def test_one_machine_carries_several_functions_each_on_its_own_bars_and_line() -
     """Two PCI functions and a virtio-mmio device on one VmmBus: the scan finds both
     functions, firmware gives them disjoint BARs and different INTx lines, and each driver
     reaches only its own device."""
-    import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
-    from pyvirtio.driver.base import probe
-    from pyvirtio.memory import GuestMemory
-    from pyvirtio.memory.alloc import Allocator
-    from pyvirtio.testing.vmm import VmmBus
-    from pyvirtio.transport.virtio_mmio import VirtioMmio
-    from pyvirtio.transport.virtio_pci import discover
-
     memory = GuestMemory.anonymous(8 * MiB)
     allocator = Allocator(0x1000, 8 * MiB - 0x1000)
     devices = [RngDevice(), RngDevice(), RngDevice()]

@@ -455,7 +455,7 @@ class Window:
         out = bytearray()
         pos, end = offset, offset + length
         while pos < end:
-            size = _widest(pos, end - pos)
+            size = widest_access(pos, end - pos)
             out += self.read(pos, size).to_bytes(size, "little")
             pos += size
         return bytes(out)
@@ -463,12 +463,14 @@ class Window:
     def write_bytes(self, offset: int, data: bytes) -> None:
         pos, end = 0, len(data)
         while pos < end:
-            size = _widest(offset + pos, end - pos)
+            size = widest_access(offset + pos, end - pos)
             self.write(offset + pos, size, int.from_bytes(data[pos : pos + size], "little"))
             pos += size
 
 
-def _widest(offset: int, remaining: int) -> int:
+def widest_access(offset: int, remaining: int) -> int:
+    """The widest naturally aligned access (4, 2 or 1 bytes) at ``offset`` that fits in
+    ``remaining`` bytes: how drivers read and write device configuration."""
     for size in (4, 2):
         if remaining >= size and offset % size == 0:
             return size
@@ -597,4 +599,5 @@ __all__ = [
     "bar_window",
     "piix_pirq",
     "scan_bus",
+    "widest_access",
 ]

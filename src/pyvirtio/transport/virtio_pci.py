@@ -159,6 +159,9 @@ class VirtioPciTransport(ConfigOps):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:
         self.vqs[index] = vq
 
+    def bind_config(self, callback: Callable[[], None] | None) -> None:
+        self.on_config_change = callback
+
     def reset(self) -> None:
         self.set_status(0)
         self.vqs.clear()
@@ -266,6 +269,9 @@ class VirtioPciLegacy(VirtioPciTransport):
             raise LocalError(f"queue {index}: legacy rings must be one contiguous "
                              f"{P.VIRTIO_PCI_VRING_ALIGN}-aligned vring")
         pfn = base >> P.VIRTIO_PCI_QUEUE_ADDR_SHIFT
+        if pfn == 0:
+            raise LocalError(f"queue {index}: a legacy ring cannot start in page 0 (QUEUE_PFN "
+                             "0 means no ring)")
         if pfn >> 32:
             raise LocalError(f"queue {index}: ring at 0x{base:x} is beyond the 44-bit reach "
                              "of QUEUE_PFN")

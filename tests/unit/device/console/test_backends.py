@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.console import ShyDriver
 from pyvirtio.device.backends.console_ports import (
     READ_SIZE,
     MemoryPort,
@@ -101,13 +102,6 @@ class Collector:
             self.data += self.driver.read_available(self.pid)
             return len(self.data) >= n
         return check
-
-
-class ShyDriver(ConsoleDriver):
-    """A guest that reads only when told to (fill_receive)."""
-
-    rx_buffers = 0
-    refill = False
 
 
 # ---- unix socket ------------------------------------------------------------------------

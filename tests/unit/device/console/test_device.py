@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from helpers.console import ShyDriver
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import ConsoleDevice, MemoryPort, Port
 from pyvirtio.driver.console import ConsoleDriver
@@ -75,13 +76,6 @@ def assert_port0_works(driver: ConsoleDriver, console: MemoryPort) -> None:
     assert console.take_output() == b"still alive\n"
     console.feed(b"ok\n")
     assert driver.read(0, 3) == b"ok\n"
-
-
-class ShyDriver(ConsoleDriver):
-    """A guest that posts receive buffers only when told to (fill_receive)."""
-
-    rx_buffers = 0
-    refill = False
 
 
 # ---- data both ways ---------------------------------------------------------------------

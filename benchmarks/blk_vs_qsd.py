@@ -56,12 +56,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pyvirtio.guest import UmlGuest, VhostUserDevice  # noqa: E402
-from pyvirtio.spec import ids  # noqa: E402
-from stats import Ratio, Spread  # noqa: E402
+from paths import ROOT  # before pyvirtio: puts the checkout's src/ on sys.path
+from pyvirtio.guest import UmlGuest, VhostUserDevice
+from pyvirtio.spec import ids
+from stats import Ratio, Spread
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]

@@ -44,13 +44,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pyvirtio.guest import GuestResult, UmlGuest, VhostUserDevice  # noqa: E402
-from pyvirtio.guest.image import Initramfs  # noqa: E402
-from pyvirtio.spec import ids  # noqa: E402
-from stats import Ratio, Spread  # noqa: E402
+from paths import ROOT  # before pyvirtio: puts the checkout's src/ on sys.path
+from pyvirtio.guest import GuestResult, UmlGuest, VhostUserDevice
+from pyvirtio.guest.image import Initramfs
+from pyvirtio.spec import ids
+from stats import Ratio, Spread
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVER_IP, CLIENT_IP = "10.0.9.2", "10.0.9.1"

@@ -21,18 +21,15 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from pyvirtio.memory import GuestMemory  # noqa: E402
-from pyvirtio.memory.alloc import Allocator  # noqa: E402
-from pyvirtio.ring import DeviceQueue, DriverQueue  # noqa: E402
-from pyvirtio.ring.packed import PackedDeviceQueue, PackedDriverQueue  # noqa: E402
-from pyvirtio.spec import packed as P  # noqa: E402
-from pyvirtio.spec import split as S  # noqa: E402
-from stats import Ratio, Spread  # noqa: E402
+import paths  # noqa: F401  (before pyvirtio: puts the checkout's src/ on sys.path)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.memory.alloc import Allocator
+from pyvirtio.ring import DeviceQueue, DriverQueue
+from pyvirtio.ring.packed import PackedDeviceQueue, PackedDriverQueue
+from pyvirtio.spec import packed as P
+from pyvirtio.spec import split as S
+from stats import Ratio, Spread
 
 SIZE = 256
 CONFIGS = {"plain": {}, "event_idx": {"event_idx": True}, "in_order": {"in_order": True},

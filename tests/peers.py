@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from pyvirtio.guest import MissingDependencyError, check_can_boot
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def skip_or_fail(message: str) -> None:

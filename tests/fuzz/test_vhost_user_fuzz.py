@@ -43,6 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from helpers.vhost_user import ConfigRngDevice, RawFrontend, memfd
 from peers import require_guest
 from pyvirtio.errors import PeerError
 from pyvirtio.guest import QemuGuest
@@ -57,7 +58,6 @@ from pyvirtio.spec.vhost_user import Request as R
 from pyvirtio.testing.guests import HWRNG_BYTES, hwrng_script
 from pyvirtio.testing.server import ServerThread
 from pyvirtio.transport.vhost_user import codec as C
-from vhost_user_helpers import ConfigRngDevice, RawFrontend, memfd
 
 PHASES = [Phase.generate] if os.environ.get("PYVIRTIO_FUZZ_NOSHRINK") else list(Phase)
 CI_MESSAGES = int(os.environ.get("PYVIRTIO_FUZZ_MESSAGES", 50_000))

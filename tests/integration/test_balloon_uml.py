@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_process import SRC, ServeProcess
 
+from helpers.paths import SRC
+from helpers.serve_process import ServeProcess
 from peers import require_guest
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.io.balloon_control import request
@@ -64,7 +65,7 @@ class BalloonRig:
         proc = subprocess.run(
             [sys.executable, "-m", "pyvirtio", "balloon", str(self.control), *args, "--json"],
             capture_output=True, text=True, timeout=90,
-            env={**os.environ, "PYTHONPATH": str(SRC)})
+            env={**os.environ, "PYTHONPATH": SRC})
         reply = json.loads(proc.stdout) if proc.stdout.strip() else {}
         return proc.returncode, reply, proc.stderr
 

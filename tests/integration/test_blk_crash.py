@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import (
+
+from helpers.blk import (
     BLOCK,
-    HERE,
     BlkServer,
     GuardedImage,
     block_pattern,
 )
-
+from helpers.paths import TESTS
 from peers import require_guest
 from pyvirtio.guest import QemuGuest, VhostUserBlk
 from pyvirtio.testing.server import ServerProcess
@@ -76,10 +76,10 @@ def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path
             guest.wait_for("^WRITERS-STARTED", timeout=120)
             time.sleep(0.3)
             first.kill()  # crash 1: anywhere in the write stream
-            slow = ServerProcess(str(sock), "blk_guest_helpers:SlowBlkDevice",
+            slow = ServerProcess(str(sock), "helpers.blk:SlowBlkDevice",
                                  {"path": str(image.path), "delay": 0.5}, log_level="INFO",
                                  extensions="pyvirtio.io.inflight:inflight_extensions",
-                                 log_path=tmp_path / "slow.log", pythonpath=[str(HERE)])
+                                 log_path=tmp_path / "slow.log", pythonpath=[TESTS])
             slow.wait_for_log("slow write of 4096 bytes", timeout=60)
             slow.kill()  # crash 2: inside a write, so a request is in flight for sure
             last = BlkServer(image.path, sock, log_path=tmp_path / "last.log")

@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import BLOCK, BlkServer, GuardedImage
 
+from helpers.blk import BLOCK, BlkServer, GuardedImage
 from peers import require_guest
 from pyvirtio.guest import QemuGuest, VhostUserBlk, host_program
 

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import (
+
+from helpers.blk import (
     BlkServer,
     GuardedImage,
 )
-
 from peers import require_guest
 from pyvirtio.guest import QemuGuest, UmlGuest
 
@@ -137,10 +137,10 @@ def test_uml_guest_gets_a_working_disk_with_one_and_with_two_queues(
     )
     with UmlGuest(script, kernel_args=kernel_args, timeout=180) as guest:
         guest.wait_for("^TRIM-READY", timeout=150)
-        before = one.allocated()
+        before = one.blocks() * 512  # st_blocks: 512-byte units
         guest.write("go\n")
         guest.wait_for("^TRIM-DONE", timeout=30)
-        after = one.allocated()
+        after = one.blocks() * 512
         guest.write("go\n")
         result = guest.wait(timeout=30)
     result.check()

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_guest_helpers import (
+
+from helpers.blk import (
     BlkServer,
     GuardedImage,
 )
-
 from peers import require_guest
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.blk import BlkDriver

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest_helpers import (
+
+from helpers.guests import (
     DATA_BYTES,
     DATA_PORT,
     RING_FEATURES,
@@ -21,7 +22,6 @@ from guest_helpers import (
     console_guest_round,
     wait_closed,
 )
-
 from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port

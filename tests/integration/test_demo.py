@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from peers import SRC, require_guest
+from helpers.paths import SRC
+from peers import require_guest
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from guest_helpers import (
+
+from helpers.guests import (
     DATA_PORT,
     HWRNG_SCRIPT,
     RING_FEATURES,
@@ -23,7 +24,7 @@ from guest_helpers import (
     served_slice,
     wait_closed,
 )
-
+from helpers.vhost_user import RecordingRngDevice
 from peers import require_guest
 from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
@@ -33,7 +34,6 @@ from pyvirtio.io import unixsock
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
 from pyvirtio.testing.server import ServerThread
-from vhost_user_helpers import RecordingRngDevice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from net_guest_helpers import SwitchProcess, net_setup, ping_until
 
+from helpers.net import SwitchProcess, net_setup, ping_until
 from peers import require_guest
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from net_guest_helpers import (
-    RawFrontend,
+
+from helpers.net import (
+    RawNetFrontend,
     SwitchProcess,
     eth_frame,
     net_setup,
     ping_until,
 )
-
-from peers import SRC, require_guest
+from helpers.paths import SRC
+from peers import require_guest
 from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
@@ -206,8 +207,8 @@ def test_sigint_flushes_the_capture_and_removes_the_sockets(tmp_path: Path) -> N
     proc = SwitchProcess(["--socket", socks[0], "--socket", socks[1], "--mac", MACS[0],
                           "--pcap", str(tmp_path / "cap-{port}.pcap")])
     try:
-        with contextlib.closing(RawFrontend(socks[0])) as a, \
-                contextlib.closing(RawFrontend(socks[1])) as b:
+        with contextlib.closing(RawNetFrontend(socks[0])) as a, \
+                contextlib.closing(RawNetFrontend(socks[1])) as b:
             frames = [eth_frame(b.mac, a.mac, 60 + i, fill=i) for i in range(5)]
             b.post_rx([2048] * len(frames))
             for frame in frames:

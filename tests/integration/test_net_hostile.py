@@ -23,16 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from net_guest_helpers import (
+
+from helpers.net import (
     CANARY,
     Cleanup,
-    RawFrontend,
+    RawNetFrontend,
     SwitchProcess,
     eth_frame,
     net_setup,
     ping_until,
 )
-
 from peers import require_guest
 from pyvirtio.device.net_endpoint import format_mac
 from pyvirtio.guest import UmlGuest, VhostUserDevice
@@ -106,7 +106,7 @@ def test_hostile_front_ends_are_contained_while_guests_keep_pinging(
     b.start()
     cleanup.add(b.stop)
 
-    evil, mute, tiny = (RawFrontend(socks[i]) for i in (2, 3, 4))
+    evil, mute, tiny = (RawNetFrontend(socks[i]) for i in (2, 3, 4))
     for fe in (evil, mute, tiny):
         cleanup.add(fe.close)
     assert [evil.mac, mute.mac, tiny.mac] == [mac(2), mac(3), mac(4)]
@@ -190,7 +190,7 @@ def test_hostile_front_ends_are_contained_while_guests_keep_pinging(
     # The switch is still up, and vm2's port serves the next front-end afresh.
     evil.close()
     start = server.mark()
-    again = RawFrontend(socks[2])
+    again = RawNetFrontend(socks[2])
     cleanup.add(again.close)
     assert not again.status() & S.DEVICE_NEEDS_RESET
     assert again.send(eth_frame(BROADCAST, again.mac, 60)) == 0

@@ -17,10 +17,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+from helpers.paths import SRC
 from pyvirtio.device.net import NetDevice, link
 from pyvirtio.device.switch import Switch
 from pyvirtio.driver.net import NetDriver, RxFrame
@@ -32,7 +32,6 @@ from pyvirtio.testing.pair import DevicePair
 
 pytestmark = pytest.mark.integration
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 TAP_NAME = "pvtap0"
 HOST_IP = "10.77.0.1"  # the kernel's side of the tap
 GUEST_IP = "10.77.0.2"  # our driver's address

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import dpkt
 import pytest
-from net_guest_helpers import (
+
+from helpers.net import (
     TIMEOUT,
     Cleanup,
     Netns,
@@ -28,7 +29,6 @@ from net_guest_helpers import (
     ping_until,
     stop_process,
 )
-
 from peers import require_guest, require_root
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids

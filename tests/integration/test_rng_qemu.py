@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from guest_helpers import (
+
+from helpers.guests import (
     HWRNG_BYTES,
     HWRNG_SCRIPT,
     RING_FEATURES,
@@ -23,7 +24,6 @@ from guest_helpers import (
     served_slice,
     wait_closed,
 )
-
 from peers import require_guest
 from pyvirtio.guest import QemuGuest
 from pyvirtio.guest.qemu import qemu_args as guest_qemu_args

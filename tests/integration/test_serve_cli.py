@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from guest_helpers import (
+
+from helpers.guests import (
     DATA_BYTES,
     DATA_PORT,
     GREETING,
@@ -36,8 +37,8 @@ from guest_helpers import (
     socket_gone,
     type_after_greeting,
 )
-
-from peers import SRC, require_guest
+from helpers.paths import SRC
+from peers import require_guest
 from pyvirtio.guest import QemuGuest, UmlGuest
 
 pytestmark = pytest.mark.timeout(120)

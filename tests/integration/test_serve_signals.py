@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from guest_helpers import socket_gone
-from serve_process import ServeProcess
 
+from helpers.guests import socket_gone
+from helpers.serve_process import ServeProcess
 from pyvirtio.driver.base import Driver, probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.console import ConsoleDriver

@@ -19,6 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import SRC, TESTS
+from helpers.vhost_user import (
+    ConfigRngDevice,
+    RawFrontend,
+    read_entropy,
+)
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.rng import RngDriver
@@ -34,13 +40,6 @@ from pyvirtio.spec.vhost_user import ProtocolFeature as PF
 from pyvirtio.spec.vhost_user import Request as R
 from pyvirtio.testing.server import ServerProcess, ServerThread
 from pyvirtio.transport.vhost_user import codec as C
-from vhost_user_helpers import (
-    SRC_DIR,
-    TESTS_DIR,
-    ConfigRngDevice,
-    RawFrontend,
-    read_entropy,
-)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,7 +120,7 @@ def test_the_server_outlives_a_sigkilled_front_end(
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(SRC_DIR))
+    env = dict(os.environ, PYTHONPATH=SRC)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
     try:
         assert child.stdout is not None
@@ -233,8 +232,8 @@ def test_guest_args_say_how_to_attach_qemu_and_uml(sock_path: str) -> None:
 
 
 def test_server_process_stops_cleanly_on_sigterm(sock_path: str, tmp_path: Path) -> None:
-    server = ServerProcess(sock_path, "vhost_user_helpers:ConfigRngDevice",
-                           pythonpath=[str(TESTS_DIR)], log_path=tmp_path / "log")
+    server = ServerProcess(sock_path, "helpers.vhost_user:ConfigRngDevice",
+                           pythonpath=[TESTS], log_path=tmp_path / "log")
     assert len(read_entropy(sock_path, 64)) == 64
     assert server.stop() == 0
     assert not Path(sock_path).exists()

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guest_helpers import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_hwrng
 
+from helpers.guests import HWRNG_BYTES, HWRNG_SCRIPT, WAIT, RingFeatures, check_hwrng
+from helpers.paths import TESTS
+from helpers.vhost_user import RawFrontend, memfd, read_entropy
 from peers import require_guest
 from pyvirtio.guest import QemuGuest
 from pyvirtio.guest.qemu import qemu_args
@@ -35,7 +37,6 @@ from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import Request as R
 from pyvirtio.testing.server import ServerProcess
 from pyvirtio.transport.vhost_user import codec as C
-from vhost_user_helpers import TESTS_DIR, RawFrontend, memfd, read_entropy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,8 +47,8 @@ UOFF = 0x6000_0000_0000
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("vhost-user-hostile")
-    proc = ServerProcess(workdir / "vu.sock", "vhost_user_helpers:ConfigRngDevice",
-                         pythonpath=[str(TESTS_DIR)], log_path=workdir / "server.log",
+    proc = ServerProcess(workdir / "vu.sock", "helpers.vhost_user:ConfigRngDevice",
+                         pythonpath=[TESTS], log_path=workdir / "server.log",
                          server_options={"max_mem_slots": 4, "max_connections": 2})
     yield proc
     proc.stop()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vhost_user import RecordingRngDevice
 from peers import require_guest
 from pyvirtio.device.console import ConsoleDevice
 from pyvirtio.driver.base import probe
@@ -34,7 +35,6 @@ from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.testing.server import ServerThread
-from vhost_user_helpers import RecordingRngDevice
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

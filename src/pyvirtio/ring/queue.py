@@ -3,7 +3,7 @@
 A ring format (the split ring now, the packed ring next) implements :class:`DeviceRing`
 for the device side and :class:`DriverRing` for the driver side. Code outside
 :mod:`pyvirtio.ring` uses only these methods and attributes; it never reaches into a ring's
-private state (``tests/unit/test_ring_interface.py`` checks that over the sources).
+private state (``tests/unit/ring/test_interface.py`` checks that over the sources).
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers.net import arp_request, mac
 
 import pyvirtio.driver.all  # noqa: F401 - registers every built-in driver
+from helpers.net import arp_request, mac
 from pyvirtio.device.balloon import BalloonDevice
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.blk import BlkDevice

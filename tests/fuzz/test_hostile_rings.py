@@ -37,6 +37,7 @@ from pyvirtio.testing.hostile import (
     HostileCase,
     HostileRingGenerator,
     Reason,
+    _Rng,
 )
 from pyvirtio.testing.hostile_packed import (
     HostilePackedRingGenerator,
@@ -228,6 +229,24 @@ def test_hostile_generator_yields_every_defect_with_the_reason_it_promises(arena
             elif defect is Defect.NONE:
                 assert not case.verdict.broken
             run_case(arena, case, rnd)
+
+
+def test_the_generators_fast_rng_draws_exactly_what_random_random_draws() -> None:
+    """The generators' shortcut randrange/randint keep the stdlib stream: a seed names the
+    same rings as before the shortcut, and the ranges stay exact."""
+    fast, ref = _Rng(42), random.Random(42)
+    for _ in range(5000):
+        n = ref.choice([1, 2, 3, 64, 700, 1 << 16, 1 << 64])
+        assert fast.randrange(n) == ref.randrange(n)
+        assert fast.randint(-n, n) == ref.randint(-n, n)
+        assert fast.randrange(5, 5 + n) == ref.randrange(5, 5 + n)
+        assert fast.randrange(0, n, 3) == ref.randrange(0, n, 3)
+        assert fast.choice("abcdefg") == ref.choice("abcdefg")
+        fast.choice([1, 2, 3, 64, 700, 1 << 16, 1 << 64])
+    with pytest.raises(ValueError):
+        fast.randrange(0)
+    with pytest.raises(ValueError):
+        fast.randint(3, 2)
 
 
 @pytest.mark.timeout(300)

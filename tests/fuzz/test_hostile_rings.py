@@ -89,7 +89,9 @@ class Arena:
                         for o, n in self.offsets(a, ln))
 
     def guards_intact(self) -> bool:
-        return all(self.view[off : off + n] == GUARD_PATTERN[:n] for off, n in self.guards)
+        # (mmap slices are bytes: compared with memcmp, where a memoryview compares item
+        # by item, ~20 times slower)
+        return all(self.map[off : off + n] == GUARD_PATTERN[:n] for off, n in self.guards)
 
     def close(self) -> None:
         self.memory.close()
@@ -133,7 +135,7 @@ def _complete(arena: Arena, chain: DescriptorChain, want: ExpectedChain,
             expect[off : off + take] = pattern[pos : pos + take]
             pos += take
     assert chain.write(pattern) == written
-    assert arena.view == expect
+    assert arena.map[:] == expect
     return written
 
 

@@ -121,7 +121,7 @@ class RawFrontend:
         self.send(R.SET_PROTOCOL_FEATURES, C.u64(chosen))
         return chosen
 
-    def closed_by_peer(self, timeout: float = 5.0) -> bool:
+    def closed_by_peer(self, timeout: float = 30.0) -> bool:
         """Whether the server closes the connection within ``timeout`` (data sent before
         the close is discarded)."""
         deadline = time.monotonic() + timeout

@@ -7,7 +7,8 @@ socket files behind, and a restart on the same paths replaces them.
 The front-end is pyvirtio's own vhost-user client (a real peer over the real socket: the
 full handshake, shared memory, rings, eventfds); booting a UML guest per signal would cost
 seconds each, and the guest-connected shutdown is covered by test_serve_cli.py. The seed is
-printed and can be fixed with PYVIRTIO_SIGNAL_SEED.
+printed and can be fixed with PYVIRTIO_SIGNAL_SEED. A command's 20 signals are spread over
+a few lanes that run at the same time, each with its own servers and paths.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from pyvirtio.spec import ids
 SIGNALS_PER_COMMAND = 20
 SHUTDOWN_DEADLINE = 2.0  # the issue's bound on a clean shutdown, not a performance figure
 MOMENTS = ("socket-up", "idle", "handshake", "transfer")
+LANES = 4  # servers signalled at once (see the test)
 
 
 def _traffic(driver: Driver, rng: random.Random) -> bool:
@@ -141,20 +144,16 @@ def _end_within_deadline(server: ServeProcess, sig: int, what: str) -> None:
     assert status == 0, f"{what}: exit status {status}\n{server.tail()}"
 
 
-@pytest.mark.parametrize("kind", sorted(COMMANDS))
-def test_sigterm_and_sigint_at_random_moments_end_serve_cleanly_within_2s(
-        kind: str, tmp_path: Path, seed: int) -> None:
-    cmd = COMMANDS[kind]
-    rng = random.Random(seed)
-    sockets = cmd.sockets(tmp_path)
-    moments = [MOMENTS[i % len(MOMENTS)] for i in range(SIGNALS_PER_COMMAND)]
-    rng.shuffle(moments)
+def _signal_rounds(cmd: Command, tmp: Path, rounds: list[tuple[int, int, str]],
+                   rng: random.Random) -> int:
+    """Start the server once per round (index, signal, moment), signal it at that moment,
+    and check the shutdown; returns the data rounds the front-ends moved before."""
+    sockets = cmd.sockets(tmp)
     transferred = 0
-    for i, moment in enumerate(moments):
-        sig = (signal.SIGTERM, signal.SIGINT)[i % 2]
-        what = f"{kind} #{i} {signal.Signals(sig).name} at {moment}"
+    for i, sig, moment in rounds:
+        what = f"{cmd.kind} #{i} {signal.Signals(sig).name} at {moment}"
         front: FrontEnd | None = None
-        with serving(cmd, tmp_path) as server:
+        with serving(cmd, tmp) as server:
             server.wait_for_path(sockets[0])
             if moment == "socket-up":
                 time.sleep(rng.uniform(0, 0.005))
@@ -173,6 +172,28 @@ def test_sigterm_and_sigint_at_random_moments_end_serve_cleanly_within_2s(
                 transferred += front.rounds
             for path in sockets:
                 assert socket_gone(path), f"{what}: {path} left behind\n{server.tail()}"
+    return transferred
+
+
+@pytest.mark.parametrize("kind", sorted(COMMANDS))
+def test_sigterm_and_sigint_at_random_moments_end_serve_cleanly_within_2s(
+        kind: str, tmp_path: Path, seed: int) -> None:
+    """The rounds run in LANES independent lanes at once (each its own server, sockets and
+    front-end): a round is mostly waiting for a process to start, so lanes overlap it. Every
+    signal is still a fresh server's only signal, judged on its own."""
+    cmd = COMMANDS[kind]
+    rng = random.Random(seed)
+    moments = [MOMENTS[i % len(MOMENTS)] for i in range(SIGNALS_PER_COMMAND)]
+    rng.shuffle(moments)
+    rounds = [(i, (signal.SIGTERM, signal.SIGINT)[i % 2], m) for i, m in enumerate(moments)]
+    lanes = []
+    for lane in range(LANES):
+        folder = tmp_path / f"lane{lane}"
+        folder.mkdir()
+        lanes.append((folder, rounds[lane::LANES], random.Random(rng.random())))
+    with ThreadPoolExecutor(LANES, thread_name_prefix=f"signals-{kind}") as pool:
+        futures = [pool.submit(_signal_rounds, cmd, *lane) for lane in lanes]
+        transferred = sum(f.result() for f in futures)  # the first failing lane's error
     print(f"{kind}: {SIGNALS_PER_COMMAND} signals, {transferred} transfer rounds before them")
 
 

@@ -76,6 +76,25 @@ _NEXT, _WRITE, _INDIRECT = 1, 2, 4
 _U64 = 1 << 64
 
 
+class _Rng(random.Random):
+    """``random.Random`` with the very same stream, minus the argument checks of
+    ``randrange``/``randint`` (each a Python frame or two more): the generators draw a few
+    hundred numbers per ring, and the checks were a tenth of a ring's cost."""
+
+    def randrange(self, start: int, stop: int | None = None,
+                  step: int = 1) -> int:
+        if step == 1:
+            if stop is None:
+                if start > 0:
+                    return self._randbelow(start)  # type: ignore[attr-defined]
+            elif stop > start:
+                return start + self._randbelow(stop - start)  # type: ignore[attr-defined]
+        return super().randrange(start, stop, step)
+
+    def randint(self, a: int, b: int) -> int:
+        return self.randrange(a, b + 1)
+
+
 class Reason(enum.Enum):
     """Why a ring must break the queue. ``pattern`` matches pyvirtio's RingError wording."""
 
@@ -434,7 +453,7 @@ class HostileRingGenerator:
         if not regions or regions[0].size < 4096:
             raise LocalError("the hostile ring generator needs a first region of >= 4 KiB")
         self.memory = memory
-        self.rng = random.Random(seed)
+        self.rng: random.Random = _Rng(seed)
         self.sizes = tuple(sizes)
         if max(self.sizes) > 64:
             raise LocalError("hostile rings are generated for queue sizes up to 64")
@@ -463,6 +482,7 @@ class HostileRingGenerator:
         self._table_lo, self._table_hi = big[1] - table_bytes, big[1]
         big[1] -= table_bytes
         self._data = [(lo, hi) for lo, hi in extents if hi > lo]
+        self._fits: dict[int, list[tuple[int, int]]] = {}  # length -> extents it fits in
         self._boundaries = [gpa for gpa, _, _ in self._regions[1:]
                             if any(lo < gpa < hi for lo, hi in self._data)]
         lo_all = self._regions[0][0]
@@ -544,7 +564,9 @@ class HostileRingGenerator:
             addr = b - r.randint(1, length - 1)
             if any(lo <= addr and addr + length <= hi for lo, hi in self._data):
                 return addr
-        fits = [(lo, hi) for lo, hi in self._data if hi - lo >= length]
+        fits = self._fits.get(length)
+        if fits is None:
+            fits = self._fits[length] = [(lo, hi) for lo, hi in self._data if hi - lo >= length]
         lo, hi = r.choice(fits)
         return r.randint(lo, hi - length)
 

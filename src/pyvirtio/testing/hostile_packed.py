@@ -33,6 +33,7 @@ from pyvirtio.testing.hostile import (
     _DESC,
     _INDIRECT,
     _NEXT,
+    _U16,
     _U64,
     _WRITE,
     ExpectedChain,
@@ -368,12 +369,10 @@ class HostilePackedRingGenerator(HostileRingGenerator):
         for p in range(size):  # default: "used in the lap before" for the lap it is read in
             k = (p - pos0) % size
             _, w = _unlin(start_lin + k, size)
-            _DESC.pack_into(ring, 16 * p, *_DESC.unpack_from(ring, 16 * p)[:3],
-                            (_AVAIL | _USED) if not w else 0)
+            _U16.pack_into(ring, 16 * p + 14, (_AVAIL | _USED) if not w else 0)  # flags
         for k in range(behind):  # in flight from before: available in their lap
             p, w = _unlin(start_lin - behind + k, size)
-            flags = _AVAIL if w else _USED
-            _DESC.pack_into(ring, 16 * p, *_DESC.unpack_from(ring, 16 * p)[:3], flags)
+            _U16.pack_into(ring, 16 * p + 14, _AVAIL if w else _USED)
         for k, (addr, length, buf_id, flags) in enumerate(rows[:size]):
             p, w = _unlin(start_lin + k, size)
             good = _AVAIL if w else _USED

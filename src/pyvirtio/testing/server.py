@@ -147,7 +147,7 @@ class ServerProcess:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 5.0, start: int = 0) -> re.Match[str]:
+    def wait_for_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
         """Wait until the log (from character ``start``) matches ``pattern`` (a regex)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from blk_helpers import SECTOR, GuardedImage, blk_pair, features
 
-from pyvirtio.device import blk_fastpath
+from pyvirtio.device import engine as blk_fastpath  # batch mode lives in the engine
 from pyvirtio.device.blk import BlkDevice
 from pyvirtio.device.blk_fastpath import BlkFastLane
 from pyvirtio.driver.blk import BlkDriver

@@ -20,10 +20,9 @@ Three steps, kept apart so storage can be swapped and tested on its own:
 The common case skips the three steps' objects: Linux's reads and writes (a header, the
 data and a status byte, on a back-end with a plain fd) are served by
 :class:`~pyvirtio.device.blk_fastpath.BlkFastLane` straight from the ring memory, with the
-same checks and results; everything else takes the steps above. A vhost-user front-end
-that negotiated INFLIGHT_SHMFD gets every popped and completed head reported to a
-:class:`RequestTracker`, and a restarted back-end resubmits what its predecessor left in
-flight (:meth:`BlkDevice.track_requests`).
+same checks and results; everything else takes the steps above. Draining, batching,
+interrupts, request tracking for reconnection and batch mode are the serving engine's
+(:mod:`pyvirtio.device.engine`), as for every device.
 
 The used length is always the whole writable part of the chain: on success the data area is
 filled (IN, GET_ID); on failure, and for writable bytes the request type does not use, the
@@ -43,16 +42,15 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from pyvirtio.device.base import LIVE_MASK, ConfigAccessError, VirtioDevice
+from pyvirtio.device.base import ConfigAccessError, VirtioDevice
 from pyvirtio.device.blk_fastpath import BlkFastLane, LaneConfig
+from pyvirtio.device.engine import FastLane, RequestTracker
 from pyvirtio.errors import LocalError, PeerError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceQueue
 from pyvirtio.ring.chain import gather, scatter, split_segments
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
-from pyvirtio.spec import status as S
 
 log = logging.getLogger("pyvirtio.device.blk")
 
@@ -100,21 +98,6 @@ FEATURE_NAMES = {
 }
 
 _ZEROS = bytes(64 << 10)
-
-
-class RequestTracker(Protocol):
-    """Follows the heads of a queue from pop to completion, so that what was in flight can
-    be found again if this process dies (vhost-user INFLIGHT_SHMFD: the tracker writes a
-    shared region the front-end keeps; see :mod:`pyvirtio.transport.vhost_user.inflight`)."""
-
-    def popped(self, head: int) -> None:
-        """``head`` was taken from the avail ring."""
-
-    def completing(self, heads: Sequence[int]) -> None:
-        """``heads`` are about to be published in the used ring (one used->idx store)."""
-
-    def completed(self, heads: Sequence[int], used_idx: int) -> None:
-        """``heads`` were published; used->idx is now ``used_idx``."""
 
 
 class BlkFramingError(PeerError):
@@ -370,7 +353,6 @@ class BlkStats:
     bytes_written: int = 0
     ioerr: int = 0
     unsupp: int = 0
-    batch_ticks: int = 0  # looks at a ring in batch mode (see blk_fastpath)
 
 
 class BlkDevice(VirtioDevice):
@@ -443,9 +425,7 @@ class BlkDevice(VirtioDevice):
             raise LocalError(f"block size {lbs} must be a power of two >= 512 and a multiple "
                              f"of the back-end's {be.block_size}")
         self.block_size = lbs
-        #: seconds between looks at a ring in batch mode (see
-        #: :mod:`pyvirtio.device.blk_fastpath`); None or 0: always kick-driven
-        self.batch_interval = batch_interval
+        self.batch_interval = batch_interval  # batch mode: see pyvirtio.device.engine
         self._lbs_mask = lbs - 1
         self._sector_mask = lbs // SECTOR_SIZE - 1
         offer_discard = discard and not self.read_only
@@ -476,10 +456,6 @@ class BlkDevice(VirtioDevice):
         self._size = 0
         self._writethrough = True  # until features are known, the safe mode
         self.stats = BlkStats()
-        # Per queue: who records popped/completed heads (vhost-user inflight tracking), and
-        # heads to run again before anything new (a restarted back-end's resubmissions).
-        self._trackers: list[RequestTracker | None] = [None] * num_queues
-        self._resubmit: dict[int, list[int]] = {}
         self._lanes: list[BlkFastLane | None] = [None] * num_queues
         # What the fast lanes read at every kick, rebuilt after anything in it changed.
         self._lane_config: LaneConfig | None = None
@@ -571,8 +547,6 @@ class BlkDevice(VirtioDevice):
     def on_reset(self) -> None:
         self._lane_config = None
         self._lanes = [None] * len(self.queues)
-        self._trackers = [None] * len(self.queues)
-        self._resubmit.clear()
         self.backend.drain()
         self.config[B.CFG_WRITEBACK] = 1 if self.default_writeback else 0
         self._writethrough = True
@@ -585,74 +559,17 @@ class BlkDevice(VirtioDevice):
 
     # ---- the request loop ---------------------------------------------------------------
 
-    def kick(self, index: int) -> None:
-        # The data path's entry: straight to the queue's fast lane when it has one.
-        lanes = self._lanes
-        if (0 <= index < len(lanes) and not self._resubmit
-                and self.status & LIVE_MASK == S.DRIVER_OK):
-            lane = lanes[index]
-            if lane is not None and lane.ring is self.queues[index].ring:
-                lane.run()
-                return
-        super().kick(index)
-
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
-        """Drain ``ring`` (replaces the framework's loop; same contract and results).
-
-        Requests a restarted back-end must resubmit (:meth:`track_requests`) go first.
-        Then, on a synchronous back-end, :class:`~pyvirtio.device.blk_fastpath.BlkFastLane`
-        serves the common reads and writes straight from the ring memory and hands
+    def fast_lane(self, index: int, ring: DeviceQueue) -> FastLane | None:
+        """On a synchronous back-end, :class:`~pyvirtio.device.blk_fastpath.BlkFastLane`
+        serves the common reads and writes straight from the ring memory and leaves
         everything else to :meth:`handle`; with :attr:`fast_path` off or an asynchronous
-        back-end, every chain is popped and handled one by one (the framework's loop).
-        Either way the driver is interrupted at most once per kick, if it asked to be.
-        """
-        if index in self._resubmit and not self._process_resubmitted(index, ring):
-            return
-        if self.fast_path and not self.backend.asynchronous:
-            lane = self._lanes[index]
-            if lane is None or lane.ring is not ring:
-                lane = self._lanes[index] = BlkFastLane(self, index, ring)
-            lane.run()
-        else:
-            super().process_queue(index, ring)
-
-    def _process_resubmitted(self, index: int, ring: DeviceQueue) -> bool:
-        """Run the chains of the heads to resubmit; False if the queue is unusable now."""
-        heads = self._resubmit.pop(index)
-        queue = self.queues[index]
-        pushed = False
-        try:
-            for head in heads:
-                chain = ring.resume(head)
-                written = self.handle(index, chain)
-                if queue.ring is not ring:
-                    return False
-                if written is not None:
-                    self.complete_chain(index, ring, chain, written)
-                    pushed = True
-        except (RingError, PeerError) as exc:
-            self.queue_failed(index, ring, exc)
-            return False
-        finally:
-            if pushed and queue.ring is ring and ring.needs_notification():
-                self.notify_queue(index)
-        return True
-
-    def chain_popped(self, index: int, chain: DescriptorChain) -> None:
-        tracker = self._trackers[index]
-        if tracker is not None:
-            tracker.popped(chain.head)
-
-    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
-                       written: int) -> None:
-        tracker = self._trackers[index]
-        if tracker is None:
-            ring.push(chain, written)
-            return
-        heads = (chain.head,)
-        tracker.completing(heads)
-        ring.push(chain, written)
-        tracker.completed(heads, ring.used_idx)
+        back-end, every chain goes through :meth:`handle`."""
+        if not self.fast_path or self.backend.asynchronous:
+            return None
+        lane = self._lanes[index]
+        if lane is None or lane.ring is not ring:
+            lane = self._lanes[index] = BlkFastLane(self, index, ring)
+        return lane.serve
 
     def lane_config(self) -> LaneConfig:
         """The settings the fast lanes need, as one tuple (cached until one changes)."""
@@ -660,28 +577,11 @@ class BlkDevice(VirtioDevice):
         if config is None:
             be = self.backend
             config = self._lane_config = (
-                self._trackers, be.fast_fd, be.read_map, self._size, self._lbs_mask,
+                be.fast_fd, be.read_map, self._size, self._lbs_mask,
                 self._sector_mask, not self.read_only and not self._writethrough, be)
         return config
 
-    def track_requests(self, index: int, tracker: RequestTracker | None,
-                       resubmit: Sequence[int] = ()) -> None:
-        """Report every head popped from / returned to queue ``index`` to ``tracker``
-        (None: stop), and run the chains ``resubmit`` (heads popped by a previous back-end
-        that never completed them) again before anything new, at the next kick."""
-        if not 0 <= index < len(self._trackers):
-            raise LocalError(f"{self.name}: queue {index} does not exist")
-        self._trackers[index] = tracker
-        self._lane_config = None
-        if resubmit:
-            self._resubmit[index] = list(resubmit)
-        else:
-            self._resubmit.pop(index, None)
-
     def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
-        self._trackers[index] = None
-        self._lane_config = None
-        self._resubmit.pop(index, None)
         self._lanes[index] = None
 
     # ---- requests -----------------------------------------------------------------------
@@ -811,14 +711,7 @@ class BlkDevice(VirtioDevice):
             self.log.info("%s: dropping completion of %r for a queue that was reset",
                           self.name, req)
             return
-        tracker = self._trackers[req.queue]
-        if tracker is None:
-            self.complete(req.queue, req.chain, self.finish(req, status))
-            return
-        heads = (req.chain.head,)
-        tracker.completing(heads)
         self.complete(req.queue, req.chain, self.finish(req, status))
-        tracker.completed(heads, ring.used_idx)
 
 
 def _bit(n: int) -> int:

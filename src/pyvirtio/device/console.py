@@ -332,19 +332,6 @@ class ConsoleDevice(VirtioDevice):
         if port is not None and receive:
             self._deliver(port)
 
-    def _push(self, queue: int, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
-        """Return buffers to the driver and interrupt it if it wants that."""
-        ring = self.ring(queue)
-        if ring is None or not completions:
-            return
-        try:
-            ring.push_many(completions)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return
-        if ring.needs_notification():
-            self.notify_queue(queue)
-
     def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
         # Give back what we popped but did not use, so last_avail_idx (vhost-user
         # GET_VRING_BASE) covers only buffers really consumed.
@@ -416,7 +403,7 @@ class ConsoleDevice(VirtioDevice):
 
     def _release_held(self, port: Port) -> None:
         held, port.held = port.held, deque()
-        self._push(C.port_transmitq(port.id), [(chain, 0) for chain in held])
+        self.complete_many(C.port_transmitq(port.id), [(chain, 0) for chain in held])
 
     # ---- host -> guest ------------------------------------------------------------------
 
@@ -444,7 +431,7 @@ class ConsoleDevice(VirtioDevice):
                 del backlog[:n]
                 port.to_guest += n
                 done.append((chain, n))
-        self._push(C.port_receiveq(port.id), done)
+        self.complete_many(C.port_receiveq(port.id), done)
         if port.backend.paused and len(port.backlog) <= self.backlog_limit // 2:
             port.backend.resume_reading()
 
@@ -522,4 +509,4 @@ class ConsoleDevice(VirtioDevice):
                 done.append((chain, 0))
                 continue
             done.append((chain, chain.write(msg)))
-        self._push(C.CONTROL_RECEIVEQ, done)
+        self.complete_many(C.CONTROL_RECEIVEQ, done)

@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 
 from pyvirtio.device.base import VirtioDevice
+from pyvirtio.device.engine import RETRY
 from pyvirtio.device.net_endpoint import (
     BROADCAST,
     ETH_ALEN,
@@ -194,6 +195,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     """
 
     device_id = ids.NET
+    push_batch = TX_PUSH_BATCH
     feature_names = {
         N.VIRTIO_NET_F_CSUM: "CSUM", N.VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
         N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS", N.VIRTIO_NET_F_MTU: "MTU",
@@ -250,7 +252,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self.initial_mac = parse_mac(mac) if mac is not None else random_mac()
         self.max_queue_pairs = queue_pairs
         self.mtu = mtu
-        self.tx_budget = tx_budget
+        self.drain_budget = self.tx_budget = tx_budget
         self.capture = capture
         self.stats = NetStats()
         self.last_error: str | None = None  # the newest dropped-frame reason, for humans
@@ -267,10 +269,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._rx_spare: list[deque[DescriptorChain]] = [deque() for _ in range(nq)]
         self._rx_pending: list[list[tuple[DescriptorChain, int]]] = [[] for _ in range(nq)]
         self._rx_waiting = [False] * nq
-        self._tx_active = [False] * nq
-        self._tx_again = [False] * nq
-        self._tx_blocked = [False] * nq
-        self._tx_resume_scheduled = [False] * nq
         self._fill_config()
 
     # ---- config space -------------------------------------------------------------------
@@ -382,8 +380,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self._rx_spare[i].clear()
             self._rx_pending[i].clear()
         self._rx_waiting = [False] * nq
-        self._tx_blocked = [False] * nq
-        self._tx_again = [False] * nq
         self._announce = False
         self._mrg = False
         self._hdr_len = N.NET_HDR_SIZE
@@ -414,7 +410,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._rx_spare[index].clear()
         self._rx_pending[index].clear()
         self._rx_waiting[index] = False
-        self._tx_blocked[index] = False
         if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
             self.peer.peer_ready()
 
@@ -434,17 +429,20 @@ class NetDevice(VirtioDevice, NetEndpoint):
         spare.clear()
 
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
-        if index == self._ctrl_index:
-            super().process_queue(index, ring)
-        elif index % 2 == 1:
-            self._process_tx(index, ring)
-        else:
+        if self._is_rx(index):
             self._rx_kick(index, ring)
+            return
+        super().process_queue(index, ring)  # transmit and control: the engine's drain
+        if self.peer is not None:
+            self.peer.flush_rx()
 
     # ---- control queue ------------------------------------------------------------------
 
     def handle(self, queue: int, chain: DescriptorChain) -> int | None:
-        """A control command: {class, command} + data readable, one ack byte writable."""
+        """A transmitted frame (see :meth:`_transmit`), or a control command: {class,
+        command} + data readable, one ack byte writable."""
+        if queue != self._ctrl_index:
+            return RETRY if self._transmit(chain) == Delivery.BUSY else 0
         if chain.writable_len < 1:
             self._peer_problem(f"{self.name}: control command (chain {chain.head}) has no "
                                "writable ack byte")
@@ -620,91 +618,15 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.stats.tx_dropped += 1
         return result
 
-    def _process_tx(self, index: int, ring: DeviceQueue) -> None:
-        if self._tx_active[index]:
-            # Re-entered (the peer's peer_ready or a nested kick): the running loop repeats.
-            self._tx_again[index] = True
-            return
-        if not self.status & S.DRIVER_OK:
-            return
-        self._tx_active[index] = True
-        self._tx_blocked[index] = False
-        done: list[tuple[DescriptorChain, int]] = []
-        budget = self.tx_budget if self.reactor is not None else -1
-        yielded = False
-        try:
-            while True:
-                self._tx_again[index] = False
-                ring.disable_notifications()
-                while True:
-                    if budget == 0:
-                        yielded = True
-                        break
-                    chain = ring.pop()
-                    if chain is None:
-                        break
-                    if self._transmit(chain) == Delivery.BUSY:
-                        ring.rewind(1)
-                        self._tx_blocked[index] = True
-                        break
-                    done.append((chain, 0))
-                    budget -= 1
-                    if len(done) >= TX_PUSH_BATCH:
-                        self._publish_tx(index, ring, done)
-                    if self.queues[index].ring is not ring:
-                        return  # the peer reset us meanwhile
-                if self._tx_blocked[index]:
-                    if self._tx_again[index]:
-                        self._tx_blocked[index] = False
-                        continue  # the peer became ready while we were busy
-                    break  # wait for peer_ready; kicks stay off, we know there is work
-                if yielded:
-                    self._schedule_tx(index, ring)
-                    break
-                if not ring.enable_notifications() and not self._tx_again[index]:
-                    break
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        finally:
-            self._tx_active[index] = False
-            if done and self.queues[index].ring is ring:
-                self._publish_tx(index, ring, done)
-            if self.peer is not None:
-                self.peer.flush_rx()
-
-    def _publish_tx(self, index: int, ring: DeviceQueue,
-                    done: list[tuple[DescriptorChain, int]]) -> None:
-        try:
-            ring.push_many(done)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        done.clear()
-        if not ring.broken and ring.needs_notification():
-            self.notify_queue(index)
-
-    def _schedule_tx(self, index: int, ring: DeviceQueue) -> None:
-        """Out of budget: continue on the next loop iteration so other guests get a turn."""
-        if self._tx_resume_scheduled[index] or self.reactor is None:
-            return
-        self._tx_resume_scheduled[index] = True
-
-        def resume() -> None:
-            self._tx_resume_scheduled[index] = False
-            current = self.queues[index].ring
-            if current is ring and not ring.broken:
-                self._process_tx(index, ring)
-
-        self.reactor.call_later(0.0, resume)
-
     def peer_ready(self) -> None:
         """The peer can take frames again: resume transmit queues that it blocked."""
-        for index, blocked in enumerate(self._tx_blocked):
-            if blocked:
-                ring = self.queues[index].ring
-                if ring is None or ring.broken:
-                    self._tx_blocked[index] = False
-                    continue
-                self._process_tx(index, ring)
+        if not self.live:
+            return
+        for q in self.queues:
+            if q.engine is not None and q.engine.blocked:
+                q.engine.run()
+        if self.peer is not None:
+            self.peer.flush_rx()
 
     # ---- receive ------------------------------------------------------------------------
 
@@ -962,20 +884,10 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     def _flush_queue(self, index: int) -> None:
         pending = self._rx_pending[index]
-        if not pending:
-            return
-        ring = self.queues[index].ring
-        batch = pending[:]
-        pending.clear()
-        if ring is None:
-            return
-        try:
-            ring.push_many(batch)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return
-        if ring.needs_notification():
-            self.notify_queue(index)
+        if pending:
+            batch = pending[:]
+            pending.clear()
+            self.complete_many(index, batch)
 
     def flush_rx(self) -> None:
         """Publish every received frame still batched: one used-index update and at most

@@ -24,8 +24,8 @@ from typing import Any
 
 from serve_process import ServeProcess
 
-from pyvirtio.device.backends.blk_file import FileBackend
 from pyvirtio.device.blk import BlkDevice
+from pyvirtio.device.blk.file import FileBackend
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"

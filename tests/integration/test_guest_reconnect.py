@@ -25,8 +25,8 @@ from guest_helpers import (
 )
 
 from peers import require_guest
-from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
+from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice
 from pyvirtio.guest.qemu import qemu_args as guest_qemu_args
 from pyvirtio.io import unixsock

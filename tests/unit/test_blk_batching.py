@@ -15,7 +15,7 @@ from blk_helpers import SECTOR, GuardedImage, blk_pair, features
 
 from pyvirtio.device import engine as blk_fastpath  # batch mode lives in the engine
 from pyvirtio.device.blk import BlkDevice
-from pyvirtio.device.blk_fastpath import BlkFastLane
+from pyvirtio.device.blk.fastpath import BlkFastLane
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.testing.pair import DevicePair
 

@@ -35,7 +35,7 @@ from pyvirtio.device.net import (
     frame_bytes,
     link,
 )
-from pyvirtio.device.net_offload import complete_checksum
+from pyvirtio.device.net.offload import complete_checksum
 from pyvirtio.driver.base import DeviceRefusedFeatures
 from pyvirtio.driver.net import NetDriver, RxBuffer
 from pyvirtio.spec import features as F

@@ -49,21 +49,19 @@ from collections import deque
 from collections.abc import Sequence
 
 from pyvirtio.core.reactor import Reactor
-from pyvirtio.device.backends.console_ports import (
+from pyvirtio.device.base import VirtioDevice
+from pyvirtio.device.console.ports import (
     MemoryPort,
     PortBackend,
     PtyPort,
     StdioPort,
     UnixSocketPort,
 )
-from pyvirtio.device.base import VirtioDevice
 from pyvirtio.errors import LocalError
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 from pyvirtio.spec.features import bit
-
-__all__ = ["ConsoleDevice", "MemoryPort", "Port", "PortBackend"]
 
 EVENT_NAMES = {
     C.VIRTIO_CONSOLE_DEVICE_READY: "DEVICE_READY",
@@ -102,28 +100,30 @@ class Port:
         self.held: deque[DescriptorChain] = deque()  # transmit buffers kept for backpressure
 
     @classmethod
-    def parse(cls, spec: str) -> Port:
+    def parse(cls, spec: str, *, what: str | None = None, announce: bool = True) -> Port:
         """A port from text (command lines, JSON kwargs): ``KIND[:ARG][,name=NAME]`` with
         KIND ``stdio``, ``pty``, ``unix:PATH`` (listening socket) or ``memory``; e.g.
-        ``unix:/run/agent.sock,name=org.qemu.guest_agent.0``."""
+        ``unix:/run/agent.sock,name=org.qemu.guest_agent.0``. ``what`` names the spec's
+        origin in errors; ``announce``: a pty prints its path on start."""
+        what = what or f"console port {spec!r}"
         where, _, option = spec.partition(",")
         name = None
         if option:
             key, _, name = option.partition("=")
             if key != "name" or not name:
-                raise LocalError(f"console port {spec!r}: expected ',name=NAME' after the kind")
+                raise LocalError(f"{what}: expected ',name=NAME' after the kind")
         kind, _, arg = where.partition(":")
         backend: PortBackend
         if kind == "unix" and arg:
             backend = UnixSocketPort(arg)
         elif kind == "pty" and not arg:
-            backend = PtyPort()
+            backend = PtyPort(announce=announce)
         elif kind == "stdio" and not arg:
             backend = StdioPort()
         elif kind == "memory" and not arg:
             backend = MemoryPort()
         else:
-            raise LocalError(f"console port {spec!r}: expected stdio, pty, unix:PATH or memory")
+            raise LocalError(f"{what}: {where!r} is not stdio, pty or unix:PATH (nor memory)")
         return cls(backend, name)
 
     def __repr__(self) -> str:
@@ -132,7 +132,7 @@ class Port:
 
 
 class _PortLink:
-    """The :class:`~pyvirtio.device.backends.console_ports.PortEvents` of one port."""
+    """The :class:`~pyvirtio.device.console.ports.PortEvents` of one port."""
 
     __slots__ = ("device", "port")
 

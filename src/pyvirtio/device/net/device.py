@@ -4,7 +4,7 @@ Queues: receiveq/transmitq pairs (``2*i`` receives, ``2*i + 1`` transmits), then
 queue (index 2 without MQ, ``2 * max_queue_pairs`` with it), as Linux ``virtio_net.c`` lays
 them out.
 
-The device is a :class:`~pyvirtio.device.net_endpoint.NetEndpoint`: it is linked to a peer
+The device is a :class:`~pyvirtio.device.net.endpoint.NetEndpoint`: it is linked to a peer
 (a tap, a switch port, another device) and exchanges frames with it through ``receive``
 (answering DELIVERED, BUSY or DROPPED) and ``peer_ready``.
 
@@ -21,7 +21,7 @@ first header. Used entries are batched: :meth:`NetDevice.receive` with ``flush=F
 queues them, :meth:`NetDevice.flush_rx` publishes the batch with one index update and one
 interrupt. The used length of each buffer is exactly the bytes we wrote into it. Frames
 carrying offloads this guest did not negotiate (partial checksum, TSO) are completed or
-segmented in software (:mod:`pyvirtio.device.net_offload`), so any endpoint may send any
+segmented in software (:mod:`pyvirtio.device.net.offload`), so any endpoint may send any
 valid frame to any device: this is why CSUM/HOST_TSO4/HOST_TSO6 can be offered whatever the
 peer is (the tap's kernel and the switch both accept them; the final receiver converts).
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.engine import RETRY
-from pyvirtio.device.net_endpoint import (
+from pyvirtio.device.net.endpoint import (
     BROADCAST,
     ETH_ALEN,
     ETH_HLEN,
@@ -51,11 +51,10 @@ from pyvirtio.device.net_endpoint import (
     Offload,
     format_mac,
     frame_bytes,
-    link,
     parse_mac,
     random_mac,
 )
-from pyvirtio.device.net_offload import OffloadError, complete_checksum, segment_tcp
+from pyvirtio.device.net.offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError, gather, scatter
 from pyvirtio.ring.chain import split_segments
@@ -64,22 +63,6 @@ from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 from pyvirtio.spec import status as S
 from pyvirtio.spec.net import NetHdr
-
-__all__ = [
-    "Delivery",
-    "Frame",
-    "FrameSink",
-    "NetDevice",
-    "NetEndpoint",
-    "NetHdr",
-    "NetStats",
-    "Offload",
-    "RxFilter",
-    "format_mac",
-    "frame_bytes",
-    "link",
-    "parse_mac",
-]
 
 log = logging.getLogger("pyvirtio.device.net")
 

@@ -38,7 +38,7 @@ from pyvirtio.ring import DeviceQueue
 from pyvirtio.spec import blk as B
 
 if TYPE_CHECKING:
-    from pyvirtio.device.blk import BlkDevice
+    from pyvirtio.device.blk.device import BlkDevice
 
 _T_IN = B.VIRTIO_BLK_T_IN
 _T_OUT = B.VIRTIO_BLK_T_OUT

@@ -195,6 +195,10 @@ class VirtioDevice:
         if notify and self.status & S.DRIVER_OK:
             self.notify_config()
 
+    def problem(self, message: str) -> None:
+        """Record a peer misbehaviour that does not need a reset."""
+        self._peer_problem(message)
+
     def _peer_problem(self, message: str, *, needs_reset: bool = False) -> None:
         self.problems.append(message)
         self.log.warning("%s", message)
@@ -379,10 +383,12 @@ class VirtioDevice:
     def stop_queue(self, index: int) -> int:
         """Stop queue ``index``; returns its last_avail_idx (vhost-user GET_VRING_BASE)."""
         q = self._queue(index)
-        ring = q.ring
+        ring, engine = q.ring, q.engine
         q.stopped()
         if ring is None:
             return 0
+        if engine is not None:
+            engine.give_back()
         self.on_queue_stopped(index, ring)
         return ring.last_avail_idx
 

@@ -33,6 +33,7 @@ is the same:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -89,8 +90,8 @@ class QueueEngine:
 
     __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_kick_rate",
                  "_tick", "_trial_after", "_w_count", "_w_start", "again", "blocked",
-                 "device", "done", "fast", "fast_known", "index", "queue", "ring", "running",
-                 "yielded")
+                 "device", "done", "fast", "fast_known", "held", "index", "queue", "ring",
+                 "running", "waiting", "yielded")
 
     def __init__(self, device: VirtioDevice, index: int, ring: DeviceQueue) -> None:
         self.device = device
@@ -98,6 +99,8 @@ class QueueEngine:
         self.ring = ring
         self.queue = device.queues[index]
         self.done: list[Completion] = []  # completions not yet published
+        self.held: deque[DescriptorChain] = deque()  # popped buffers the device will fill
+        self.waiting = False  # out of buffers: the device asked for a kick
         self.fast: FastLane | None = None  # the device's fast lane, asked at the first drain
         self.fast_known = False
         self.running = False  # a drain is on the stack
@@ -160,6 +163,53 @@ class QueueEngine:
             return
         if notify and self.ring.needs_notification():
             self.device.notify_queue(self.index)
+
+    # ---- buffers the device fills when the host has data (net and console receive) -------
+
+    def buffer(self, pos: int) -> DescriptorChain | None:
+        """The ``pos``-th buffer held for filling, popping more from the ring as needed; None
+        if the driver has not posted that many. Raises RingError for a malformed chain."""
+        held = self.held
+        while len(held) <= pos:
+            chain = self.ring.pop()
+            if chain is None:
+                return None
+            held.append(chain)
+        return held[pos]
+
+    def out_of_buffers(self) -> bool:
+        """No buffer for what the host has: publish what was filled (the driver refills on
+        that interrupt) and ask for a kick. True if buffers arrived meanwhile (try again
+        now); False: wait, :meth:`buffers_posted` tells at the kick."""
+        self.complete(())
+        ring = self.ring
+        if not self.current():
+            return False
+        if ring.enable_notifications():
+            ring.disable_notifications()
+            return True
+        self.waiting = True
+        return False
+
+    def buffers_posted(self) -> bool:
+        """The driver kicked a queue the device fills (we asked only when we ran out):
+        True if the device was waiting for buffers."""
+        self.ring.disable_notifications()
+        waiting, self.waiting = self.waiting, False
+        return waiting
+
+    def give_back(self) -> None:
+        """The queue stops: publish what was filled and un-pop the buffers held unused, so
+        last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed."""
+        try:
+            if self.done:
+                self.ring.push_many(self.done)
+            if self.held:
+                self.ring.rewind(len(self.held))
+        except RingError as exc:
+            self.device.problem(str(exc))
+        self.done.clear()
+        self.held.clear()
 
     # ---- draining -----------------------------------------------------------------------
 

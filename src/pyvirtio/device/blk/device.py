@@ -80,8 +80,9 @@ class BlkStats:
 class BlkDevice(VirtioDevice):
     """virtio-blk over a :class:`BlkBackend` (or the path of a raw image file).
 
-    Given a path, the device opens it as a raw image (:class:`~pyvirtio.device.blk.file.FileBackend`, with
-    ``read_only`` and ``direct`` for O_DIRECT) and closes it in :meth:`close`.
+    Given a path, the device opens it as a raw image
+    (:class:`~pyvirtio.device.blk.file.FileBackend`, with ``read_only`` and ``direct`` for
+    O_DIRECT) and closes it in :meth:`close`.
     ``num_queues`` > 1 offers MQ; every queue is served independently by the same back-end.
     ``writeback`` is the cache mode after reset when the driver negotiates CONFIG_WCE (it
     may change it through the config byte). ``read_only`` forces RO even on a writable

@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 
 from pyvirtio.device.base import VirtioDevice
-from pyvirtio.device.engine import RETRY
+from pyvirtio.device.engine import RETRY, Completion, QueueEngine
 from pyvirtio.device.net.endpoint import (
     BROADCAST,
     ETH_ALEN,
@@ -248,10 +248,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._guest_offloads = Offload.NONE
         self._host_csum = self._host_tso4 = self._host_tso6 = False
         self.rx_filter = RxFilter()
-        nq = num_queues
-        self._rx_spare: list[deque[DescriptorChain]] = [deque() for _ in range(nq)]
-        self._rx_pending: list[list[tuple[DescriptorChain, int]]] = [[] for _ in range(nq)]
-        self._rx_waiting = [False] * nq
         self._fill_config()
 
     # ---- config space -------------------------------------------------------------------
@@ -358,11 +354,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         # (Kicks before DRIVER_OK were not served: the framework looks at every ring now.)
 
     def on_reset(self) -> None:
-        nq = self.num_queues
-        for i in range(nq):
-            self._rx_spare[i].clear()
-            self._rx_pending[i].clear()
-        self._rx_waiting = [False] * nq
         self._announce = False
         self._mrg = False
         self._hdr_len = N.NET_HDR_SIZE
@@ -390,26 +381,8 @@ class NetDevice(VirtioDevice, NetEndpoint):
         return index != self._ctrl_index and index % 2 == 0
 
     def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
-        self._rx_spare[index].clear()
-        self._rx_pending[index].clear()
-        self._rx_waiting[index] = False
         if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
             self.peer.peer_ready()
-
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
-        # Publish what was written, then give back the receive buffers popped but unused so
-        # last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed.
-        pending = self._rx_pending[index]
-        spare = self._rx_spare[index]
-        try:
-            if pending:
-                ring.push_many(pending)
-            if spare:
-                ring.rewind(len(spare))
-        except RingError as exc:
-            self._peer_problem(str(exc))
-        pending.clear()
-        spare.clear()
 
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
         if self._is_rx(index):
@@ -618,11 +591,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     def _rx_kick(self, index: int, ring: DeviceQueue) -> None:
         """The driver posted receive buffers. We only asked for this kick when we ran out."""
-        ring.disable_notifications()
-        if self._rx_waiting[index]:
-            self._rx_waiting[index] = False
-            if self.peer is not None:
-                self.peer.peer_ready()
+        engine = self.queues[index].engine
+        if engine is not None and engine.buffers_posted() and self.peer is not None:
+            self.peer.peer_ready()
 
     def _rx_drop(self, reason: str) -> Delivery:
         self.stats.rx_dropped += 1
@@ -677,19 +648,18 @@ class NetDevice(VirtioDevice, NetEndpoint):
         except OffloadError as exc:
             return self._rx_drop(f"cannot complete offload: {exc}")
         index = self._select_rx((pieces[0],))  # segments of one flow share a queue
-        ring = self.queues[index].ring
-        if ring is None:
+        engine = self.queues[index].engine
+        if engine is None:
             self.stats.rx_busy += 1
             return Delivery.BUSY
-        if ring.broken:
+        if engine.ring.broken:
             return self._rx_drop(f"receive queue {index} is broken")
         needs = [self._hdr_len + len(p) for p in pieces]
-        spare = self._rx_spare[index]
         try:
-            while not self._fits(index, ring, needs):
-                if len(spare) >= min(ring.size, 0xFFFF):
+            while not self._fits(engine, needs):
+                if len(engine.held) >= min(engine.ring.size, 0xFFFF):
                     break  # the ring can never hold them all at once: place what fits
-                if not self._out_of_buffers(index, ring):
+                if not self._out_of_buffers(engine):
                     return Delivery.BUSY
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
@@ -710,14 +680,14 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.flush_rx()
         return Delivery.DELIVERED if delivered else Delivery.DROPPED
 
-    def _fits(self, index: int, ring: DeviceQueue, needs: list[int]) -> bool:
+    def _fits(self, engine: QueueEngine, needs: list[int]) -> bool:
         """Whether the receive buffers available now hold frames of ``needs`` bytes (header
         included), each starting in a fresh buffer as :meth:`_place` will put them."""
         pos = 0
         for need in needs:
             capacity = 0
             while capacity < need:
-                chain = self._take_chain(index, ring, pos)
+                chain = engine.buffer(pos)
                 if chain is None:
                     return False
                 pos += 1
@@ -726,19 +696,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity += chain.writable_len
         return True
 
-    def _out_of_buffers(self, index: int, ring: DeviceQueue) -> bool:
-        """No room for a frame: publish what was placed (the driver refills on that
-        interrupt) and ask for a kick. True if buffers arrived meanwhile (try again now);
-        False: answer BUSY, and the kick will call the peer's ``peer_ready``."""
+    def _out_of_buffers(self, engine: QueueEngine) -> bool:
+        """No room for a frame (see :meth:`QueueEngine.out_of_buffers`). False: answer BUSY,
+        and the kick will call the peer's ``peer_ready``."""
         self.stats.rx_busy += 1
-        self._flush_queue(index)
-        if self.queues[index].ring is not ring or ring.broken:
-            return False
-        if ring.enable_notifications():
-            ring.disable_notifications()
-            return True
-        self._rx_waiting[index] = True
-        return False
+        return engine.out_of_buffers()
 
     def _select_rx(self, frame: Frame) -> int:
         """The receive queue for a frame: by flow (addresses and ports) so one flow is
@@ -758,28 +720,19 @@ class NetDevice(VirtioDevice, NetEndpoint):
             key = bytes(head[:12])
         return 2 * (zlib.crc32(key) % pairs)
 
-    def _take_chain(self, index: int, ring: DeviceQueue, pos: int) -> DescriptorChain | None:
-        """The ``pos``-th receive buffer we hold, popping more from the ring as needed."""
-        spare = self._rx_spare[index]
-        while len(spare) <= pos:
-            chain = ring.pop()
-            if chain is None:
-                return None
-            spare.append(chain)
-        return spare[pos]
-
     def _place(self, index: int, hdr: NetHdr, frame: Frame, length: int,
                flush: bool) -> Delivery:
-        ring = self.queues[index].ring
-        if ring is None:
+        engine = self.queues[index].engine
+        if engine is None:
             self.stats.rx_busy += 1
             return Delivery.BUSY  # on_queue_started calls peer_ready
+        ring = engine.ring
         if ring.broken:
             return self._rx_drop(f"receive queue {index} is broken")
         hlen = self._hdr_len
         need = hlen + length
-        spare = self._rx_spare[index]
-        pending = self._rx_pending[index]
+        spare = engine.held
+        pending = engine.done
         try:
             while True:
                 # Pick the chains this frame will fill (nothing is written yet).
@@ -787,7 +740,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity = 0
                 short = False
                 while capacity < need:
-                    chain = self._take_chain(index, ring, count)
+                    chain = engine.buffer(count)
                     if chain is None:
                         short = True
                         break
@@ -815,7 +768,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                     return self._rx_drop(
                         f"frame of {length} bytes does not fit all {len(spare)} receive "
                         "buffers posted")
-                if not self._out_of_buffers(index, ring):
+                if not self._out_of_buffers(engine):
                     return Delivery.BUSY
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
@@ -826,11 +779,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if self.capture is not None:
             self.capture.write_frame(frame, length)
         if flush:
-            self._flush_queue(index)
+            engine.complete(())
         return Delivery.DELIVERED
 
     def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
-              spare: deque[DescriptorChain], pending: list[tuple[DescriptorChain, int]]
+              spare: deque[DescriptorChain], pending: list[Completion]
               ) -> None:
         """Write header and frame into the first ``count`` spare chains; queue their used
         entries with exactly the bytes written into each."""
@@ -865,19 +818,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 skip = 0
             pending.append((chain, written))
 
-    def _flush_queue(self, index: int) -> None:
-        pending = self._rx_pending[index]
-        if pending:
-            batch = pending[:]
-            pending.clear()
-            self.complete_many(index, batch)
-
     def flush_rx(self) -> None:
         """Publish every received frame still batched: one used-index update and at most
         one interrupt per receive queue."""
-        for index, pending in enumerate(self._rx_pending):
-            if pending:
-                self._flush_queue(index)
+        for q in self.queues:
+            if q.engine is not None and q.engine.done:
+                q.engine.complete(())
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, mac={format_mac(self.mac)}, {super().__repr__()})"

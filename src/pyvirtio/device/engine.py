@@ -90,7 +90,7 @@ class QueueEngine:
 
     __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_kick_rate",
                  "_tick", "_trial_after", "_w_count", "_w_start", "again", "blocked",
-                 "device", "done", "fast", "fast_known", "held", "index", "queue", "ring",
+                 "device", "done", "fast", "held", "index", "queue", "ring",
                  "running", "waiting", "yielded")
 
     def __init__(self, device: VirtioDevice, index: int, ring: DeviceQueue) -> None:
@@ -101,8 +101,7 @@ class QueueEngine:
         self.done: list[Completion] = []  # completions not yet published
         self.held: deque[DescriptorChain] = deque()  # popped buffers the device will fill
         self.waiting = False  # out of buffers: the device asked for a kick
-        self.fast: FastLane | None = None  # the device's fast lane, asked at the first drain
-        self.fast_known = False
+        self.fast = device.fast_lane(index, ring)  # the device's fast path, or None
         self.running = False  # a drain is on the stack
         self.again = False  # someone asked for a drain while one ran: look again
         self.blocked = False  # handle() answered RETRY: wait for run()
@@ -227,16 +226,12 @@ class QueueEngine:
         device = self.device
         index = self.index
         done = self.done
-        handle = device.handle
         tracker = queue.tracker
-        if self.fast_known:
-            fast = self.fast
+        fast = self.fast
+        if device.reactor is None:
+            budget, interval = -1, None
         else:
-            fast = self.fast = device.fast_lane(index, ring)
-            self.fast_known = True
-        budget = device.drain_budget if device.reactor is not None else -1
-        push_batch = device.push_batch
-        interval = device.batch_interval if device.reactor is not None else None
+            budget, interval = device.drain_budget, device.batch_interval
         first = ring.last_avail_idx
         published = False
         self.blocked = False
@@ -245,7 +240,7 @@ class QueueEngine:
                 heads, queue.resubmit = queue.resubmit, []
                 for head in heads:
                     resumed = ring.resume(head)
-                    written = handle(index, resumed)
+                    written = device.handle(index, resumed)
                     if queue.engine is not self:
                         return  # the handler reset the device or stopped this queue
                     if written is not None:
@@ -271,7 +266,7 @@ class QueueEngine:
                         break
                     if tracker is not None:
                         tracker.popped(chain.head)
-                    written = handle(index, chain)
+                    written = device.handle(index, chain)
                     if queue.engine is not self:
                         return  # the handler reset the device or stopped this queue
                     budget -= 1
@@ -282,7 +277,7 @@ class QueueEngine:
                         self.blocked = True
                         break
                     done.append((chain, written))
-                    if len(done) >= push_batch:
+                    if len(done) >= device.push_batch:
                         self.publish()
                         published = True
                 if done:

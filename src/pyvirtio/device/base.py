@@ -160,6 +160,10 @@ class VirtioDevice:
     def ring(self, queue: int) -> DeviceQueue | None:
         return self.queues[queue].ring if 0 <= queue < len(self.queues) else None
 
+    def engine(self, queue: int) -> QueueEngine | None:
+        """The engine serving ``queue``, or None if it does not run."""
+        return self.queues[queue].engine if 0 <= queue < len(self.queues) else None
+
     def complete(self, queue: int, chain: DescriptorChain | int, written: int,
                  notify: bool = True) -> None:
         """Push a chain handled asynchronously; interrupt the driver if it wants one."""
@@ -169,7 +173,7 @@ class VirtioDevice:
                       notify: bool = True) -> None:
         """Push chains handled outside a drain (one used-index store); interrupt the
         driver if it wants one. Chains of a queue that was reset meanwhile are dropped."""
-        engine = self.queues[queue].engine if 0 <= queue < len(self.queues) else None
+        engine = self.engine(queue)
         if engine is not None:
             engine.complete(completions, notify)
 

@@ -17,6 +17,10 @@ is the same:
   net's ``peer_ready``); a device with a ``drain_budget`` yields to the reactor after that
   many chains. A nested call (a handler whose peer calls back) makes the running drain look
   again instead of recursing.
+* **buffers to fill**: ``handle`` may answer :data:`HOLD` for a buffer the device fills when
+  the host has data; a device can also pop them on demand (:meth:`QueueEngine.buffer`) and
+  wait for the driver to post more (:meth:`QueueEngine.out_of_buffers`). Held buffers are
+  given back unused when the queue stops.
 * **request tracking** for crash-safe reconnection: a :class:`RequestTracker` set with
   :meth:`~pyvirtio.device.base.VirtioDevice.track_requests` sees every head popped and
   completed (vhost-user INFLIGHT_SHMFD, :mod:`pyvirtio.transport.vhost_user.inflight`), and
@@ -46,6 +50,10 @@ if TYPE_CHECKING:
 #: what :meth:`VirtioDevice.handle` returns for a chain the device cannot take now (the
 #: chain is put back; the drain stops until :meth:`QueueEngine.run` is called again)
 RETRY = -1
+
+#: what :meth:`VirtioDevice.handle` returns for a buffer the device keeps to fill later,
+#: when the host has data (:attr:`QueueEngine.held`; returned unused when the queue stops)
+HOLD = -2
 
 #: a completion waiting to be published: a chain (or a head) and the bytes written into it
 Completion = tuple["DescriptorChain | int", int]
@@ -272,8 +280,11 @@ class QueueEngine:
                     budget -= 1
                     if written is None:
                         continue  # completed later (asynchronous)
-                    if written == RETRY:
-                        ring.rewind(1)
+                    if written < 0:
+                        if written == HOLD:
+                            self.held.append(chain)
+                            continue
+                        ring.rewind(1)  # RETRY
                         self.blocked = True
                         break
                     done.append((chain, written))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from helpers.serve_process import ServeProcess
-from pyvirtio.device.backends.blk_file import FileBackend
+from pyvirtio.device.blk.file import FileBackend
 from pyvirtio.device.blk import BlkDevice
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.spec import blk as B

@@ -23,8 +23,8 @@ from helpers.guests import (
     wait_closed,
 )
 from peers import require_guest
-from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
+from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.guest import VhostUserDevice
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import console as C

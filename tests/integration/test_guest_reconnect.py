@@ -26,8 +26,8 @@ from helpers.guests import (
 )
 from helpers.vhost_user import RecordingRngDevice
 from peers import require_guest
-from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import Port
+from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice
 from pyvirtio.guest.qemu import qemu_args as guest_qemu_args
 from pyvirtio.io import unixsock

@@ -34,7 +34,7 @@ from helpers.net import (
     ping_until,
 )
 from peers import require_guest
-from pyvirtio.device.net_endpoint import format_mac
+from pyvirtio.device.net.endpoint import format_mac
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N

@@ -22,10 +22,10 @@ import pytest
 
 from helpers.paths import SRC
 from pyvirtio.device.net import NetDevice, link
-from pyvirtio.device.switch import Switch
+from pyvirtio.device.net.switch import Switch
+from pyvirtio.device.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapBackend
 from pyvirtio.driver.net import NetDriver, RxFrame
 from pyvirtio.io.loop import EventLoop
-from pyvirtio.io.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, TapBackend
 from pyvirtio.spec import net as N
 from pyvirtio.spec.net import NetHdr
 from pyvirtio.testing.pair import DevicePair
@@ -40,7 +40,7 @@ TIMEOUT = 10.0
 
 OPEN_TAP = r"""
 import socket, subprocess, sys
-from pyvirtio.io.tap import Tap
+from pyvirtio.device.net.tap import Tap
 sock = socket.socket(fileno=int(sys.argv[1]))
 name, guest_mac = sys.argv[2], sys.argv[3]
 tap = Tap.open(name)

@@ -35,8 +35,8 @@ from typing import Any
 
 from pyvirtio import __version__
 from pyvirtio.core.features import describe
-from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import ConsoleDevice, Port
+from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.driver.rng import RngDriver
 from pyvirtio.errors import LocalError

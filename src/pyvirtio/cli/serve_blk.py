@@ -107,7 +107,7 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
         "reads": s.reads, "writes": s.writes, "flushes": s.flushes, "discards": s.discards,
         "write_zeroes": s.write_zeroes, "get_ids": s.get_ids, "ioerr": s.ioerr,
         "unsupp": s.unsupp, "bytes_read": s.bytes_read, "bytes_written": s.bytes_written,
-        "batch_ticks": s.batch_ticks,
+        "batch_ticks": device.batch_ticks,
         "requests": (s.reads + s.writes + s.flushes + s.discards + s.write_zeroes
                      + s.get_ids + s.ioerr + s.unsupp),
         "kicks": server.kicks, "calls": server.calls,

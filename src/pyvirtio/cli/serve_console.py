@@ -19,8 +19,8 @@ from typing import Any
 
 from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
 from pyvirtio.core.features import describe
-from pyvirtio.device.backends.console_ports import PtyPort, StdioPort, UnixSocketPort
 from pyvirtio.device.console import ConsoleDevice, Port
+from pyvirtio.device.console.ports import PtyPort, StdioPort, UnixSocketPort
 from pyvirtio.errors import LocalError
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.io.vhost_user_server import VhostUserServer
@@ -86,18 +86,6 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def make_port(where: str, name: str | None, what: str) -> Port:
-    """A port from a WHERE of the command line (stdio, pty, unix:PATH)."""
-    kind, _, arg = where.partition(":")
-    if kind == "unix" and arg:
-        return Port(UnixSocketPort(arg), name=name)
-    if kind == "pty" and not arg:
-        return Port(PtyPort(announce=False), name=name)
-    if kind == "stdio" and not arg:
-        return Port(StdioPort(), name=name)
-    raise LocalError(f"{what}: {where!r} is not stdio, pty or unix:PATH")
-
-
 def build_ports(args: argparse.Namespace) -> tuple[list[Port], int | None]:
     """The ports the options ask for, and the console port's id (None: no console)."""
     console = args.console
@@ -127,7 +115,8 @@ def build_ports(args: argparse.Namespace) -> tuple[list[Port], int | None]:
     ports: list[Port] = []
     try:
         for where, name, what in specs:
-            ports.append(make_port(where, name, what))
+            ports.append(Port.parse(where, what=what, announce=False))
+            ports[-1].name = name
     except BaseException:
         for port in ports:
             port.backend.close()

@@ -3,7 +3,7 @@
 Every ``--socket`` is one port: a :class:`~pyvirtio.device.net.NetDevice` served over
 vhost-user to one guest at a time (QEMU ``-netdev vhost-user`` or UML ``virtio_uml``). All
 ports, and an optional ``--tap`` into the host kernel, hang off one learning
-:class:`~pyvirtio.device.switch.Switch` and share one event loop, so a frame goes from one
+:class:`~pyvirtio.device.net.switch.Switch` and share one event loop, so a frame goes from one
 guest's transmit buffers to the other guest's receive buffers with a single copy.
 
 MAC addresses: ``--mac`` given once is a base, incremented by one per socket (the first
@@ -32,14 +32,14 @@ from typing import Any
 from pyvirtio.cli.serve import run_servers, transport_features
 from pyvirtio.core.features import describe
 from pyvirtio.device.net import NetDevice
-from pyvirtio.device.net_endpoint import format_mac, parse_mac
-from pyvirtio.device.switch import Switch, SwitchPort
+from pyvirtio.device.net.endpoint import format_mac, parse_mac
+from pyvirtio.device.net.pcap import PcapWriter
+from pyvirtio.device.net.switch import Switch, SwitchPort
+from pyvirtio.device.net.tap import Tap, TapBackend
 from pyvirtio.errors import LocalError
 from pyvirtio.guest.qemu import qemu_args, qemu_memory_args
 from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.loop import EventLoop
-from pyvirtio.io.pcap import PcapWriter
-from pyvirtio.io.tap import Tap, TapBackend
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import ids
 from pyvirtio.spec import status as S

@@ -15,12 +15,13 @@ and :attr:`VirtioDevice.notify_config`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pyvirtio.core import features as core_features
 from pyvirtio.core import status as core_status
 from pyvirtio.core.reactor import Reactor
+from pyvirtio.device.engine import FastLane, QueueEngine, RequestTracker
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
@@ -49,6 +50,17 @@ class QueueState:
     used: int = 0
     enabled: bool = False
     ring: DeviceQueue | None = None
+    #: serves the running ring (:mod:`pyvirtio.device.engine`)
+    engine: QueueEngine | None = None
+    #: who records popped/completed heads (vhost-user inflight tracking), and heads a
+    #: previous back-end left in flight, to run again before anything new
+    tracker: RequestTracker | None = None
+    resubmit: list[int] = field(default_factory=list)
+
+    def stopped(self) -> None:
+        self.ring = self.engine = self.tracker = None
+        self.resubmit = []
+        self.enabled = False
 
 
 class VirtioDevice:
@@ -62,6 +74,12 @@ class VirtioDevice:
     vendor_id: int = 0x1AF4
     #: names of device-specific feature bits, for logs
     feature_names: dict[int, str] = {}
+    #: completions returned together by a drain (one used-index store)
+    push_batch: int = 1
+    #: chains handled per drain before yielding to the reactor (-1: no limit)
+    drain_budget: int = -1
+    #: seconds between looks at a busy ring in batch mode (None: always kick-driven)
+    batch_interval: float | None = None
 
     def __init__(
         self,
@@ -98,6 +116,7 @@ class VirtioDevice:
         #: are not processed) replaces it with its gated kick entry
         self.poll_queue: Callable[[int], None] = self.kick
         self.problems: list[str] = []  # every peer misbehaviour seen, newest last
+        self.batch_ticks = 0  # looks at a ring in batch mode
         self._idle_kick_reported = False  # a kick before DRIVER_OK was recorded (once)
 
     # ---- what subclasses implement ------------------------------------------------------
@@ -141,19 +160,37 @@ class VirtioDevice:
     def ring(self, queue: int) -> DeviceQueue | None:
         return self.queues[queue].ring if 0 <= queue < len(self.queues) else None
 
+    def engine(self, queue: int) -> QueueEngine | None:
+        """The engine serving ``queue``, or None if it does not run."""
+        return self.queues[queue].engine if 0 <= queue < len(self.queues) else None
+
     def complete(self, queue: int, chain: DescriptorChain | int, written: int,
                  notify: bool = True) -> None:
         """Push a chain handled asynchronously; interrupt the driver if it wants one."""
-        ring = self.ring(queue)
-        if ring is None:
-            return  # queue was reset meanwhile: the chain belongs to a dead ring
-        try:
-            ring.push(chain, written)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return
-        if notify and ring.needs_notification():
-            self.notify_queue(queue)
+        self.complete_many(queue, ((chain, written),), notify)
+
+    def complete_many(self, queue: int, completions: Iterable[tuple[DescriptorChain | int, int]],
+                      notify: bool = True) -> None:
+        """Push chains handled outside a drain (one used-index store); interrupt the
+        driver if it wants one. Chains of a queue that was reset meanwhile are dropped."""
+        engine = self.engine(queue)
+        if engine is not None:
+            engine.complete(completions, notify)
+
+    def track_requests(self, index: int, tracker: RequestTracker | None,
+                       resubmit: Sequence[int] = ()) -> None:
+        """Report every head popped from / returned to queue ``index`` to ``tracker``
+        (None: stop), and run the chains ``resubmit`` (heads popped by a previous back-end
+        that never completed them) again before anything new, at the next kick."""
+        q = self._queue(index)
+        q.tracker = tracker
+        q.resubmit = list(resubmit)
+
+    def fast_lane(self, index: int, ring: DeviceQueue) -> FastLane | None:
+        """A fast path for the common chains of queue ``index`` (hook; see
+        :data:`pyvirtio.device.engine.FastLane`), or None: every chain goes to
+        :meth:`handle`."""
+        return None
 
     def update_config(self, offset: int, data: bytes, notify: bool = True) -> None:
         """Change config bytes from the device side and raise the config interrupt."""
@@ -161,6 +198,10 @@ class VirtioDevice:
         self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
         if notify and self.status & S.DRIVER_OK:
             self.notify_config()
+
+    def problem(self, message: str) -> None:
+        """Record a peer misbehaviour that does not need a reset."""
+        self._peer_problem(message)
 
     def _peer_problem(self, message: str, *, needs_reset: bool = False) -> None:
         self.problems.append(message)
@@ -257,8 +298,7 @@ class VirtioDevice:
     def reset(self) -> None:
         """Back to the initial state: status 0, no features, every queue stopped."""
         for q in self.queues:
-            q.ring = None
-            q.enabled = False
+            q.stopped()
             q.size = 0
             q.desc = q.avail = q.used = 0
         self.status = 0
@@ -318,8 +358,20 @@ class VirtioDevice:
         if size > q.max_size:
             raise PeerError(f"{self.name}: queue {index} size {size} exceeds the maximum "
                             f"{q.max_size}")
+        ring = self._make_ring(index, size, desc, avail, used, last_avail_idx, used_idx)
+        q.size, q.desc, q.avail, q.used = size, desc, avail, used
+        q.ring = ring
+        q.engine = QueueEngine(self, index, ring)
+        q.enabled = True
+        self.on_queue_started(index, ring)
+        return ring
+
+    def _make_ring(self, index: int, size: int, desc: int, avail: int, used: int,
+                   last_avail_idx: int, used_idx: int | None) -> DeviceQueue:
+        """The ring object of queue ``index``, in the negotiated format."""
+        assert self.memory is not None
         features = self.driver_features
-        ring = DeviceQueue(
+        return DeviceQueue(
             self.memory, size, desc, avail, used,
             event_idx=bool(features >> F.EVENT_IDX & 1),
             indirect=bool(features >> F.INDIRECT_DESC & 1),
@@ -328,11 +380,6 @@ class VirtioDevice:
             used_idx=used_idx,
             name=f"{self.name} queue {index}",
         )
-        q.size, q.desc, q.avail, q.used = size, desc, avail, used
-        q.ring = ring
-        q.enabled = True
-        self.on_queue_started(index, ring)
-        return ring
 
     def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
         """A queue began running (hook; e.g. flush pending input to a receive queue)."""
@@ -340,11 +387,12 @@ class VirtioDevice:
     def stop_queue(self, index: int) -> int:
         """Stop queue ``index``; returns its last_avail_idx (vhost-user GET_VRING_BASE)."""
         q = self._queue(index)
-        ring = q.ring
-        q.ring = None
-        q.enabled = False
+        ring, engine = q.ring, q.engine
+        q.stopped()
         if ring is None:
             return 0
+        if engine is not None:
+            engine.give_back()
         self.on_queue_stopped(index, ring)
         return ring.last_avail_idx
 
@@ -396,37 +444,12 @@ class VirtioDevice:
                 self.poll_queue(index)
 
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
-        """Drain ``ring`` through :meth:`handle`, with kicks suppressed while we work and the
-        enable-notification race closed (re-check after re-enabling)."""
-        queue = self.queues[index]
-        pushed = False
-        try:
-            while True:
-                ring.disable_notifications()
-                while (chain := ring.pop()) is not None:
-                    self.chain_popped(index, chain)
-                    written = self.handle(index, chain)
-                    if queue.ring is not ring:
-                        return  # the handler reset the device or stopped this queue
-                    if written is not None:
-                        self.complete_chain(index, ring, chain, written)
-                        pushed = True
-                if not ring.enable_notifications():
-                    break
-        except (RingError, PeerError) as exc:
-            self.queue_failed(index, ring, exc)
-        finally:
-            if pushed and queue.ring is ring and ring.needs_notification():
-                self.notify_queue(index)
-
-    def chain_popped(self, index: int, chain: DescriptorChain) -> None:
-        """``chain`` was taken from queue ``index`` and is about to be handled (hook: a
-        device that tracks requests in flight, for resubmission after a crash)."""
-
-    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
-                       written: int) -> None:
-        """Return a handled chain to the driver (hook: the same, for tracking devices)."""
-        ring.push(chain, written)
+        """Drain ``ring`` through :meth:`handle` (the queue's
+        :class:`~pyvirtio.device.engine.QueueEngine`); a device whose queues have other
+        roles (net's receive queues) overrides this."""
+        engine = self.queues[index].engine
+        if engine is not None and engine.ring is ring:
+            engine.run()
 
     def queue_failed(self, index: int, ring: DeviceQueue, exc: RingError | PeerError) -> None:
         """Serving queue ``index`` stopped on ``exc``: a malformed ring, or a malformed

@@ -33,7 +33,5 @@ def allocate_region(size: int) -> int:
 
 
 def inflight_extensions(device: VirtioDevice) -> list[BackendExtension]:
-    """INFLIGHT_SHMFD for a device that reports its requests (``track_requests``)."""
-    if not hasattr(device, "track_requests"):
-        return []
+    """INFLIGHT_SHMFD for ``device`` (every device's engine reports its requests)."""
     return [InflightExtension(device, allocate_region)]

@@ -19,13 +19,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyvirtio.device.backends.blk_file import (
+from pyvirtio.memory import GuestMemory, Region
+from pyvirtio.memory.host import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     buffer_address,
     fallocate,
 )
-from pyvirtio.memory import GuestMemory, Region
 from pyvirtio.spec.balloon import PAGE_SIZE
 
 log = logging.getLogger("pyvirtio.device.balloon")

@@ -35,10 +35,11 @@ memory: head indices beyond the queue size are ignored with a problem recorded, 
 walk is bounded, and the chains of resubmitted heads are read by the ring itself
 (:meth:`~pyvirtio.ring.split.DeviceQueue.resume`), which breaks the queue on a bad one.
 
-:class:`InflightExtension` is the :class:`BackendExtension` that adds the two requests; it
-needs a device that can report its heads (``track_requests(index, tracker, resubmit)``, as
-:class:`~pyvirtio.device.blk.BlkDevice` does) and an ``allocate(size) -> fd`` function from
-the I/O layer for new regions (:func:`pyvirtio.io.inflight.inflight_extensions` wires both).
+:class:`InflightExtension` is the :class:`BackendExtension` that adds the two requests for
+any device: the serving engine reports every queue's heads
+(:meth:`~pyvirtio.device.base.VirtioDevice.track_requests`, :mod:`pyvirtio.device.engine`).
+It needs an ``allocate(size) -> fd`` function from the I/O layer for new regions
+(:func:`pyvirtio.io.inflight.inflight_extensions` wires it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.memory import GuestMemoryError, Region
@@ -219,13 +219,6 @@ class QueueInflight:
         log.warning("%s", message)
 
 
-class TracksRequests(Protocol):
-    """A device that reports the heads it pops and completes (BlkDevice)."""
-
-    def track_requests(self, index: int, tracker: QueueInflight | None,
-                       resubmit: Sequence[int] = ()) -> None: ...
-
-
 #: makes a zero-filled shareable memory file of the given size; returns its fd
 Allocate = Callable[[int], int]
 
@@ -233,15 +226,12 @@ Allocate = Callable[[int], int]
 class InflightExtension(BackendExtension):
     """``GET_INFLIGHT_FD`` / ``SET_INFLIGHT_FD`` and the resubmission on ring start.
 
-    ``device`` must have ``track_requests`` (:class:`TracksRequests`); ``allocate`` comes
-    from the I/O layer (:func:`pyvirtio.io.inflight.allocate_region`).
+    ``allocate`` comes from the I/O layer (:func:`pyvirtio.io.inflight.allocate_region`).
     """
 
     protocol_features = V.protocol_mask(PF.INFLIGHT_SHMFD)
 
     def __init__(self, device: VirtioDevice, allocate: Allocate) -> None:
-        if not hasattr(device, "track_requests"):
-            raise TypeError(f"{type(device).__name__} cannot track its requests")
         self.device = device
         self.allocate = allocate
         self.region: Region | None = None
@@ -305,7 +295,7 @@ class InflightExtension(BackendExtension):
         if index >= len(self.queues):
             return  # no region (the front-end did not negotiate or send one)
         q = self.queues[index]
-        device = cast(TracksRequests, self.device)
+        device = self.device
         if q.queue_size != ring.size:
             self._problem(f"vring {index} runs {ring.size} descriptors but its inflight "
                           f"region tracks {q.queue_size}: not tracked")
@@ -325,7 +315,7 @@ class InflightExtension(BackendExtension):
 
     def on_ring_stopped(self, index: int, last_avail_idx: int) -> None:
         if index < len(self.queues):
-            device = cast(TracksRequests, self.device)
+            device = self.device
             device.track_requests(index, None)
 
     def _problem(self, text: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.blk import SECTOR, TAIL_GUARD, GuardedImage, RawRequest, blk_pair, header, sha
-from pyvirtio.device.backends.blk_file import IOV_MAX, FileBackend, buffer_address
+from pyvirtio.device.blk.file import IOV_MAX, FileBackend, buffer_address
 from pyvirtio.errors import LocalError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec import blk as B

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers.blk import SECTOR, GuardedImage, blk_pair, features
-from pyvirtio.device import blk_fastpath
+from pyvirtio.device import engine  # batch mode lives in the engine
 from pyvirtio.device.blk import BlkDevice
-from pyvirtio.device.blk_fastpath import BlkFastLane
+from pyvirtio.device.blk.fastpath import BlkFastLane
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.testing.pair import DevicePair
 
@@ -75,10 +75,10 @@ def image(tmp_path: Path) -> GuardedImage:
 @pytest.fixture
 def eager(monkeypatch: pytest.MonkeyPatch) -> None:
     """Start a trial after every kick-driven drain; end one only on an idle tick."""
-    monkeypatch.setattr(blk_fastpath, "_WINDOW", 0.0)
-    monkeypatch.setattr(blk_fastpath, "_MIN_RATE", 0.0)
-    monkeypatch.setattr(blk_fastpath, "_MIN_BACKOFF", 1e9)  # one trial only
-    monkeypatch.setattr(blk_fastpath, "_JUDGE", 1e9)
+    monkeypatch.setattr(engine, "_WINDOW", 0.0)
+    monkeypatch.setattr(engine, "_MIN_RATE", 0.0)
+    monkeypatch.setattr(engine, "_MIN_BACKOFF", 1e9)  # one trial only
+    monkeypatch.setattr(engine, "_JUDGE", 1e9)
 
 
 Rig = tuple[DevicePair, BlkDevice, BlkDriver, ManualReactor]

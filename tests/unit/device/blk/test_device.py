@@ -21,9 +21,9 @@ from helpers.blk import (
     needs_reset,
     sha,
 )
-from pyvirtio.device.backends.blk_file import FileBackend
 from pyvirtio.device.base import ConfigAccessError
 from pyvirtio.device.blk import BlkBackend, BlkDevice, BlkRequest
+from pyvirtio.device.blk.file import FileBackend
 from pyvirtio.driver.blk import BlkDriver, BlkStatusError
 from pyvirtio.errors import LocalError
 from pyvirtio.spec import blk as B

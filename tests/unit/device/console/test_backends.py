@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from helpers.console import ShyDriver
-from pyvirtio.device.backends.console_ports import (
+from pyvirtio.device.console import ConsoleDevice, Port
+from pyvirtio.device.console.ports import (
     READ_SIZE,
     MemoryPort,
     PtyPort,
     StdioPort,
     UnixSocketPort,
 )
-from pyvirtio.device.console import ConsoleDevice, Port
 from pyvirtio.driver.console import ConsoleDriver
 from pyvirtio.errors import LocalError
 from pyvirtio.io.loop import EventLoop

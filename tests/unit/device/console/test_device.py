@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from helpers.console import ShyDriver
-from pyvirtio.device.backends.console_ports import UnixSocketPort
 from pyvirtio.device.console import ConsoleDevice, MemoryPort, Port
+from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.driver.console import ConsoleDriver
 from pyvirtio.errors import LocalError
 from pyvirtio.spec import console as C

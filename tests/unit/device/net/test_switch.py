@@ -19,7 +19,7 @@ from helpers.net import (
     udp_frame,
 )
 from pyvirtio.device.net import NetDevice, NetHdr
-from pyvirtio.device.switch import Switch, SwitchPort
+from pyvirtio.device.net.switch import Switch, SwitchPort
 from pyvirtio.driver.net import NetDriver
 from pyvirtio.spec import net as N
 from pyvirtio.spec import status as S

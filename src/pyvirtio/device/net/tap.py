@@ -9,7 +9,7 @@ accepts (for a device: the guest's negotiated GUEST_CSUM / GUEST_TSO4 / GUEST_TS
 kernel segments and checksums for a guest that cannot. In the other direction the kernel
 accepts every valid offload we write, which is why the device offers CSUM and HOST_TSO4/6.
 
-:class:`TapBackend` links a tap to any :class:`~pyvirtio.device.net_endpoint.NetEndpoint`
+:class:`TapBackend` links a tap to any :class:`~pyvirtio.device.net.endpoint.NetEndpoint`
 (a :class:`~pyvirtio.device.net.NetDevice` directly, or a switch port) through a reactor:
 
 * readable tap -> read up to ``budget`` frames into one bounce buffer, hand each to the
@@ -29,7 +29,7 @@ import os
 import struct
 
 from pyvirtio.core.reactor import Reactor
-from pyvirtio.device.net_endpoint import (
+from pyvirtio.device.net.endpoint import (
     ALL_OFFLOADS,
     Delivery,
     Frame,
@@ -42,7 +42,7 @@ from pyvirtio.errors import LocalError
 from pyvirtio.spec import net as N
 from pyvirtio.spec.net import NetHdr
 
-log = logging.getLogger("pyvirtio.io.tap")
+log = logging.getLogger("pyvirtio.device.net.tap")
 
 TUN_PATH = "/dev/net/tun"
 # ioctl numbers from linux/if_tun.h (_IOW('T', n, int) = 0x400454xx on every Linux ABI we run)

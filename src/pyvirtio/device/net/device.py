@@ -4,7 +4,7 @@ Queues: receiveq/transmitq pairs (``2*i`` receives, ``2*i + 1`` transmits), then
 queue (index 2 without MQ, ``2 * max_queue_pairs`` with it), as Linux ``virtio_net.c`` lays
 them out.
 
-The device is a :class:`~pyvirtio.device.net_endpoint.NetEndpoint`: it is linked to a peer
+The device is a :class:`~pyvirtio.device.net.endpoint.NetEndpoint`: it is linked to a peer
 (a tap, a switch port, another device) and exchanges frames with it through ``receive``
 (answering DELIVERED, BUSY or DROPPED) and ``peer_ready``.
 
@@ -21,7 +21,7 @@ first header. Used entries are batched: :meth:`NetDevice.receive` with ``flush=F
 queues them, :meth:`NetDevice.flush_rx` publishes the batch with one index update and one
 interrupt. The used length of each buffer is exactly the bytes we wrote into it. Frames
 carrying offloads this guest did not negotiate (partial checksum, TSO) are completed or
-segmented in software (:mod:`pyvirtio.device.net_offload`), so any endpoint may send any
+segmented in software (:mod:`pyvirtio.device.net.offload`), so any endpoint may send any
 valid frame to any device: this is why CSUM/HOST_TSO4/HOST_TSO6 can be offered whatever the
 peer is (the tap's kernel and the switch both accept them; the final receiver converts).
 
@@ -39,7 +39,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 
 from pyvirtio.device.base import VirtioDevice
-from pyvirtio.device.net_endpoint import (
+from pyvirtio.device.engine import RETRY, Completion, QueueEngine
+from pyvirtio.device.net.endpoint import (
     BROADCAST,
     ETH_ALEN,
     ETH_HLEN,
@@ -50,11 +51,10 @@ from pyvirtio.device.net_endpoint import (
     Offload,
     format_mac,
     frame_bytes,
-    link,
     parse_mac,
     random_mac,
 )
-from pyvirtio.device.net_offload import OffloadError, complete_checksum, segment_tcp
+from pyvirtio.device.net.offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError, gather, scatter
 from pyvirtio.ring.chain import split_segments
@@ -63,22 +63,6 @@ from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 from pyvirtio.spec import status as S
 from pyvirtio.spec.net import NetHdr
-
-__all__ = [
-    "Delivery",
-    "Frame",
-    "FrameSink",
-    "NetDevice",
-    "NetEndpoint",
-    "NetHdr",
-    "NetStats",
-    "Offload",
-    "RxFilter",
-    "format_mac",
-    "frame_bytes",
-    "link",
-    "parse_mac",
-]
 
 log = logging.getLogger("pyvirtio.device.net")
 
@@ -194,6 +178,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     """
 
     device_id = ids.NET
+    push_batch = TX_PUSH_BATCH
     feature_names = {
         N.VIRTIO_NET_F_CSUM: "CSUM", N.VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
         N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS", N.VIRTIO_NET_F_MTU: "MTU",
@@ -250,7 +235,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self.initial_mac = parse_mac(mac) if mac is not None else random_mac()
         self.max_queue_pairs = queue_pairs
         self.mtu = mtu
-        self.tx_budget = tx_budget
+        self.drain_budget = self.tx_budget = tx_budget
         self.capture = capture
         self.stats = NetStats()
         self.last_error: str | None = None  # the newest dropped-frame reason, for humans
@@ -263,14 +248,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._guest_offloads = Offload.NONE
         self._host_csum = self._host_tso4 = self._host_tso6 = False
         self.rx_filter = RxFilter()
-        nq = num_queues
-        self._rx_spare: list[deque[DescriptorChain]] = [deque() for _ in range(nq)]
-        self._rx_pending: list[list[tuple[DescriptorChain, int]]] = [[] for _ in range(nq)]
-        self._rx_waiting = [False] * nq
-        self._tx_active = [False] * nq
-        self._tx_again = [False] * nq
-        self._tx_blocked = [False] * nq
-        self._tx_resume_scheduled = [False] * nq
         self._fill_config()
 
     # ---- config space -------------------------------------------------------------------
@@ -377,13 +354,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         # (Kicks before DRIVER_OK were not served: the framework looks at every ring now.)
 
     def on_reset(self) -> None:
-        nq = self.num_queues
-        for i in range(nq):
-            self._rx_spare[i].clear()
-            self._rx_pending[i].clear()
-        self._rx_waiting = [False] * nq
-        self._tx_blocked = [False] * nq
-        self._tx_again = [False] * nq
         self._announce = False
         self._mrg = False
         self._hdr_len = N.NET_HDR_SIZE
@@ -411,40 +381,24 @@ class NetDevice(VirtioDevice, NetEndpoint):
         return index != self._ctrl_index and index % 2 == 0
 
     def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
-        self._rx_spare[index].clear()
-        self._rx_pending[index].clear()
-        self._rx_waiting[index] = False
-        self._tx_blocked[index] = False
         if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
             self.peer.peer_ready()
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
-        # Publish what was written, then give back the receive buffers popped but unused so
-        # last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed.
-        pending = self._rx_pending[index]
-        spare = self._rx_spare[index]
-        try:
-            if pending:
-                ring.push_many(pending)
-            if spare:
-                ring.rewind(len(spare))
-        except RingError as exc:
-            self._peer_problem(str(exc))
-        pending.clear()
-        spare.clear()
-
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
-        if index == self._ctrl_index:
-            super().process_queue(index, ring)
-        elif index % 2 == 1:
-            self._process_tx(index, ring)
-        else:
+        if self._is_rx(index):
             self._rx_kick(index, ring)
+            return
+        super().process_queue(index, ring)  # transmit and control: the engine's drain
+        if self.peer is not None:
+            self.peer.flush_rx()
 
     # ---- control queue ------------------------------------------------------------------
 
     def handle(self, queue: int, chain: DescriptorChain) -> int | None:
-        """A control command: {class, command} + data readable, one ack byte writable."""
+        """A transmitted frame (see :meth:`_transmit`), or a control command: {class,
+        command} + data readable, one ack byte writable."""
+        if queue != self._ctrl_index:
+            return RETRY if self._transmit(chain) == Delivery.BUSY else 0
         if chain.writable_len < 1:
             self._peer_problem(f"{self.name}: control command (chain {chain.head}) has no "
                                "writable ack byte")
@@ -620,91 +574,15 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.stats.tx_dropped += 1
         return result
 
-    def _process_tx(self, index: int, ring: DeviceQueue) -> None:
-        if self._tx_active[index]:
-            # Re-entered (the peer's peer_ready or a nested kick): the running loop repeats.
-            self._tx_again[index] = True
-            return
-        if not self.status & S.DRIVER_OK:
-            return
-        self._tx_active[index] = True
-        self._tx_blocked[index] = False
-        done: list[tuple[DescriptorChain, int]] = []
-        budget = self.tx_budget if self.reactor is not None else -1
-        yielded = False
-        try:
-            while True:
-                self._tx_again[index] = False
-                ring.disable_notifications()
-                while True:
-                    if budget == 0:
-                        yielded = True
-                        break
-                    chain = ring.pop()
-                    if chain is None:
-                        break
-                    if self._transmit(chain) == Delivery.BUSY:
-                        ring.rewind(1)
-                        self._tx_blocked[index] = True
-                        break
-                    done.append((chain, 0))
-                    budget -= 1
-                    if len(done) >= TX_PUSH_BATCH:
-                        self._publish_tx(index, ring, done)
-                    if self.queues[index].ring is not ring:
-                        return  # the peer reset us meanwhile
-                if self._tx_blocked[index]:
-                    if self._tx_again[index]:
-                        self._tx_blocked[index] = False
-                        continue  # the peer became ready while we were busy
-                    break  # wait for peer_ready; kicks stay off, we know there is work
-                if yielded:
-                    self._schedule_tx(index, ring)
-                    break
-                if not ring.enable_notifications() and not self._tx_again[index]:
-                    break
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        finally:
-            self._tx_active[index] = False
-            if done and self.queues[index].ring is ring:
-                self._publish_tx(index, ring, done)
-            if self.peer is not None:
-                self.peer.flush_rx()
-
-    def _publish_tx(self, index: int, ring: DeviceQueue,
-                    done: list[tuple[DescriptorChain, int]]) -> None:
-        try:
-            ring.push_many(done)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-        done.clear()
-        if not ring.broken and ring.needs_notification():
-            self.notify_queue(index)
-
-    def _schedule_tx(self, index: int, ring: DeviceQueue) -> None:
-        """Out of budget: continue on the next loop iteration so other guests get a turn."""
-        if self._tx_resume_scheduled[index] or self.reactor is None:
-            return
-        self._tx_resume_scheduled[index] = True
-
-        def resume() -> None:
-            self._tx_resume_scheduled[index] = False
-            current = self.queues[index].ring
-            if current is ring and not ring.broken:
-                self._process_tx(index, ring)
-
-        self.reactor.call_later(0.0, resume)
-
     def peer_ready(self) -> None:
         """The peer can take frames again: resume transmit queues that it blocked."""
-        for index, blocked in enumerate(self._tx_blocked):
-            if blocked:
-                ring = self.queues[index].ring
-                if ring is None or ring.broken:
-                    self._tx_blocked[index] = False
-                    continue
-                self._process_tx(index, ring)
+        if not self.live:
+            return
+        for q in self.queues:
+            if q.engine is not None and q.engine.blocked:
+                q.engine.run()
+        if self.peer is not None:
+            self.peer.flush_rx()
 
     # ---- receive ------------------------------------------------------------------------
 
@@ -713,11 +591,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     def _rx_kick(self, index: int, ring: DeviceQueue) -> None:
         """The driver posted receive buffers. We only asked for this kick when we ran out."""
-        ring.disable_notifications()
-        if self._rx_waiting[index]:
-            self._rx_waiting[index] = False
-            if self.peer is not None:
-                self.peer.peer_ready()
+        engine = self.queues[index].engine
+        if engine is not None and engine.buffers_posted() and self.peer is not None:
+            self.peer.peer_ready()
 
     def _rx_drop(self, reason: str) -> Delivery:
         self.stats.rx_dropped += 1
@@ -772,19 +648,18 @@ class NetDevice(VirtioDevice, NetEndpoint):
         except OffloadError as exc:
             return self._rx_drop(f"cannot complete offload: {exc}")
         index = self._select_rx((pieces[0],))  # segments of one flow share a queue
-        ring = self.queues[index].ring
-        if ring is None:
+        engine = self.queues[index].engine
+        if engine is None:
             self.stats.rx_busy += 1
             return Delivery.BUSY
-        if ring.broken:
+        if engine.ring.broken:
             return self._rx_drop(f"receive queue {index} is broken")
         needs = [self._hdr_len + len(p) for p in pieces]
-        spare = self._rx_spare[index]
         try:
-            while not self._fits(index, ring, needs):
-                if len(spare) >= min(ring.size, 0xFFFF):
+            while not self._fits(engine, needs):
+                if len(engine.held) >= min(engine.ring.size, 0xFFFF):
                     break  # the ring can never hold them all at once: place what fits
-                if not self._out_of_buffers(index, ring):
+                if not self._out_of_buffers(engine):
                     return Delivery.BUSY
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
@@ -805,14 +680,14 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.flush_rx()
         return Delivery.DELIVERED if delivered else Delivery.DROPPED
 
-    def _fits(self, index: int, ring: DeviceQueue, needs: list[int]) -> bool:
+    def _fits(self, engine: QueueEngine, needs: list[int]) -> bool:
         """Whether the receive buffers available now hold frames of ``needs`` bytes (header
         included), each starting in a fresh buffer as :meth:`_place` will put them."""
         pos = 0
         for need in needs:
             capacity = 0
             while capacity < need:
-                chain = self._take_chain(index, ring, pos)
+                chain = engine.buffer(pos)
                 if chain is None:
                     return False
                 pos += 1
@@ -821,19 +696,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity += chain.writable_len
         return True
 
-    def _out_of_buffers(self, index: int, ring: DeviceQueue) -> bool:
-        """No room for a frame: publish what was placed (the driver refills on that
-        interrupt) and ask for a kick. True if buffers arrived meanwhile (try again now);
-        False: answer BUSY, and the kick will call the peer's ``peer_ready``."""
+    def _out_of_buffers(self, engine: QueueEngine) -> bool:
+        """No room for a frame (see :meth:`QueueEngine.out_of_buffers`). False: answer BUSY,
+        and the kick will call the peer's ``peer_ready``."""
         self.stats.rx_busy += 1
-        self._flush_queue(index)
-        if self.queues[index].ring is not ring or ring.broken:
-            return False
-        if ring.enable_notifications():
-            ring.disable_notifications()
-            return True
-        self._rx_waiting[index] = True
-        return False
+        return engine.out_of_buffers()
 
     def _select_rx(self, frame: Frame) -> int:
         """The receive queue for a frame: by flow (addresses and ports) so one flow is
@@ -853,28 +720,19 @@ class NetDevice(VirtioDevice, NetEndpoint):
             key = bytes(head[:12])
         return 2 * (zlib.crc32(key) % pairs)
 
-    def _take_chain(self, index: int, ring: DeviceQueue, pos: int) -> DescriptorChain | None:
-        """The ``pos``-th receive buffer we hold, popping more from the ring as needed."""
-        spare = self._rx_spare[index]
-        while len(spare) <= pos:
-            chain = ring.pop()
-            if chain is None:
-                return None
-            spare.append(chain)
-        return spare[pos]
-
     def _place(self, index: int, hdr: NetHdr, frame: Frame, length: int,
                flush: bool) -> Delivery:
-        ring = self.queues[index].ring
-        if ring is None:
+        engine = self.queues[index].engine
+        if engine is None:
             self.stats.rx_busy += 1
             return Delivery.BUSY  # on_queue_started calls peer_ready
+        ring = engine.ring
         if ring.broken:
             return self._rx_drop(f"receive queue {index} is broken")
         hlen = self._hdr_len
         need = hlen + length
-        spare = self._rx_spare[index]
-        pending = self._rx_pending[index]
+        spare = engine.held
+        pending = engine.done
         try:
             while True:
                 # Pick the chains this frame will fill (nothing is written yet).
@@ -882,7 +740,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity = 0
                 short = False
                 while capacity < need:
-                    chain = self._take_chain(index, ring, count)
+                    chain = engine.buffer(count)
                     if chain is None:
                         short = True
                         break
@@ -910,7 +768,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                     return self._rx_drop(
                         f"frame of {length} bytes does not fit all {len(spare)} receive "
                         "buffers posted")
-                if not self._out_of_buffers(index, ring):
+                if not self._out_of_buffers(engine):
                     return Delivery.BUSY
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
@@ -921,11 +779,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if self.capture is not None:
             self.capture.write_frame(frame, length)
         if flush:
-            self._flush_queue(index)
+            engine.complete(())
         return Delivery.DELIVERED
 
     def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
-              spare: deque[DescriptorChain], pending: list[tuple[DescriptorChain, int]]
+              spare: deque[DescriptorChain], pending: list[Completion]
               ) -> None:
         """Write header and frame into the first ``count`` spare chains; queue their used
         entries with exactly the bytes written into each."""
@@ -960,29 +818,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 skip = 0
             pending.append((chain, written))
 
-    def _flush_queue(self, index: int) -> None:
-        pending = self._rx_pending[index]
-        if not pending:
-            return
-        ring = self.queues[index].ring
-        batch = pending[:]
-        pending.clear()
-        if ring is None:
-            return
-        try:
-            ring.push_many(batch)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return
-        if ring.needs_notification():
-            self.notify_queue(index)
-
     def flush_rx(self) -> None:
         """Publish every received frame still batched: one used-index update and at most
         one interrupt per receive queue."""
-        for index, pending in enumerate(self._rx_pending):
-            if pending:
-                self._flush_queue(index)
+        for q in self.queues:
+            if q.engine is not None and q.engine.done:
+                q.engine.complete(())
 
     def __repr__(self) -> str:
         return f"NetDevice({self.name}, mac={format_mac(self.mac)}, {super().__repr__()})"

@@ -9,8 +9,8 @@ import dpkt
 
 from helpers.net import BROADCAST, arp_request, mac, probe, udp_frame
 from pyvirtio.device.net import NetDevice, link
-from pyvirtio.device.switch import Switch
-from pyvirtio.io.pcap import LINKTYPE_ETHERNET, PcapWriter
+from pyvirtio.device.net.pcap import LINKTYPE_ETHERNET, PcapWriter
+from pyvirtio.device.net.switch import Switch
 from pyvirtio.testing.pair import DevicePair
 
 

@@ -49,21 +49,20 @@ from collections import deque
 from collections.abc import Sequence
 
 from pyvirtio.core.reactor import Reactor
-from pyvirtio.device.backends.console_ports import (
+from pyvirtio.device.base import VirtioDevice
+from pyvirtio.device.console.ports import (
     MemoryPort,
     PortBackend,
     PtyPort,
     StdioPort,
     UnixSocketPort,
 )
-from pyvirtio.device.base import VirtioDevice
+from pyvirtio.device.engine import HOLD
 from pyvirtio.errors import LocalError
 from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 from pyvirtio.spec.features import bit
-
-__all__ = ["ConsoleDevice", "MemoryPort", "Port", "PortBackend"]
 
 EVENT_NAMES = {
     C.VIRTIO_CONSOLE_DEVICE_READY: "DEVICE_READY",
@@ -98,32 +97,33 @@ class Port:
         self.to_guest = 0  # bytes copied into receive buffers
         self.from_guest = 0  # bytes handed to the back-end
         self.dropped = 0  # guest output dropped because no host peer was connected
-        self.rx: deque[DescriptorChain] = deque()  # empty receive buffers, oldest first
         self.held: deque[DescriptorChain] = deque()  # transmit buffers kept for backpressure
 
     @classmethod
-    def parse(cls, spec: str) -> Port:
+    def parse(cls, spec: str, *, what: str | None = None, announce: bool = True) -> Port:
         """A port from text (command lines, JSON kwargs): ``KIND[:ARG][,name=NAME]`` with
         KIND ``stdio``, ``pty``, ``unix:PATH`` (listening socket) or ``memory``; e.g.
-        ``unix:/run/agent.sock,name=org.qemu.guest_agent.0``."""
+        ``unix:/run/agent.sock,name=org.qemu.guest_agent.0``. ``what`` names the spec's
+        origin in errors; ``announce``: a pty prints its path on start."""
+        what = what or f"console port {spec!r}"
         where, _, option = spec.partition(",")
         name = None
         if option:
             key, _, name = option.partition("=")
             if key != "name" or not name:
-                raise LocalError(f"console port {spec!r}: expected ',name=NAME' after the kind")
+                raise LocalError(f"{what}: expected ',name=NAME' after the kind")
         kind, _, arg = where.partition(":")
         backend: PortBackend
         if kind == "unix" and arg:
             backend = UnixSocketPort(arg)
         elif kind == "pty" and not arg:
-            backend = PtyPort()
+            backend = PtyPort(announce=announce)
         elif kind == "stdio" and not arg:
             backend = StdioPort()
         elif kind == "memory" and not arg:
             backend = MemoryPort()
         else:
-            raise LocalError(f"console port {spec!r}: expected stdio, pty, unix:PATH or memory")
+            raise LocalError(f"{what}: {where!r} is not stdio, pty or unix:PATH (nor memory)")
         return cls(backend, name)
 
     def __repr__(self) -> str:
@@ -132,7 +132,7 @@ class Port:
 
 
 class _PortLink:
-    """The :class:`~pyvirtio.device.backends.console_ports.PortEvents` of one port."""
+    """The :class:`~pyvirtio.device.console.ports.PortEvents` of one port."""
 
     __slots__ = ("device", "port")
 
@@ -213,7 +213,6 @@ class ConsoleDevice(VirtioDevice):
         self.resize_rows_first = resize_rows_first
         self._control = C.control_struct(self.endian)
         self._ctrl_out: deque[bytes] = deque()  # control messages waiting for a buffer
-        self._ctrl_rx: deque[DescriptorChain] = deque()  # empty control receive buffers
         self._driver_ready = False  # DEVICE_READY(1) seen
         C.config_struct(self.endian).pack_into(
             self.config, 0, self.cols, self.rows, nr if multiport else 0, 0
@@ -304,8 +303,7 @@ class ConsoleDevice(VirtioDevice):
             self._control_from_driver(chain)
             return 0
         if self.multiport_on and queue == C.CONTROL_RECEIVEQ:
-            self._ctrl_rx.append(chain)  # filled in process_queue / when a message is due
-            return None
+            return HOLD  # filled in process_queue / when a message is due
         port, receive = self._port_of_queue(queue)
         if port is None:
             self._peer_problem(f"{self.name}: buffer (chain {chain.head}) on queue {queue}, "
@@ -314,12 +312,11 @@ class ConsoleDevice(VirtioDevice):
         if not receive:
             return self._guest_output(port, chain)
         if not chain.writable_len:
-            # Still queued in order (returned empty in its turn), so that the unused
-            # buffers are always the newest pops and on_queue_stopped can rewind them.
+            # Still held in order (returned empty in its turn), so that the unused
+            # buffers are always the newest pops and can be given back when the queue stops.
             self._peer_problem(f"{self.name}: receive buffer (chain {chain.head}) on queue "
                                f"{queue} has no device-writable bytes; it will come back empty")
-        port.rx.append(chain)
-        return None
+        return HOLD
 
     def process_queue(self, index: int, ring: DeviceQueue) -> None:
         super().process_queue(index, ring)
@@ -332,37 +329,16 @@ class ConsoleDevice(VirtioDevice):
         if port is not None and receive:
             self._deliver(port)
 
-    def _push(self, queue: int, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
-        """Return buffers to the driver and interrupt it if it wants that."""
-        ring = self.ring(queue)
-        if ring is None or not completions:
-            return
-        try:
-            ring.push_many(completions)
-        except RingError as exc:
-            self._peer_problem(str(exc), needs_reset=True)
-            return
-        if ring.needs_notification():
-            self.notify_queue(queue)
-
     def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
-        # Give back what we popped but did not use, so last_avail_idx (vhost-user
-        # GET_VRING_BASE) covers only buffers really consumed.
+        # Transmit buffers kept for backpressure go back (the engine gives back the
+        # receive buffers it held).
         port, receive = self._port_of_queue(index)
-        if self.multiport_on and index == C.CONTROL_RECEIVEQ:
-            unused = self._ctrl_rx
-        elif port is not None and receive:
-            unused = port.rx
-        else:
-            if port is not None and port.held:
-                held, port.held = port.held, deque()
-                try:
-                    ring.push_many((chain, 0) for chain in held)
-                except RingError as exc:
-                    self._peer_problem(str(exc))
-            return
-        ring.rewind(len(unused))
-        unused.clear()
+        if port is not None and not receive and port.held:
+            held, port.held = port.held, deque()
+            try:
+                ring.push_many((chain, 0) for chain in held)
+            except RingError as exc:
+                self._peer_problem(str(exc))
 
     def on_driver_ok(self) -> None:
         # Linux reads a single-port console's cols/rows only on a config change interrupt,
@@ -373,10 +349,8 @@ class ConsoleDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         self._ctrl_out.clear()
-        self._ctrl_rx.clear()
         self._driver_ready = False
         for port in self.ports:
-            port.rx.clear()
             port.held.clear()
             port.guest_ready = port.guest_open = False
 
@@ -416,7 +390,7 @@ class ConsoleDevice(VirtioDevice):
 
     def _release_held(self, port: Port) -> None:
         held, port.held = port.held, deque()
-        self._push(C.port_transmitq(port.id), [(chain, 0) for chain in held])
+        self.complete_many(C.port_transmitq(port.id), [(chain, 0) for chain in held])
 
     # ---- host -> guest ------------------------------------------------------------------
 
@@ -435,16 +409,17 @@ class ConsoleDevice(VirtioDevice):
     def _deliver(self, port: Port) -> None:
         """Copy the port's backlog into the receive buffers the guest has posted."""
         done: list[tuple[DescriptorChain, int]] = []
-        if self._may_deliver(port):
+        engine = self.engine(C.port_receiveq(port.id))
+        if engine is not None and self._may_deliver(port):
             backlog = port.backlog
-            while backlog and port.rx:
-                chain = port.rx.popleft()
+            while backlog and engine.held:
+                chain = engine.held.popleft()
                 with memoryview(backlog) as view:
                     n = chain.write(view)
                 del backlog[:n]
                 port.to_guest += n
                 done.append((chain, n))
-        self._push(C.port_receiveq(port.id), done)
+        self.complete_many(C.port_receiveq(port.id), done)
         if port.backend.paused and len(port.backlog) <= self.backlog_limit // 2:
             port.backend.resume_reading()
 
@@ -506,11 +481,12 @@ class ConsoleDevice(VirtioDevice):
             self._flush_control()
 
     def _flush_control(self) -> None:
-        if self.ring(C.CONTROL_RECEIVEQ) is None:
+        engine = self.engine(C.CONTROL_RECEIVEQ)
+        if engine is None:
             return
         done: list[tuple[DescriptorChain, int]] = []
-        while self._ctrl_out and self._ctrl_rx:
-            chain = self._ctrl_rx.popleft()
+        while self._ctrl_out and engine.held:
+            chain = engine.held.popleft()
             msg = self._ctrl_out.popleft()
             if chain.writable_len < len(msg):
                 # Dropped rather than retried: a driver that re-posts the same small buffer
@@ -522,4 +498,4 @@ class ConsoleDevice(VirtioDevice):
                 done.append((chain, 0))
                 continue
             done.append((chain, chain.write(msg)))
-        self._push(C.CONTROL_RECEIVEQ, done)
+        self.complete_many(C.CONTROL_RECEIVEQ, done)

@@ -71,7 +71,7 @@ ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6
 
 
 class FrameSink(Protocol):
-    """Where captured frames go (:class:`pyvirtio.io.pcap.PcapWriter`)."""
+    """Where captured frames go (:class:`pyvirtio.device.net.pcap.PcapWriter`)."""
 
     def write_frame(self, frame: Frame, length: int) -> None: ...
 

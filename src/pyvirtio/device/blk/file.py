@@ -16,13 +16,12 @@ Discard punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``); write-zeroes pun
 when the driver allows unmapping, else uses ``FALLOC_FL_ZERO_RANGE``, and falls back to
 writing zeroes where the file system supports neither. ``KEEP_SIZE`` everywhere: the image
 never grows. Python's ``os`` module has no ``fallocate`` with a mode (``posix_fallocate`` only
-allocates), so the libc function is called through ctypes.
+allocates), so the libc function is called through ctypes (:mod:`pyvirtio.memory.host`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
@@ -30,14 +29,17 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 
-from pyvirtio.device.blk import SECTOR_SIZE, BlkBackend
+from pyvirtio.device.blk.backend import SECTOR_SIZE, BlkBackend
 from pyvirtio.errors import LocalError
+from pyvirtio.memory.host import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    buffer_address,
+    fallocate,
+)
 
-log = logging.getLogger("pyvirtio.device.backends.blk_file")
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
+log = logging.getLogger("pyvirtio.device.blk.file")
 
 try:
     IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -49,40 +51,6 @@ if IOV_MAX <= 0:
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
 _ZERO_CHUNK = 1 << 20
 _BOUNCE_KEEP = 4 << 20  # keep a bounce buffer up to this size for reuse
-
-_fallocate_fn: Callable[..., int] | None = None
-_fallocate_loaded = False
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """Linux ``fallocate(2)`` with a mode. Raises ``OSError`` (EOPNOTSUPP if libc lacks it)."""
-    global _fallocate_fn, _fallocate_loaded
-    if not _fallocate_loaded:
-        _fallocate_loaded = True
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = getattr(libc, "fallocate64", None) or libc.fallocate
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            fn.restype = ctypes.c_int
-            _fallocate_fn = fn
-        except (OSError, AttributeError):
-            _fallocate_fn = None
-    if _fallocate_fn is None:
-        raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
-    if _fallocate_fn(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"fallocate(mode=0x{mode:x}, {offset}, {length}): "
-                           f"{os.strerror(err)}")
-
-
-def buffer_address(view: memoryview) -> int:
-    """The address of a writable buffer's first byte (for O_DIRECT alignment checks);
-    -1 if it cannot be known (a read-only or empty buffer)."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except (TypeError, ValueError):
-        return -1
-
 
 class FileBackend(BlkBackend):
     """A raw image file or block device at ``path``.

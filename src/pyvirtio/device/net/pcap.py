@@ -9,7 +9,7 @@ MTU are written whole (as tcpdump on a host interface shows them) up to ``snaple
 
 :func:`global_header` and :func:`record_header` are the pure encoding;
 :class:`PcapWriter` owns the file and implements the
-:class:`~pyvirtio.device.net_endpoint.FrameSink` protocol that devices and switch ports call.
+:class:`~pyvirtio.device.net.endpoint.FrameSink` protocol that devices and switch ports call.
 """
 
 from __future__ import annotations

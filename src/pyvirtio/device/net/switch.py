@@ -2,7 +2,7 @@
 
 Each :class:`SwitchPort` is linked to one endpoint: a :class:`~pyvirtio.device.net.NetDevice`
 (a guest's virtio-net queues, typically served over vhost-user), a tap, anything that is a
-:class:`~pyvirtio.device.net_endpoint.NetEndpoint`. A frame the endpoint sends into its port
+:class:`~pyvirtio.device.net.endpoint.NetEndpoint`. A frame the endpoint sends into its port
 is forwarded by destination MAC:
 
 * the source MAC is learned on the ingress port (entries age out after ``ageing_time``);
@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
-from pyvirtio.device.net_endpoint import (
+from pyvirtio.device.net.endpoint import (
     Delivery,
     Frame,
     FrameSink,

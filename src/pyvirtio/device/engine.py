@@ -1,0 +1,402 @@
+"""The serving engine: how every device's queues are drained, completed and signalled.
+
+One :class:`QueueEngine` runs per running queue (made by
+:meth:`~pyvirtio.device.base.VirtioDevice.start_queue`). Whatever the device, serving a kick
+is the same:
+
+* **drain** with kicks suppressed: pop chains and hand each to the device's
+  :meth:`~pyvirtio.device.base.VirtioDevice.handle`; close the enable-notification race by
+  looking again after re-enabling kicks. A device with a fast path for its common chains
+  (blk) plugs it in with :meth:`~pyvirtio.device.base.VirtioDevice.fast_lane`: it serves
+  them in batches straight from the ring and leaves anything unusual to :meth:`handle`.
+* **batch push**: completions are returned ``push_batch`` at a time with one used-index
+  store (:meth:`QueueEngine.publish`), and the driver is interrupted at most once per
+  drain, only if it asked to be (EVENT_IDX / NO_INTERRUPT).
+* **backpressure and fairness**: ``handle`` may answer :data:`RETRY` (the device cannot take
+  the chain now: it is put back and the queue waits for :meth:`QueueEngine.run` again, e.g.
+  net's ``peer_ready``); a device with a ``drain_budget`` yields to the reactor after that
+  many chains. A nested call (a handler whose peer calls back) makes the running drain look
+  again instead of recursing.
+* **buffers to fill**: ``handle`` may answer :data:`HOLD` for a buffer the device fills when
+  the host has data; a device can also pop them on demand (:meth:`QueueEngine.buffer`) and
+  wait for the driver to post more (:meth:`QueueEngine.out_of_buffers`). Held buffers are
+  given back unused when the queue stops.
+* **request tracking** for crash-safe reconnection: a :class:`RequestTracker` set with
+  :meth:`~pyvirtio.device.base.VirtioDevice.track_requests` sees every head popped and
+  completed (vhost-user INFLIGHT_SHMFD, :mod:`pyvirtio.transport.vhost_user.inflight`), and
+  the heads a previous back-end left in flight are resubmitted before anything new.
+* **adaptive batch mode** (``batch_interval`` on the device, with a reactor): a queue kept
+  busy by a driver that submits one request at a time costs a kick and an interrupt per
+  request; when requests keep coming fast, the engine tries leaving kicks off after a drain
+  and looking at the ring on a timer instead, and stays in that mode only while the ticks
+  serve requests at least about as fast as kicks did. Leaving goes through the usual
+  enable-and-look-again step, and completions are signalled at the end of every drain, so
+  nothing is ever left waiting for a kick that will not come.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pyvirtio.errors import PeerError
+from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+
+if TYPE_CHECKING:
+    from pyvirtio.device.base import VirtioDevice
+
+#: what :meth:`VirtioDevice.handle` returns for a chain the device cannot take now (the
+#: chain is put back; the drain stops until :meth:`QueueEngine.run` is called again)
+RETRY = -1
+
+#: what :meth:`VirtioDevice.handle` returns for a buffer the device keeps to fill later,
+#: when the host has data (:attr:`QueueEngine.held`; returned unused when the queue stops)
+HOLD = -2
+
+#: a completion waiting to be published: a chain (or a head) and the bytes written into it
+Completion = tuple["DescriptorChain | int", int]
+#: a device's fast path for one queue: serves what it can into the completion list; returns
+#: True when it stopped at a chain it leaves to :meth:`VirtioDevice.handle` (un-popped, or
+#: it saw nothing at all), False when it served everything it saw
+FastLane = Callable[[DeviceQueue, "list[Completion]", "RequestTracker | None"], bool]
+
+# Batch mode. Kick-driven serving is measured over windows of _WINDOW seconds; a window at
+# _MIN_RATE requests/s or more (several per tick) may start a trial. A tick that finds at
+# most _IDLE_TICK requests ends batch mode at once (the driver waits for us, or went quiet);
+# otherwise the tick rate is judged over _JUDGE seconds and must reach _KEEP times the
+# kick-driven rate. A failed trial is retried after a back-off that doubles from
+# _MIN_BACKOFF up to _MAX_BACKOFF; a kept one resets it.
+_WINDOW = 0.05
+_MIN_RATE = 3000.0
+_IDLE_TICK = 1
+_JUDGE = 0.01
+_KEEP = 0.9
+_MIN_BACKOFF = 0.1
+_MAX_BACKOFF = 5.0
+_monotonic = time.monotonic
+
+
+class RequestTracker(Protocol):
+    """Follows the heads of a queue from pop to completion, so that what was in flight can
+    be found again if this process dies (vhost-user INFLIGHT_SHMFD: the tracker writes a
+    shared region the front-end keeps; see :mod:`pyvirtio.transport.vhost_user.inflight`)."""
+
+    def popped(self, head: int) -> None:
+        """``head`` was taken from the avail ring."""
+
+    def completing(self, heads: Sequence[int]) -> None:
+        """``heads`` are about to be published in the used ring (one used->idx store)."""
+
+    def completed(self, heads: Sequence[int], used_idx: int) -> None:
+        """``heads`` were published; used->idx is now ``used_idx``."""
+
+
+class QueueEngine:
+    """Serves one running queue of a device (see the module doc)."""
+
+    __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_kick_rate",
+                 "_tick", "_trial_after", "_w_count", "_w_start", "again", "blocked",
+                 "device", "done", "fast", "held", "index", "queue", "ring",
+                 "running", "waiting", "yielded")
+
+    def __init__(self, device: VirtioDevice, index: int, ring: DeviceQueue) -> None:
+        self.device = device
+        self.index = index
+        self.ring = ring
+        self.queue = device.queues[index]
+        self.done: list[Completion] = []  # completions not yet published
+        self.held: deque[DescriptorChain] = deque()  # popped buffers the device will fill
+        self.waiting = False  # out of buffers: the device asked for a kick
+        self.fast = device.fast_lane(index, ring)  # the device's fast path, or None
+        self.running = False  # a drain is on the stack
+        self.again = False  # someone asked for a drain while one ran: look again
+        self.blocked = False  # handle() answered RETRY: wait for run()
+        self.yielded = False  # out of budget: a drain is scheduled on the reactor
+        self._batching = False  # kicks left off, a tick armed
+        self._tick: Any = None
+        self._kick_rate = 0.0  # requests/s served on kicks, last full window
+        self._w_start = _monotonic()  # the current kick-driven window
+        self._w_count = 0
+        self._b_start = 0.0  # the current judging span in batch mode
+        self._b_count = 0
+        self._trial_after = 0.0
+        self._backoff = _MIN_BACKOFF
+        self._drained = False  # run() got past its checks (set for the tick to see)
+
+    @property
+    def batching(self) -> bool:
+        """Whether the queue is in batch mode (kicks off, the ring looked at on a timer)."""
+        return self._batching
+
+    def current(self) -> bool:
+        """Whether this engine still serves a running, unbroken queue."""
+        return self.queue.engine is self and self.ring.broken is None
+
+    # ---- completing ---------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Return the waiting completions with one used->idx store, telling the request
+        tracker before and after. Raises RingError if the ring refuses them."""
+        done = self.done
+        tracker = self.queue.tracker
+        ring = self.ring
+        if tracker is None:
+            ring.push_many(done)
+        else:
+            heads = [c if type(c) is int else c.head for c, _ in done]  # type: ignore[union-attr]
+            tracker.completing(heads)
+            ring.push_many(done)
+            tracker.completed(heads, ring.used_idx)
+        done.clear()
+
+    def complete(self, completions: Iterable[Completion], notify: bool = True) -> None:
+        """Return chains handled outside a drain (asynchronous back-ends, buffers a device
+        held); interrupt the driver if it wants one."""
+        if not self.current():
+            return  # the queue was reset meanwhile: the chains belong to a dead ring
+        if self.running:
+            self.done.extend(completions)  # the running drain publishes them
+            return
+        self.done.extend(completions)
+        if not self.done:
+            return
+        try:
+            self.publish()
+        except RingError as exc:
+            self.done.clear()
+            self.device.queue_failed(self.index, self.ring, exc)
+            return
+        if notify and self.ring.needs_notification():
+            self.device.notify_queue(self.index)
+
+    # ---- buffers the device fills when the host has data (net and console receive) -------
+
+    def buffer(self, pos: int) -> DescriptorChain | None:
+        """The ``pos``-th buffer held for filling, popping more from the ring as needed; None
+        if the driver has not posted that many. Raises RingError for a malformed chain."""
+        held = self.held
+        while len(held) <= pos:
+            chain = self.ring.pop()
+            if chain is None:
+                return None
+            held.append(chain)
+        return held[pos]
+
+    def out_of_buffers(self) -> bool:
+        """No buffer for what the host has: publish what was filled (the driver refills on
+        that interrupt) and ask for a kick. True if buffers arrived meanwhile (try again
+        now); False: wait, :meth:`buffers_posted` tells at the kick."""
+        self.complete(())
+        ring = self.ring
+        if not self.current():
+            return False
+        if ring.enable_notifications():
+            ring.disable_notifications()
+            return True
+        self.waiting = True
+        return False
+
+    def buffers_posted(self) -> bool:
+        """The driver kicked a queue the device fills (we asked only when we ran out):
+        True if the device was waiting for buffers."""
+        self.ring.disable_notifications()
+        waiting, self.waiting = self.waiting, False
+        return waiting
+
+    def give_back(self) -> None:
+        """The queue stops: publish what was filled and un-pop the buffers held unused, so
+        last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed."""
+        try:
+            if self.done:
+                self.ring.push_many(self.done)
+            if self.held:
+                self.ring.rewind(len(self.held))
+        except RingError as exc:
+            self.device.problem(str(exc))
+        self.done.clear()
+        self.held.clear()
+
+    # ---- draining -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Drain the queue (see the module doc); at most one interrupt."""
+        ring = self.ring
+        queue = self.queue
+        if queue.engine is not self or ring.broken is not None:
+            return
+        if self.running:
+            self.again = True
+            return
+        self.running = True
+        self._drained = True
+        device = self.device
+        index = self.index
+        done = self.done
+        tracker = queue.tracker
+        fast = self.fast
+        if device.reactor is None:
+            budget, interval = -1, None
+        else:
+            budget, interval = device.drain_budget, device.batch_interval
+        first = ring.last_avail_idx
+        published = False
+        self.blocked = False
+        try:
+            if queue.resubmit:
+                heads, queue.resubmit = queue.resubmit, []
+                for head in heads:
+                    resumed = ring.resume(head)
+                    written = device.handle(index, resumed)
+                    if queue.engine is not self:
+                        return  # the handler reset the device or stopped this queue
+                    if written is not None:
+                        done.append((resumed, written))
+                if done:
+                    self.publish()
+                    published = True
+            while True:
+                self.again = False
+                ring.disable_notifications()
+                while True:
+                    if fast is not None:
+                        if not fast(ring, done, tracker):
+                            break  # the lane found nothing it leaves to handle()
+                        if done:
+                            self.publish()  # handle() sees the ring as if it did it all
+                            published = True
+                    if budget == 0:
+                        self._yield()
+                        break
+                    chain = ring.pop()  # raises RingError for a malformed chain
+                    if chain is None:
+                        break
+                    if tracker is not None:
+                        tracker.popped(chain.head)
+                    written = device.handle(index, chain)
+                    if queue.engine is not self:
+                        return  # the handler reset the device or stopped this queue
+                    budget -= 1
+                    if written is None:
+                        continue  # completed later (asynchronous)
+                    if written < 0:
+                        if written == HOLD:
+                            self.held.append(chain)
+                            continue
+                        ring.rewind(1)  # RETRY
+                        self.blocked = True
+                        break
+                    done.append((chain, written))
+                    if len(done) >= device.push_batch:
+                        self.publish()
+                        published = True
+                if done:
+                    self.publish()
+                    published = True
+                if self.blocked:
+                    if self.again:
+                        self.blocked = False
+                        continue  # unblocked while we were busy
+                    break  # kicks stay off: run() comes when the device can go on
+                if self.yielded or self._batching:
+                    break  # kicks stay off: the scheduled drain or the tick looks again
+                # kick us for what comes next, then look again (a buffer made available
+                # meanwhile sent no kick)
+                if not ring.enable_notifications() and not self.again:
+                    break
+            if interval:
+                self._account((ring.last_avail_idx - first) & 0xFFFF)
+        except (RingError, PeerError) as exc:
+            # A malformed request (handle() refused to answer it) still lets what came
+            # before it be returned; a broken ring does not.
+            if done and ring.broken is None and queue.engine is self:
+                try:
+                    self.publish()
+                    published = True
+                except RingError:
+                    pass
+            done.clear()
+            device.queue_failed(index, ring, exc)
+        finally:
+            self.running = False
+            if published and queue.engine is self and ring.needs_notification():
+                device.notify_queue(index)
+            if self._batching and self._tick is None:
+                if interval and self.current():
+                    self._tick = device.reactor.call_later(  # type: ignore[union-attr]
+                        interval, self._on_tick)
+                else:
+                    self._batching = False
+
+    def _yield(self) -> None:
+        """Out of budget: go on at the next loop iteration, so other queues get a turn."""
+        if self.yielded:
+            return
+        self.yielded = True
+
+        def resume() -> None:
+            self.yielded = False
+            if self.current():
+                self.device.poll_queue(self.index)
+
+        self.device.reactor.call_later(0.0, resume)  # type: ignore[union-attr]
+
+    # ---- batch mode ---------------------------------------------------------------------
+
+    def _account(self, served: int) -> None:
+        """After a drain that served ``served`` requests: keep the kick-driven rate, and
+        start a batch-mode trial when it is high enough (kicks are still on for the next
+        request: its kick runs the first drain in batch mode, which leaves them off)."""
+        if self._batching:
+            self._b_count += served
+            return
+        self._w_count += served
+        now = _monotonic()
+        elapsed = now - self._w_start
+        if elapsed < _WINDOW:
+            return
+        rate = self._kick_rate = self._w_count / elapsed
+        self._w_start = now
+        self._w_count = 0
+        if rate >= _MIN_RATE and now >= self._trial_after:
+            self._batching = True
+            self._b_start = now
+            self._b_count = 0
+
+    def _on_tick(self) -> None:
+        """The batch-mode timer: judge the mode, then drain (which re-arms the tick while
+        batch mode lasts, or turns kicks back on and looks again when it ends)."""
+        self._tick = None
+        ring = self.ring
+        if not self.current():
+            self._batching = False  # a stale engine: the queue stopped or restarted
+            return
+        now = _monotonic()
+        arrived = ring.pending()
+        elapsed = now - self._b_start
+        if arrived <= _IDLE_TICK:
+            self._end_batching(now)
+        elif elapsed >= _JUDGE:
+            if self._b_count + arrived < _KEEP * self._kick_rate * elapsed:
+                self._end_batching(now)
+            else:  # kept: judge the next span from here
+                self._backoff = _MIN_BACKOFF
+                self._b_start = now
+                self._b_count = -arrived  # the drain below counts them again
+        self._drained = False
+        self.device.batch_ticks += 1
+        self.device.poll_queue(self.index)
+        if not self._drained and self.current():
+            # The transport did not let the drain run (a disabled vhost-user vring): leave
+            # batch mode with kicks on; re-enabling the vring looks at the ring anyway.
+            if self._batching:
+                self._end_batching(now)
+            ring.enable_notifications()
+
+    def _end_batching(self, now: float) -> None:
+        self._batching = False
+        self._trial_after = now + self._backoff
+        self._backoff = min(self._backoff * 2, _MAX_BACKOFF)
+        self._w_start = now
+        self._w_count = 0

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers.serve_process import ServeProcess
-from pyvirtio.device.blk.file import FileBackend
 from pyvirtio.device.blk import BlkDevice
+from pyvirtio.device.blk.file import FileBackend
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.spec import blk as B
 from pyvirtio.spec import features as F

@@ -141,7 +141,9 @@ class HeldBackend(BlkBackend):
 
 def start(device: BlkDevice, memory: GuestMemory) -> None:
     device.memory = memory
-    device.set_driver_features((device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ))
+    # Split rings (inflight tracking covers split rings only).
+    device.set_driver_features((device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ)
+                                & ~F.bit(F.RING_PACKED))
                                | F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC))
     device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
     device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)

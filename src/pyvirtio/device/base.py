@@ -23,7 +23,7 @@ from pyvirtio.core import status as core_status
 from pyvirtio.core.reactor import Reactor
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, device_ring
 from pyvirtio.spec import LE, Endian, ids
 from pyvirtio.spec import features as F
 from pyvirtio.spec import status as S
@@ -31,7 +31,8 @@ from pyvirtio.spec import status as S
 log = logging.getLogger("pyvirtio.device")
 
 DEFAULT_QUEUE_SIZE = 256
-DEFAULT_TRANSPORT_FEATURES = F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+DEFAULT_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+                              | F.bit(F.RING_PACKED))
 
 
 class ConfigAccessError(PeerError):
@@ -48,7 +49,7 @@ class QueueState:
     avail: int = 0
     used: int = 0
     enabled: bool = False
-    ring: DeviceQueue | None = None
+    ring: DeviceRing | None = None
 
 
 class VirtioDevice:
@@ -138,7 +139,7 @@ class VirtioDevice:
         host little-endian guests, x86 and UML)."""
         return LE
 
-    def ring(self, queue: int) -> DeviceQueue | None:
+    def ring(self, queue: int) -> DeviceRing | None:
         return self.queues[queue].ring if 0 <= queue < len(self.queues) else None
 
     def complete(self, queue: int, chain: DescriptorChain | int, written: int,
@@ -304,9 +305,9 @@ class VirtioDevice:
         avail: int,
         used: int,
         *,
-        last_avail_idx: int = 0,
+        last_avail_idx: int | None = None,
         used_idx: int | None = None,
-    ) -> DeviceQueue:
+    ) -> DeviceRing:
         """Start running queue ``index`` on the given ring addresses (guest-physical).
 
         Raises :class:`PeerError` (a RingError) if the ring lies outside guest memory or the
@@ -318,11 +319,10 @@ class VirtioDevice:
         if size > q.max_size:
             raise PeerError(f"{self.name}: queue {index} size {size} exceeds the maximum "
                             f"{q.max_size}")
-        features = self.driver_features
-        ring = DeviceQueue(
-            self.memory, size, desc, avail, used,
-            event_idx=bool(features >> F.EVENT_IDX & 1),
-            indirect=bool(features >> F.INDIRECT_DESC & 1),
+        # The ring format (split or packed) follows the negotiated features; a fresh ring
+        # (last_avail_idx None) starts where that format starts.
+        ring = device_ring(
+            self.driver_features, self.memory, size, desc, avail, used,
             endian=self.endian,
             last_avail_idx=last_avail_idx,
             used_idx=used_idx,
@@ -334,7 +334,7 @@ class VirtioDevice:
         self.on_queue_started(index, ring)
         return ring
 
-    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_started(self, index: int, ring: DeviceRing) -> None:
         """A queue began running (hook; e.g. flush pending input to a receive queue)."""
 
     def stop_queue(self, index: int) -> int:
@@ -348,7 +348,7 @@ class VirtioDevice:
         self.on_queue_stopped(index, ring)
         return ring.last_avail_idx
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         """A queue stopped running (hook)."""
 
     @property
@@ -395,7 +395,7 @@ class VirtioDevice:
             if q.ring is not None and not q.ring.broken and q.ring.pending():
                 self.poll_queue(index)
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         """Drain ``ring`` through :meth:`handle`, with kicks suppressed while we work and the
         enable-notification race closed (re-check after re-enabling)."""
         queue = self.queues[index]
@@ -423,12 +423,12 @@ class VirtioDevice:
         """``chain`` was taken from queue ``index`` and is about to be handled (hook: a
         device that tracks requests in flight, for resubmission after a crash)."""
 
-    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
+    def complete_chain(self, index: int, ring: DeviceRing, chain: DescriptorChain,
                        written: int) -> None:
         """Return a handled chain to the driver (hook: the same, for tracking devices)."""
         ring.push(chain, written)
 
-    def queue_failed(self, index: int, ring: DeviceQueue, exc: RingError | PeerError) -> None:
+    def queue_failed(self, index: int, ring: DeviceRing, exc: RingError | PeerError) -> None:
         """Serving queue ``index`` stopped on ``exc``: a malformed ring, or a malformed
         request that :meth:`handle` refused to complete. Either way the queue is broken
         (later kicks are ignored; the chain is lost to the driver) and the device needs a

@@ -48,7 +48,7 @@ from typing import Protocol
 from pyvirtio.device.base import LIVE_MASK, ConfigAccessError, VirtioDevice
 from pyvirtio.device.blk_fastpath import BlkFastLane, LaneConfig
 from pyvirtio.errors import LocalError, PeerError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 from pyvirtio.ring.chain import gather, scatter, split_segments
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
@@ -168,7 +168,7 @@ class BlkRequest:
         self.length = 0
         self.ranges: list[tuple[int, int, bool]] | None = None
         self.sync = False
-        self.ring: DeviceQueue | None = None
+        self.ring: DeviceRing | None = None
         self.error: OSError | None = None
 
     def __repr__(self) -> str:
@@ -596,7 +596,7 @@ class BlkDevice(VirtioDevice):
                 return
         super().kick(index)
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         """Drain ``ring`` (replaces the framework's loop; same contract and results).
 
         Requests a restarted back-end must resubmit (:meth:`track_requests`) go first.
@@ -616,7 +616,7 @@ class BlkDevice(VirtioDevice):
         else:
             super().process_queue(index, ring)
 
-    def _process_resubmitted(self, index: int, ring: DeviceQueue) -> bool:
+    def _process_resubmitted(self, index: int, ring: DeviceRing) -> bool:
         """Run the chains of the heads to resubmit; False if the queue is unusable now."""
         heads = self._resubmit.pop(index)
         queue = self.queues[index]
@@ -643,7 +643,7 @@ class BlkDevice(VirtioDevice):
         if tracker is not None:
             tracker.popped(chain.head)
 
-    def complete_chain(self, index: int, ring: DeviceQueue, chain: DescriptorChain,
+    def complete_chain(self, index: int, ring: DeviceRing, chain: DescriptorChain,
                        written: int) -> None:
         tracker = self._trackers[index]
         if tracker is None:
@@ -678,7 +678,7 @@ class BlkDevice(VirtioDevice):
         else:
             self._resubmit.pop(index, None)
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         self._trackers[index] = None
         self._lane_config = None
         self._resubmit.pop(index, None)

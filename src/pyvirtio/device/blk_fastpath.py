@@ -43,7 +43,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.errors import PeerError
-from pyvirtio.ring import DeviceQueue, RingError
+from pyvirtio.ring import DeviceRing, RingError
 from pyvirtio.spec import blk as B
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class BlkFastLane:
                  "_kick_rate", "_tick", "_trial_after", "_w_count", "_w_start", "device",
                  "index", "queue", "ring")
 
-    def __init__(self, device: BlkDevice, index: int, ring: DeviceQueue) -> None:
+    def __init__(self, device: BlkDevice, index: int, ring: DeviceRing) -> None:
         self.device = device
         self.index = index
         self.ring = ring
@@ -299,7 +299,7 @@ class BlkFastLane:
                     self._batching = False
 
 
-def _publish(ring: DeviceQueue, done: list[tuple[int, int]],
+def _publish(ring: DeviceRing, done: list[tuple[int, int]],
              tracker: RequestTracker | None) -> None:
     """Return the completed requests to the driver with one used->idx store, telling the
     request tracker before and after."""

@@ -58,7 +58,7 @@ from pyvirtio.device.backends.console_ports import (
 )
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 from pyvirtio.spec.features import bit
@@ -321,7 +321,7 @@ class ConsoleDevice(VirtioDevice):
         port.rx.append(chain)
         return None
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         super().process_queue(index, ring)
         if self.queues[index].ring is not ring:
             return
@@ -345,7 +345,7 @@ class ConsoleDevice(VirtioDevice):
         if ring.needs_notification():
             self.notify_queue(queue)
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         # Give back what we popped but did not use, so last_avail_idx (vhost-user
         # GET_VRING_BASE) covers only buffers really consumed.
         port, receive = self._port_of_queue(index)

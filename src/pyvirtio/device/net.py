@@ -56,7 +56,7 @@ from pyvirtio.device.net_endpoint import (
 )
 from pyvirtio.device.net_offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError, gather, scatter
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, gather, scatter
 from pyvirtio.ring.chain import split_segments
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
@@ -410,7 +410,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _is_rx(self, index: int) -> bool:
         return index != self._ctrl_index and index % 2 == 0
 
-    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_started(self, index: int, ring: DeviceRing) -> None:
         self._rx_spare[index].clear()
         self._rx_pending[index].clear()
         self._rx_waiting[index] = False
@@ -418,7 +418,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
             self.peer.peer_ready()
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         # Publish what was written, then give back the receive buffers popped but unused so
         # last_avail_idx (vhost-user GET_VRING_BASE) counts only buffers really consumed.
         pending = self._rx_pending[index]
@@ -433,7 +433,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         pending.clear()
         spare.clear()
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         if index == self._ctrl_index:
             super().process_queue(index, ring)
         elif index % 2 == 1:
@@ -620,7 +620,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.stats.tx_dropped += 1
         return result
 
-    def _process_tx(self, index: int, ring: DeviceQueue) -> None:
+    def _process_tx(self, index: int, ring: DeviceRing) -> None:
         if self._tx_active[index]:
             # Re-entered (the peer's peer_ready or a nested kick): the running loop repeats.
             self._tx_again[index] = True
@@ -672,7 +672,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
             if self.peer is not None:
                 self.peer.flush_rx()
 
-    def _publish_tx(self, index: int, ring: DeviceQueue,
+    def _publish_tx(self, index: int, ring: DeviceRing,
                     done: list[tuple[DescriptorChain, int]]) -> None:
         try:
             ring.push_many(done)
@@ -682,7 +682,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if not ring.broken and ring.needs_notification():
             self.notify_queue(index)
 
-    def _schedule_tx(self, index: int, ring: DeviceQueue) -> None:
+    def _schedule_tx(self, index: int, ring: DeviceRing) -> None:
         """Out of budget: continue on the next loop iteration so other guests get a turn."""
         if self._tx_resume_scheduled[index] or self.reactor is None:
             return
@@ -711,7 +711,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def rx_offloads(self) -> Offload:
         return self._guest_offloads
 
-    def _rx_kick(self, index: int, ring: DeviceQueue) -> None:
+    def _rx_kick(self, index: int, ring: DeviceRing) -> None:
         """The driver posted receive buffers. We only asked for this kick when we ran out."""
         ring.disable_notifications()
         if self._rx_waiting[index]:
@@ -805,7 +805,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.flush_rx()
         return Delivery.DELIVERED if delivered else Delivery.DROPPED
 
-    def _fits(self, index: int, ring: DeviceQueue, needs: list[int]) -> bool:
+    def _fits(self, index: int, ring: DeviceRing, needs: list[int]) -> bool:
         """Whether the receive buffers available now hold frames of ``needs`` bytes (header
         included), each starting in a fresh buffer as :meth:`_place` will put them."""
         pos = 0
@@ -821,7 +821,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity += chain.writable_len
         return True
 
-    def _out_of_buffers(self, index: int, ring: DeviceQueue) -> bool:
+    def _out_of_buffers(self, index: int, ring: DeviceRing) -> bool:
         """No room for a frame: publish what was placed (the driver refills on that
         interrupt) and ask for a kick. True if buffers arrived meanwhile (try again now);
         False: answer BUSY, and the kick will call the peer's ``peer_ready``."""
@@ -853,7 +853,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
             key = bytes(head[:12])
         return 2 * (zlib.crc32(key) % pairs)
 
-    def _take_chain(self, index: int, ring: DeviceQueue, pos: int) -> DescriptorChain | None:
+    def _take_chain(self, index: int, ring: DeviceRing, pos: int) -> DescriptorChain | None:
         """The ``pos``-th receive buffer we hold, popping more from the ring as needed."""
         spare = self._rx_spare[index]
         while len(spare) <= pos:

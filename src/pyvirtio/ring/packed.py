@@ -73,6 +73,25 @@ def decode(value: int) -> tuple[int, int]:
     return value & 0x7FFF, value >> 15 & 1
 
 
+def base_of_zero(memory: GuestMemory, desc_addr: int, endian: Endian = LE) -> int:
+    """Where a packed ring told to start at 0 (position 0, wrap counter 0) really starts.
+
+    Position 0 with wrap counter 0 means "exactly one lap done". Then slot 0 holds the
+    first used descriptor of that lap (the device writes used descriptors from position 0
+    with wrap counter 1: AVAIL = USED = 1), since the whole lap was made available and
+    consumed. If it does not, the ring never completed a lap: it is a fresh ring whose
+    front-end sent 0 without encoding the wrap counter (User-Mode Linux's virtio_uml sends
+    SET_VRING_BASE 0 for every ring), so it starts at :data:`FRESH`. A slot outside guest
+    memory is left for the ring itself to refuse.
+    """
+    try:
+        raw = memory.read(desc_addr + 14, 2)
+    except GuestMemoryError:
+        return 0
+    flags = struct.unpack(endian + "H", raw)[0]
+    return 0 if flags & _AVAIL_USED == _AVAIL_USED else FRESH
+
+
 def _check_size(size: int) -> None:
     if not P.is_valid_queue_size(size):
         raise QueueUsageError(f"packed queue size {size} is not in 1..32768")
@@ -504,6 +523,15 @@ class PackedDeviceQueue(_PackedRing):
     def in_flight(self) -> list[int]:
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
+
+    def resume(self, head: int) -> DescriptorChain:
+        """The queue interface's resubmission after a back-end restart. A packed buffer id
+        names no ring slot (its descriptors are wherever the driver put them, and may have
+        been overwritten by used descriptors since), so resubmission needs the descriptors
+        saved elsewhere (vhost-user's packed inflight layout), which pyvirtio does not
+        implement: refused, and a back-end does not track packed rings for resubmission."""
+        raise QueueUsageError(f"{self.name}: resubmitting buffer {head} of a packed ring is "
+                              "not supported (no packed inflight tracking)")
 
     def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
                                                            int, bool, int, int]]:

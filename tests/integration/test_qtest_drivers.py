@@ -315,6 +315,21 @@ def test_packed_blk_driver_reads_writes_and_flushes_the_image_file_through_qemu(
     assert driver.get_id() == b"pyvirtio-packed"
 
 
+@pytest.mark.parametrize("ring", sorted(RING_FEATURES))
+def test_packed_rng_driver_reads_exactly_the_bytes_the_backend_read_from_its_file(
+        machine: StartMachine, tmp_path: Path, entropy_file: bytes, ring: str) -> None:
+    """QEMU 7.2 writes used lengths without the WRITE flag: the driver must take them."""
+    m = machine("-object", f"rng-random,id=r0,filename={tmp_path / 'entropy'}",
+                "-device", "virtio-rng-pci,rng=r0,disable-legacy=on,packed=on")
+    transport = only_transport(m, "modern")
+    driver = probe(transport, RngDriver, features=RING_FEATURES[ring] | PACKED)
+    assert isinstance(driver, RngDriver)
+    assert transport.acked_features() & PACKED
+    assert type(driver.vq.ring) is PackedDriverQueue
+    got = b"".join(driver.read(4096) for _ in range(40))  # many laps of an 8-entry ring
+    assert got == entropy_file[: 40 * 4096]
+
+
 # ---- the qtest machine itself -------------------------------------------------------------
 
 

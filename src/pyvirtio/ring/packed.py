@@ -843,13 +843,17 @@ class PackedDriverQueue(_PackedRing):
         if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
             return None
         written, buf_id = self._len_id.unpack_from(self._desc, 16 * pos + 8)
-        if not flags & _WRITE:
-            written = 0  # the length is reserved without WRITE
         where = f"used slot {pos} (0x{self._slot_addr(pos):x})"
         entry = self._inflight[buf_id] if buf_id < self.size else None
         if entry is None:
             raise self._break(f"device returned id {buf_id} in {where}, which is not an "
                               "in-flight buffer")
+        if not flags & _WRITE and not entry.in_capacity:
+            # The spec reserves the length of a used descriptor without WRITE. Devices
+            # write the length without setting WRITE (QEMU 7.2 never sets it; Linux's
+            # driver reads the length whatever the flag): it counts when the buffer has
+            # writable bytes, and is still checked against them below.
+            written = 0
         if written > entry.in_capacity:
             raise self._break(
                 f"device claims {written} bytes written into buffer {buf_id} ({where}), "

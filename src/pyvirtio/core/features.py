@@ -49,6 +49,11 @@ def unimplemented(features: int) -> int:
         F.VHOST_USER_PROTOCOL_FEATURES)
 
 
+def ring_format(features: int) -> str:
+    """``"packed ring"`` or ``"split ring"``: the virtqueue layout ``features`` select."""
+    return "packed ring" if F.has(features, F.RING_PACKED) else "split ring"
+
+
 def is_modern(features: int) -> bool:
     """VERSION_1 negotiated: little-endian, FEATURES_OK step required."""
     return F.has(features, F.VERSION_1)

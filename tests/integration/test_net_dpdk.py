@@ -37,7 +37,7 @@ FRAMES = 10_000
 BATCH = 32
 ETHERTYPE = b"\x88\xb5"  # IEEE local experimental
 #: what our driver asks for: the packed ring, mergeable receive buffers, no control queue
-WISH = (F.bit(F.VERSION_1) | F.bit(F.RING_PACKED) | F.bit(F.EVENT_IDX)
+WISH = (F.bit(F.VERSION_1) | F.bit(F.RING_PACKED) | F.bit(F.EVENT_IDX) | F.bit(F.IN_ORDER)
         | F.bit(F.INDIRECT_DESC) | F.bit(N.VIRTIO_NET_F_MRG_RXBUF))
 
 
@@ -111,6 +111,7 @@ def test_two_packed_net_drivers_exchange_10000_frames_through_testpmd(
         for c, d in zip(clients, drivers, strict=True):
             assert isinstance(d, NetDriver)
             assert c.acked_features & F.bit(F.RING_PACKED)
+            assert c.acked_features & F.bit(F.IN_ORDER)  # DPDK offers it; our rings run it
             assert not c.acked_features & F.bit(N.VIRTIO_NET_F_CTRL_VQ)
             assert d.ctrl_vq is None
             assert all(type(vq.ring) is PackedDriverQueue for vq in d.rx_vqs + d.tx_vqs)

@@ -410,21 +410,19 @@ def test_a_wish_list_without_version_1_still_negotiates_a_modern_device() -> Non
         t.close()
 
 
-def test_a_driver_acknowledges_ring_packed_but_never_in_order_which_it_does_not_implement(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_driver_acknowledges_ring_packed_and_in_order_when_offered_and_wished() -> None:
     device = MultiQueueDevice()
     # A device (DPDK's vhost PMD does this) offering the packed ring and IN_ORDER.
     device.offered_features |= F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
     t = RecordingTransport(device)
     try:
         wish = V1 | 1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
-        with caplog.at_level("INFO", logger="pyvirtio.driver"):
-            drv = probe(t, MultiQueueDriver, features=wish)
+        drv = probe(t, MultiQueueDriver, features=wish)
         assert device.driver_features & F.bit(F.RING_PACKED)
-        assert not device.driver_features & F.bit(F.IN_ORDER)
-        assert "IN_ORDER: not implemented" in caplog.text
+        assert device.driver_features & F.bit(F.IN_ORDER)
         assert device.get_status() & S.DRIVER_OK
         assert type(drv.vqs[0].ring).__name__ == "PackedDriverQueue"
+        assert drv.vqs[0].ring.in_order
         assert type(device.ring(0)).__name__ == "PackedDeviceQueue"
     finally:
         t.close()
@@ -450,10 +448,12 @@ def test_wished_features_the_device_does_not_offer_are_logged_as_dropped(
 
 
 def test_a_device_never_offers_ring_features_the_rings_do_not_implement() -> None:
-    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+                       | F.bit(F.NOTIFICATION_DATA))
     assert device.offered_features & F.bit(F.VERSION_1)
     assert device.offered_features & F.bit(F.RING_PACKED)
-    assert not device.offered_features & F.bit(F.IN_ORDER)
+    assert device.offered_features & F.bit(F.IN_ORDER)
+    assert not device.offered_features & F.bit(F.NOTIFICATION_DATA)
 
 
 # ---- whose fault: the caller's own mistakes are LocalErrors ----------------------------

@@ -37,7 +37,7 @@ def check_acked(offered: int, acked: int) -> None:
 #: the ring and transport features pyvirtio's rings implement (both formats: the packed ring
 #: is chosen by pyvirtio.ring.factory when RING_PACKED is negotiated)
 IMPLEMENTED_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
-                                  | F.bit(F.RING_PACKED))
+                                  | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
 
 
 def unimplemented(features: int) -> int:

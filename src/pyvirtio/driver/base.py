@@ -38,6 +38,7 @@ Callback = Callable[["Virtqueue"], None]
 #: transport features a driver uses when the device offers them
 DEFAULT_DRIVER_TRANSPORT_FEATURES = (
     F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX) | F.bit(F.RING_PACKED)
+    | F.bit(F.IN_ORDER)
 )
 
 

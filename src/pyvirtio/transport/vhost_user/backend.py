@@ -557,7 +557,7 @@ class BackendProtocol:
         if v.ring is not None:
             raise MessageError(f"{v.describe()} is running; its base cannot change")
         if s.num > 0xFFFFFFFF or (s.num > 0xFFFF and not is_packed(self.device.driver_features)):
-            raise MessageError(f"{v.describe()} base 0x{s.num:x} does not fit the 16-bit "
+            raise MessageError(f"{v.describe()} base {s.num} does not fit the 16-bit "
                                "avail index of a split ring")
         v.base = s.num
         v.start_failed = None
@@ -690,7 +690,7 @@ class BackendProtocol:
                                used_idx=used_pos)
         v.broken_reported = False
         self.log.info("%s: %s started: size %d, desc 0x%x avail 0x%x used 0x%x, "
-                      "last_avail_idx 0x%x used_idx 0x%x", self.name, v.describe(), v.num, desc,
+                      "last_avail_idx %d used_idx %d", self.name, v.describe(), v.num, desc,
                       avail, used, v.ring.last_avail_idx, v.ring.used_idx)
         for ext in self.extensions:
             ext.on_ring_started(v.index, v.ring)
@@ -708,7 +708,7 @@ class BackendProtocol:
             if self.device.ring(v.index) is ring:
                 self.device.stop_queue(v.index)
             v.base = encode_vring_base(self.device.driver_features, ring)
-            self.log.info("%s: %s stopped at last_avail_idx 0x%x used_idx 0x%x", self.name,
+            self.log.info("%s: %s stopped at last_avail_idx %d used_idx %d", self.name,
                           v.describe(), ring.last_avail_idx, ring.used_idx)
             for ext in self.extensions:
                 ext.on_ring_stopped(v.index, ring.last_avail_idx)

@@ -309,8 +309,10 @@ class InflightExtension(BackendExtension):
         if is_packed(self.device.driver_features):
             # The packed inflight layout (descriptor copies per buffer id) is not
             # implemented: the ring runs, without resubmission after a crash.
-            self._problem(f"vring {index} is a packed ring: inflight tracking covers split "
-                          "rings only: not tracked")
+            # Our limitation, not the peer's fault: a warning, not a problem.
+            log.warning("%s: vring %d is a packed ring: not tracked, so not crash-safe "
+                        "(inflight tracking covers split rings only)", self.protocol.name,
+                        index)
             device.track_requests(index, None)
             return
         if q.queue_size != ring.size:

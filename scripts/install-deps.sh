@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra user-mode-linux linux-image-cloud-amd64
   busybox-static fio iperf3 e2fsprogs iproute2 tcpdump python3-venv
-  gcc libc6-dev
+  gcc libc6-dev dpdk-dev
 )
 
 missing=()

@@ -32,6 +32,7 @@ from pyvirtio.guest import (
 )
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.io.vhost_user_server import VhostUserServer
+from pyvirtio.ring import PackedDriverQueue
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.testing.server import ServerThread
@@ -164,6 +165,10 @@ def test_our_front_end_drives_qemu_storage_daemon(tmp_path: Path, mem_slots: boo
             driver = probe(client, BlkDriver)
             assert isinstance(driver, BlkDriver)
             assert client.num_queues == 2
+            # libvhost-user has no packed ring: it does not offer it and we run split
+            assert not client.backend_features & F.bit(F.RING_PACKED)
+            assert not client.acked_features & F.bit(F.RING_PACKED)
+            assert not any(type(vq.ring) is PackedDriverQueue for vq in client.vqs.values())
             data = os.urandom(8192)
             driver.write(8, data)
             driver.flush()

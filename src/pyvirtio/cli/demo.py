@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio import __version__
-from pyvirtio.core.features import describe
+from pyvirtio.core.features import describe, ring_format
 from pyvirtio.device.console import ConsoleDevice, Port
 from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.device.rng import RngDevice
@@ -252,7 +252,7 @@ def uml_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
         bitmap = kernel_lines(guest, "uml kernel", r"PYVIRTIO-RESULT features=(\S+)")
         features = device.negotiated[-1] if device.negotiated else 0
         say(f"its virtio_console driver negotiated "
-            f"{describe(features, ConsoleDevice.feature_names)}")
+            f"{describe(features, ConsoleDevice.feature_names)} ({ring_format(features)})")
         checks.append(("UML: the kernel bound virtio_console to pyvirtio's device",
                        bitmap[32:33] == "1" and bool(features)))
 
@@ -354,7 +354,8 @@ def run_in_memory(n: int) -> int:
     with DevicePair(device) as pair:
         driver = pair.probe()
         assert isinstance(driver, RngDriver)
-        say(f"negotiated features: {describe(driver.device.features)}")
+        say(f"negotiated features: {describe(driver.device.features)} "
+            f"({ring_format(driver.device.features)})")
         start = time.perf_counter()
         data = driver.read(n)
         elapsed = time.perf_counter() - start

@@ -33,6 +33,9 @@ def register(sub: Any) -> None:
                         help="do not offer VIRTIO_F_EVENT_IDX (notification suppression by index)")
     common.add_argument("--no-indirect", action="store_true",
                         help="do not offer VIRTIO_F_INDIRECT_DESC (indirect descriptor tables)")
+    common.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                        help="offer VIRTIO_F_RING_PACKED, the packed virtqueue layout "
+                        "(default: offer; QEMU uses it with the device property packed=on)")
     # SUPPRESS: given after the subcommand it counts, absent it leaves `pyvirtio -v serve`
     # alone (a subparser default would overwrite the top-level count).
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -65,13 +68,19 @@ def transport_features(args: argparse.Namespace) -> int:
         features &= ~F.bit(F.EVENT_IDX)
     if args.no_indirect:
         features &= ~F.bit(F.INDIRECT_DESC)
+    if not args.packed:
+        features &= ~F.bit(F.RING_PACKED)
     return features
 
 
 def attach_instructions(servers: Sequence[VhostUserServer], device_id: int,
-                        qemu_extra: str = "", uml: bool = True, qemu: bool = True) -> str:
-    """The exact QEMU and UML command-line pieces that attach ``servers``."""
+                        qemu_extra: str = "", uml: bool = True, qemu: bool = True,
+                        packed: bool = False) -> str:
+    """The exact QEMU and UML command-line pieces that attach ``servers``; ``packed`` (the
+    packed ring is offered) adds ``packed=on``, without which QEMU runs the split ring."""
     lines = []
+    if packed:
+        qemu_extra += ",packed=on"
     if qemu:
         qargs = list(qemu_memory_args())
         for i, server in enumerate(servers):

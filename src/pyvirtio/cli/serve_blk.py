@@ -172,6 +172,6 @@ def run(args: argparse.Namespace) -> int:
         f"{device.capacity} sectors ({device.capacity * 512} bytes), {mode}, "
         f"{args.queues} queue{'s' if args.queues > 1 else ''}"
         f"{', O_DIRECT' if args.direct else ''}\n"
-        + attach_instructions([server], ids.BLOCK, qemu_extra=extra)
+        + attach_instructions([server], ids.BLOCK, qemu_extra=extra, packed=args.packed)
     )
     return run_servers([server], loop, banner, args, cleanup=cleanup)

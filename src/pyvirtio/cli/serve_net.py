@@ -183,13 +183,14 @@ def stats_table(ports: list[Port], switch: Switch) -> str:
     return "\n".join(lines)
 
 
-def attach_lines(ports: list[Port], macs: list[bytes]) -> str:
+def attach_lines(ports: list[Port], macs: list[bytes], packed: bool = False) -> str:
     lines = ["QEMU (7.2; guest RAM must be shared, add once): "
              + shlex.join(qemu_memory_args())]
+    packed_on = ",packed=on" if packed else ""
     for i, (p, mac) in enumerate(zip((p for p in ports if p.server), macs, strict=True)):
         assert p.server is not None
         qargs = qemu_args(p.server.path, ids.NET, chardev_id=f"vu{i}",
-                                   extra=f",mac={format_mac(mac)},vectors=0")
+                                   extra=f",mac={format_mac(mac)},vectors=0{packed_on}")
         lines.append(f"port {p.name} ({format_mac(mac)}, {p.server.path}):")
         lines.append("  QEMU: " + shlex.join(qargs))
         lines.append("  UML:  " + shlex.join(uml_args(p.server.path, ids.NET)))
@@ -273,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
     banner = [f"pyvirtio: virtio-net switch with {len(ports)} port(s)"
               + (f", tap {tap.name}" if tap is not None else "")
               + (f", capturing to {args.pcap}" if args.pcap else "")]
-    banner.append(attach_lines(ports, macs))
+    banner.append(attach_lines(ports, macs, packed=args.packed))
 
     def tick() -> None:
         for writer in captures:

@@ -56,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
 
     server = VhostUserServer(args.socket, factory, loop)
     banner = (f"pyvirtio: virtio-rng on {args.socket}\n"
-              + attach_instructions([server], ids.RNG, uml=False))
+              + attach_instructions([server], ids.RNG, uml=False, packed=args.packed))
     return run_servers([server], loop, banner, args)

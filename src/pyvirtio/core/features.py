@@ -13,9 +13,13 @@ class FeatureError(PeerError):
 def negotiate(device_features: int, driver_supported: int) -> int:
     """The features a driver should acknowledge: what both sides support.
 
-    The vhost-user-only PROTOCOL_FEATURES bit is never passed to a virtio driver.
+    The vhost-user-only PROTOCOL_FEATURES bit is never passed to a virtio driver, and
+    RING_PACKED only with VERSION_1 (a legacy device has no packed ring).
     """
-    return device_features & driver_supported & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
+    common = device_features & driver_supported & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
+    if not F.has(common, F.VERSION_1):
+        common &= ~F.bit(F.RING_PACKED)
+    return common
 
 
 def check_acked(offered: int, acked: int) -> None:
@@ -30,8 +34,10 @@ def check_acked(offered: int, acked: int) -> None:
         raise FeatureError("RING_PACKED requires VERSION_1")
 
 
-#: the ring and transport features pyvirtio's rings implement (split ring only)
-IMPLEMENTED_TRANSPORT_FEATURES = F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+#: the ring and transport features pyvirtio's rings implement (both formats: the packed ring
+#: is chosen by pyvirtio.ring.factory when RING_PACKED is negotiated)
+IMPLEMENTED_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+                                  | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
 
 
 def unimplemented(features: int) -> int:
@@ -41,6 +47,11 @@ def unimplemented(features: int) -> int:
     transport = ((1 << F.TRANSPORT_FEATURES_END) - 1) & ~((1 << F.TRANSPORT_FEATURES_START) - 1)
     return features & transport & ~IMPLEMENTED_TRANSPORT_FEATURES & ~F.bit(
         F.VHOST_USER_PROTOCOL_FEATURES)
+
+
+def ring_format(features: int) -> str:
+    """``"packed ring"`` or ``"split ring"``: the virtqueue layout ``features`` select."""
+    return "packed ring" if F.has(features, F.RING_PACKED) else "split ring"
 
 
 def is_modern(features: int) -> bool:

@@ -24,7 +24,7 @@ from pyvirtio.core.reactor import Reactor
 from pyvirtio.device.engine import FastLane, QueueEngine, RequestTracker
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, device_ring
 from pyvirtio.spec import LE, Endian, ids
 from pyvirtio.spec import features as F
 from pyvirtio.spec import status as S
@@ -32,7 +32,8 @@ from pyvirtio.spec import status as S
 log = logging.getLogger("pyvirtio.device")
 
 DEFAULT_QUEUE_SIZE = 256
-DEFAULT_TRANSPORT_FEATURES = F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+DEFAULT_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+                              | F.bit(F.RING_PACKED))
 
 
 class ConfigAccessError(PeerError):
@@ -49,7 +50,7 @@ class QueueState:
     avail: int = 0
     used: int = 0
     enabled: bool = False
-    ring: DeviceQueue | None = None
+    ring: DeviceRing | None = None
     #: serves the running ring (:mod:`pyvirtio.device.engine`)
     engine: QueueEngine | None = None
     #: who records popped/completed heads (vhost-user inflight tracking), and heads a
@@ -157,7 +158,7 @@ class VirtioDevice:
         host little-endian guests, x86 and UML)."""
         return LE
 
-    def ring(self, queue: int) -> DeviceQueue | None:
+    def ring(self, queue: int) -> DeviceRing | None:
         return self.queues[queue].ring if 0 <= queue < len(self.queues) else None
 
     def engine(self, queue: int) -> QueueEngine | None:
@@ -186,7 +187,7 @@ class VirtioDevice:
         q.tracker = tracker
         q.resubmit = list(resubmit)
 
-    def fast_lane(self, index: int, ring: DeviceQueue) -> FastLane | None:
+    def fast_lane(self, index: int, ring: DeviceRing) -> FastLane | None:
         """A fast path for the common chains of queue ``index`` (hook; see
         :data:`pyvirtio.device.engine.FastLane`), or None: every chain goes to
         :meth:`handle`."""
@@ -344,9 +345,9 @@ class VirtioDevice:
         avail: int,
         used: int,
         *,
-        last_avail_idx: int = 0,
+        last_avail_idx: int | None = None,
         used_idx: int | None = None,
-    ) -> DeviceQueue:
+    ) -> DeviceRing:
         """Start running queue ``index`` on the given ring addresses (guest-physical).
 
         Raises :class:`PeerError` (a RingError) if the ring lies outside guest memory or the
@@ -367,21 +368,20 @@ class VirtioDevice:
         return ring
 
     def _make_ring(self, index: int, size: int, desc: int, avail: int, used: int,
-                   last_avail_idx: int, used_idx: int | None) -> DeviceQueue:
-        """The ring object of queue ``index``, in the negotiated format."""
+                   last_avail_idx: int | None, used_idx: int | None) -> DeviceRing:
+        """The ring object of queue ``index``, in the negotiated format (split or packed);
+        a fresh ring (``last_avail_idx`` None) starts where that format starts."""
         assert self.memory is not None
         features = self.driver_features
-        return DeviceQueue(
-            self.memory, size, desc, avail, used,
-            event_idx=bool(features >> F.EVENT_IDX & 1),
-            indirect=bool(features >> F.INDIRECT_DESC & 1),
+        return device_ring(
+            features, self.memory, size, desc, avail, used,
             endian=self.endian,
             last_avail_idx=last_avail_idx,
             used_idx=used_idx,
             name=f"{self.name} queue {index}",
         )
 
-    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_started(self, index: int, ring: DeviceRing) -> None:
         """A queue began running (hook; e.g. flush pending input to a receive queue)."""
 
     def stop_queue(self, index: int) -> int:
@@ -396,7 +396,7 @@ class VirtioDevice:
         self.on_queue_stopped(index, ring)
         return ring.last_avail_idx
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         """A queue stopped running (hook)."""
 
     @property
@@ -443,7 +443,7 @@ class VirtioDevice:
             if q.ring is not None and not q.ring.broken and q.ring.pending():
                 self.poll_queue(index)
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         """Drain ``ring`` through :meth:`handle` (the queue's
         :class:`~pyvirtio.device.engine.QueueEngine`); a device whose queues have other
         roles (net's receive queues) overrides this."""
@@ -451,7 +451,7 @@ class VirtioDevice:
         if engine is not None and engine.ring is ring:
             engine.run()
 
-    def queue_failed(self, index: int, ring: DeviceQueue, exc: RingError | PeerError) -> None:
+    def queue_failed(self, index: int, ring: DeviceRing, exc: RingError | PeerError) -> None:
         """Serving queue ``index`` stopped on ``exc``: a malformed ring, or a malformed
         request that :meth:`handle` refused to complete. Either way the queue is broken
         (later kicks are ignored; the chain is lost to the driver) and the device needs a

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyvirtio.errors import PeerError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 
 if TYPE_CHECKING:
     from pyvirtio.device.base import VirtioDevice
@@ -60,7 +60,7 @@ Completion = tuple["DescriptorChain | int", int]
 #: a device's fast path for one queue: serves what it can into the completion list; returns
 #: True when it stopped at a chain it leaves to :meth:`VirtioDevice.handle` (un-popped, or
 #: it saw nothing at all), False when it served everything it saw
-FastLane = Callable[[DeviceQueue, "list[Completion]", "RequestTracker | None"], bool]
+FastLane = Callable[[DeviceRing, "list[Completion]", "RequestTracker | None"], bool]
 
 # Batch mode. Kick-driven serving is measured over windows of _WINDOW seconds; a window at
 # _MIN_RATE requests/s or more (several per tick) may start a trial. A tick that finds at
@@ -101,7 +101,7 @@ class QueueEngine:
                  "device", "done", "fast", "held", "index", "queue", "ring",
                  "running", "waiting", "yielded")
 
-    def __init__(self, device: VirtioDevice, index: int, ring: DeviceQueue) -> None:
+    def __init__(self, device: VirtioDevice, index: int, ring: DeviceRing) -> None:
         self.device = device
         self.index = index
         self.ring = ring

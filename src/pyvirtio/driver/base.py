@@ -24,7 +24,8 @@ from pyvirtio.core import features as core_features
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing, driver_ring
+from pyvirtio.ring.factory import driver_areas
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import split as SP
@@ -36,7 +37,8 @@ Callback = Callable[["Virtqueue"], None]
 
 #: transport features a driver uses when the device offers them
 DEFAULT_DRIVER_TRANSPORT_FEATURES = (
-    F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+    F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX) | F.bit(F.RING_PACKED)
+    | F.bit(F.IN_ORDER)
 )
 
 
@@ -103,7 +105,7 @@ class ConfigOps(abc.ABC):
         """The device's maximum size for queue ``index``; 0 if the queue does not exist."""
 
     @abc.abstractmethod
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         """Tell the device where queue ``index``'s ring is and enable it."""
 
     @abc.abstractmethod
@@ -147,7 +149,7 @@ class ConfigOps(abc.ABC):
 class Virtqueue:
     """A driver's virtqueue: the paper's five operations plus the callback."""
 
-    def __init__(self, device: Device, index: int, ring: DriverQueue,
+    def __init__(self, device: Device, index: int, ring: DriverRing,
                  callback: Callback | None) -> None:
         self.device = device
         self.index = index
@@ -362,13 +364,11 @@ class Device:
             layout = SP.LegacyLayout(num, align)
             desc, avail, used = base + layout.desc, base + layout.avail, base + layout.used
         else:
-            desc = t.allocator.alloc(SP.desc_table_size(num), SP.DESC_ALIGN)
-            avail = t.allocator.alloc(SP.avail_size(num), SP.AVAIL_ALIGN)
-            used = t.allocator.alloc(SP.used_size(num), 4096)
-        ring = DriverQueue(
-            t.memory, num, desc, avail, used,
-            event_idx=self.has_feature(F.EVENT_IDX),
-            indirect=self.has_feature(F.INDIRECT_DESC),
+            desc, avail, used = (t.allocator.alloc(n, a)
+                                 for n, a in driver_areas(self.features, num))
+        # The ring format (split or packed) follows the negotiated features.
+        ring = driver_ring(
+            self.features, t.memory, num, desc, avail, used,
             allocator=t.allocator,
             name=f"{ids.name(self.device_id)} queue {index}",
         )

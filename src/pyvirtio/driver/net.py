@@ -61,6 +61,11 @@ for _bit in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM, N.VIRTIO_NET_F_MAC,
     DEFAULT_FEATURES |= F.bit(_bit)
 
 
+class ControlQueueTimeout(PeerError):
+    """The device did not answer a control command in time (a back-end that offers
+    CTRL_VQ without serving the control queue: DPDK's vhost PMD does that)."""
+
+
 class RxFrame(NamedTuple):
     """A received frame: its header, its bytes, the used length the device reported for
     each receive buffer it spanned, and the receive queue it came on."""
@@ -138,6 +143,7 @@ class NetDriver(Driver):
             self.rx_vqs.append(dev.setup_vq(2 * i, self._rx_interrupt, self.queue_size))
             self.tx_vqs.append(dev.setup_vq(2 * i + 1, self._tx_interrupt, self.queue_size))
         self.ctrl_vq: Virtqueue | None = None
+        self.ctrl_stuck: str | None = None  # why the control queue is unusable
         if dev.has_feature(N.VIRTIO_NET_F_CTRL_VQ):
             self.ctrl_vq = dev.setup_vq(2 * self.max_queue_pairs, None, self.queue_size)
             self.ctrl_buf = dev.allocator.alloc(CTRL_BUF, 64)
@@ -400,6 +406,9 @@ class NetDriver(Driver):
         vq = self.ctrl_vq
         if vq is None:
             raise LocalError("VIRTIO_NET_F_CTRL_VQ was not negotiated")
+        if self.ctrl_stuck is not None:
+            # The unanswered command still owns the control buffer: never reuse it.
+            raise ControlQueueTimeout(self.ctrl_stuck)
         mem = self.device.memory
         base = self.ctrl_buf
         pos = base
@@ -417,7 +426,13 @@ class NetDriver(Driver):
         mem.write(ack_addr, b"\xff")
         vq.add_buf(out, [(ack_addr, 1)], token="ctrl")
         vq.kick()
-        vq.wait_buf(timeout)
+        try:
+            vq.wait_buf(timeout)
+        except TimeoutError as exc:
+            self.ctrl_stuck = (f"the device did not answer control command class {cls} "
+                               f"command {cmd} within {timeout} s: its control queue is not "
+                               "served (the control queue is unusable from now on)")
+            raise ControlQueueTimeout(self.ctrl_stuck) from exc
         return mem.read(ack_addr, 1)[0] == N.VIRTIO_NET_OK
 
     def _rx_cmd(self, cmd: int, on: bool) -> bool:

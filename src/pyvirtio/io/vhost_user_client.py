@@ -37,7 +37,7 @@ from pyvirtio.io import unixsock
 from pyvirtio.io.eventfd import EventFd
 from pyvirtio.memory import GuestMemory, Region, region_from_fd
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.transport.vhost_user import codec as C
 from pyvirtio.transport.vhost_user import frontend as FE
@@ -268,7 +268,7 @@ class VhostUserClient(ConfigOps):
     def bind_queue(self, index: int, vq: Virtqueue) -> None:
         self.vqs[index] = vq
 
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         old = self._queues.pop(index, None)
         if old is not None:
             old.close()

@@ -8,6 +8,7 @@ PackedDriverQueue), with the same methods and semantics.
 
 from pyvirtio.ring.chain import DescriptorChain, gather, scatter
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
+from pyvirtio.ring.factory import device_ring, driver_ring, fresh_base, is_packed
 from pyvirtio.ring.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
 from pyvirtio.ring.split import DeviceQueue, DriverQueue
@@ -24,6 +25,10 @@ __all__ = [
     "QueueUsageError",
     "RingError",
     "ShortChain",
+    "device_ring",
+    "driver_ring",
+    "fresh_base",
     "gather",
+    "is_packed",
     "scatter",
 ]

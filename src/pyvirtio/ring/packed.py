@@ -73,6 +73,25 @@ def decode(value: int) -> tuple[int, int]:
     return value & 0x7FFF, value >> 15 & 1
 
 
+def base_of_zero(memory: GuestMemory, desc_addr: int, endian: Endian = LE) -> int:
+    """Where a packed ring told to start at 0 (position 0, wrap counter 0) really starts.
+
+    Position 0 with wrap counter 0 means "exactly one lap done". Then slot 0 holds the
+    first used descriptor of that lap (the device writes used descriptors from position 0
+    with wrap counter 1: AVAIL = USED = 1), since the whole lap was made available and
+    consumed. If it does not, the ring never completed a lap: it is a fresh ring whose
+    front-end sent 0 without encoding the wrap counter (User-Mode Linux's virtio_uml sends
+    SET_VRING_BASE 0 for every ring), so it starts at :data:`FRESH`. A slot outside guest
+    memory is left for the ring itself to refuse.
+    """
+    try:
+        raw = memory.read(desc_addr + 14, 2)
+    except GuestMemoryError:
+        return 0
+    flags = struct.unpack(endian + "H", raw)[0]
+    return 0 if flags & _AVAIL_USED == _AVAIL_USED else FRESH
+
+
 def _check_size(size: int) -> None:
     if not P.is_valid_queue_size(size):
         raise QueueUsageError(f"packed queue size {size} is not in 1..32768")
@@ -505,6 +524,15 @@ class PackedDeviceQueue(_PackedRing):
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
 
+    def resume(self, head: int) -> DescriptorChain:
+        """The queue interface's resubmission after a back-end restart. A packed buffer id
+        names no ring slot (its descriptors are wherever the driver put them, and may have
+        been overwritten by used descriptors since), so resubmission needs the descriptors
+        saved elsewhere (vhost-user's packed inflight layout), which pyvirtio does not
+        implement: refused, and a back-end does not track packed rings for resubmission."""
+        raise QueueUsageError(f"{self.name}: resubmitting buffer {head} of a packed ring is "
+                              "not supported (no packed inflight tracking)")
+
     def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
                                                            int, bool, int, int]]:
         """The queue interface's batch pop of short split chains as tuples. The packed ring
@@ -815,13 +843,17 @@ class PackedDriverQueue(_PackedRing):
         if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
             return None
         written, buf_id = self._len_id.unpack_from(self._desc, 16 * pos + 8)
-        if not flags & _WRITE:
-            written = 0  # the length is reserved without WRITE
         where = f"used slot {pos} (0x{self._slot_addr(pos):x})"
         entry = self._inflight[buf_id] if buf_id < self.size else None
         if entry is None:
             raise self._break(f"device returned id {buf_id} in {where}, which is not an "
                               "in-flight buffer")
+        if not flags & _WRITE and not entry.in_capacity:
+            # The spec reserves the length of a used descriptor without WRITE. Devices
+            # write the length without setting WRITE (QEMU 7.2 never sets it; Linux's
+            # driver reads the length whatever the flag): it counts when the buffer has
+            # writable bytes, and is still checked against them below.
+            written = 0
         if written > entry.in_capacity:
             raise self._break(
                 f"device claims {written} bytes written into buffer {buf_id} ({where}), "

@@ -30,6 +30,10 @@ class DeviceRing(Protocol):
     indirect: bool
     #: why the queue is broken (the peer broke a ring rule), or None
     broken: str | None
+    #: guest-physical addresses of the descriptor area, driver area and device area
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
     #: the next available entry to consume and the next used entry to fill; restored from
     #: outside for vhost-user (SET_VRING_BASE) and reconnection
     last_avail_idx: int
@@ -76,6 +80,16 @@ class DriverRing(Protocol):
     name: str
     size: int
     broken: str | None
+    #: guest-physical addresses of the descriptor area, driver area and device area (split:
+    #: descriptor table, avail ring, used ring; packed: descriptor ring and the driver's and
+    #: device's event suppression structures), for the transport to tell the device
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors."""
 
     def add_buf(self, out_sgs: Sequence[tuple[int, int]], in_sgs: Sequence[tuple[int, int]],
                 token: object) -> int:

@@ -16,7 +16,7 @@ from pyvirtio.device.base import VirtioDevice
 from pyvirtio.driver.base import ConfigOps, Virtqueue
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing
 
 
 class LoopbackTransport(ConfigOps):
@@ -87,7 +87,7 @@ class LoopbackTransport(ConfigOps):
             return None if ring is None else ring.broken
         return None
 
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         self.device.start_queue(index, ring.size, ring.desc_addr, ring.avail_addr,
                                 ring.used_addr)
 

@@ -18,7 +18,7 @@ from pyvirtio.driver.base import ConfigOps, NoSuchQueueError, Virtqueue
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing
 from pyvirtio.spec import ids
 from pyvirtio.spec import mmio as M
 from pyvirtio.spec import split as SP
@@ -145,7 +145,7 @@ class VirtioMmio(ConfigOps):
     def bind_config(self, callback: Callable[[], None] | None) -> None:
         self._config_callback = callback
 
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         max_size = self.queue_max_size(index)  # also selects the queue
         if max_size == 0:
             raise NoSuchQueueError(f"virtio-mmio at 0x{self.base:x}: no queue {index}")

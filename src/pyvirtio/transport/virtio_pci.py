@@ -34,7 +34,7 @@ from pyvirtio.driver.base import ConfigOps, NoSuchQueueError, Virtqueue
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing
 from pyvirtio.spec import ids
 from pyvirtio.spec import pci as P
 from pyvirtio.spec import split as SP
@@ -254,7 +254,7 @@ class VirtioPciLegacy(VirtioPciTransport):
         self.regs.write(P.VIRTIO_PCI_QUEUE_SEL, 2, index)
         return self.regs.read(P.VIRTIO_PCI_QUEUE_NUM, 2)
 
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         self.regs.write(P.VIRTIO_PCI_QUEUE_SEL, 2, index)
         num = self.regs.read(P.VIRTIO_PCI_QUEUE_NUM, 2)
         if num == 0:
@@ -376,7 +376,7 @@ class VirtioPciModern(VirtioPciTransport):
         self.common.write(P.VIRTIO_PCI_COMMON_Q_SELECT, 2, index)
         return self.common.read(P.VIRTIO_PCI_COMMON_Q_SIZE, 2)
 
-    def setup_queue(self, index: int, ring: DriverQueue) -> None:
+    def setup_queue(self, index: int, ring: DriverRing) -> None:
         c = self.common
         max_size = self.queue_max_size(index)  # also selects the queue
         if max_size == 0:

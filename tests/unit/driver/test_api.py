@@ -114,7 +114,8 @@ def test_probe_follows_the_initialisation_sequence() -> None:
             ("status", 0),
             ("status", S.ACKNOWLEDGE),
             ("status", S.ACKNOWLEDGE | S.DRIVER),
-            ("features", V1 | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX) | 0b1),
+            ("features", V1 | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
+             | F.bit(F.RING_PACKED) | 0b1),
             ("status", S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK),
             ("queue", 0), ("queue", 1), ("queue", 2),
             ("status", S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK),
@@ -322,12 +323,14 @@ def test_kick_is_skipped_while_the_device_polls() -> None:
 
 
 class HostileDevice(VirtioDevice):
-    """Answers each request with a used element of its choosing."""
+    """Answers each request with a used element of its choosing (in a split used ring, which
+    it writes by hand: it does not offer the packed ring)."""
 
     device_id = 0x7F03
 
     def __init__(self, lie: str) -> None:
-        super().__init__(1, queue_size=8)
+        super().__init__(1, queue_size=8,
+                         transport_features=V1 | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX))
         self.lie = lie
 
     def handle(self, queue: int, chain: DescriptorChain) -> int | None:
@@ -407,21 +410,29 @@ def test_a_wish_list_without_version_1_still_negotiates_a_modern_device() -> Non
         t.close()
 
 
-def test_a_driver_never_acknowledges_ring_packed_even_when_offered_and_wished(
-        caplog: pytest.LogCaptureFixture) -> None:
+def test_a_driver_acknowledges_ring_packed_and_in_order_when_offered_and_wished() -> None:
     device = MultiQueueDevice()
     # A device (DPDK's vhost PMD does this) offering the packed ring and IN_ORDER.
     device.offered_features |= F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
     t = RecordingTransport(device)
     try:
         wish = V1 | 1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
-        with caplog.at_level("INFO", logger="pyvirtio.driver"):
-            probe(t, MultiQueueDriver, features=wish)
-        assert not device.driver_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
-        assert "RING_PACKED|IN_ORDER: not implemented" in caplog.text
+        drv = probe(t, MultiQueueDriver, features=wish)
+        assert device.driver_features & F.bit(F.RING_PACKED)
+        assert device.driver_features & F.bit(F.IN_ORDER)
         assert device.get_status() & S.DRIVER_OK
+        assert type(drv.vqs[0].ring).__name__ == "PackedDriverQueue"
+        assert drv.vqs[0].ring.in_order
+        assert type(device.ring(0)).__name__ == "PackedDeviceQueue"
     finally:
         t.close()
+
+
+def test_a_legacy_negotiation_never_acknowledges_ring_packed() -> None:
+    from pyvirtio.core.features import negotiate
+    assert negotiate(F.bit(F.RING_PACKED) | 1, F.bit(F.RING_PACKED) | 1) == 1
+    assert negotiate(V1 | F.bit(F.RING_PACKED), V1 | F.bit(F.RING_PACKED)) == (
+        V1 | F.bit(F.RING_PACKED))
 
 
 def test_wished_features_the_device_does_not_offer_are_logged_as_dropped(
@@ -437,9 +448,12 @@ def test_wished_features_the_device_does_not_offer_are_logged_as_dropped(
 
 
 def test_a_device_never_offers_ring_features_the_rings_do_not_implement() -> None:
-    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+    device = RngDevice(transport_features=V1 | F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER)
+                       | F.bit(F.NOTIFICATION_DATA))
     assert device.offered_features & F.bit(F.VERSION_1)
-    assert not device.offered_features & (F.bit(F.RING_PACKED) | F.bit(F.IN_ORDER))
+    assert device.offered_features & F.bit(F.RING_PACKED)
+    assert device.offered_features & F.bit(F.IN_ORDER)
+    assert not device.offered_features & F.bit(F.NOTIFICATION_DATA)
 
 
 # ---- whose fault: the caller's own mistakes are LocalErrors ----------------------------

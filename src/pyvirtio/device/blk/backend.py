@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from pyvirtio.errors import PeerError
-from pyvirtio.ring import DescriptorChain, DeviceQueue
+from pyvirtio.ring import DescriptorChain, DeviceRing
 from pyvirtio.ring.chain import gather, split_segments
 from pyvirtio.spec import LE
 from pyvirtio.spec import blk as B
@@ -93,7 +93,7 @@ class BlkRequest:
         self.length = 0
         self.ranges: list[tuple[int, int, bool]] | None = None
         self.sync = False
-        self.ring: DeviceQueue | None = None
+        self.ring: DeviceRing | None = None
         self.error: OSError | None = None
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from pyvirtio.device.blk.fastpath import BlkFastLane, LaneConfig
 from pyvirtio.device.blk.file import FileBackend
 from pyvirtio.device.engine import FastLane
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceQueue
+from pyvirtio.ring import DescriptorChain, DeviceRing
 from pyvirtio.ring.chain import gather, scatter
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
@@ -280,7 +280,7 @@ class BlkDevice(VirtioDevice):
 
     # ---- the request loop ---------------------------------------------------------------
 
-    def fast_lane(self, index: int, ring: DeviceQueue) -> FastLane | None:
+    def fast_lane(self, index: int, ring: DeviceRing) -> FastLane | None:
         """On a synchronous back-end, :class:`~pyvirtio.device.blk.fastpath.BlkFastLane`
         serves the common reads and writes straight from the ring memory and leaves
         everything else to :meth:`handle`; with :attr:`fast_path` off or an asynchronous
@@ -302,7 +302,7 @@ class BlkDevice(VirtioDevice):
                 self._sector_mask, not self.read_only and not self._writethrough, be)
         return config
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         self._lanes[index] = None
 
     # ---- requests -----------------------------------------------------------------------

@@ -34,7 +34,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from pyvirtio.device.engine import Completion, RequestTracker
-from pyvirtio.ring import DeviceQueue
+from pyvirtio.ring import DeviceRing
 from pyvirtio.spec import blk as B
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class BlkFastLane:
 
     __slots__ = ("device", "index", "ring")
 
-    def __init__(self, device: BlkDevice, index: int, ring: DeviceQueue) -> None:
+    def __init__(self, device: BlkDevice, index: int, ring: DeviceRing) -> None:
         self.device = device
         self.index = index
         self.ring = ring
@@ -73,7 +73,7 @@ class BlkFastLane:
         engine = self.device.queues[self.index].engine
         return engine is not None and engine.ring is self.ring and engine.batching
 
-    def serve(self, ring: DeviceQueue, done: list[Completion],
+    def serve(self, ring: DeviceRing, done: list[Completion],
               tracker: RequestTracker | None) -> bool:
         """Serve the short chains the ring hands out in a batch
         (:meth:`~pyvirtio.ring.split.DeviceQueue.pop_short`) into ``done``; stop at the

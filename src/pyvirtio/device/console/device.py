@@ -59,7 +59,7 @@ from pyvirtio.device.console.ports import (
 )
 from pyvirtio.device.engine import HOLD
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
 from pyvirtio.spec.features import bit
@@ -318,7 +318,7 @@ class ConsoleDevice(VirtioDevice):
                                f"{queue} has no device-writable bytes; it will come back empty")
         return HOLD
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         super().process_queue(index, ring)
         if self.queues[index].ring is not ring:
             return
@@ -329,7 +329,7 @@ class ConsoleDevice(VirtioDevice):
         if port is not None and receive:
             self._deliver(port)
 
-    def on_queue_stopped(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
         # Transmit buffers kept for backpressure go back (the engine gives back the
         # receive buffers it held).
         port, receive = self._port_of_queue(index)

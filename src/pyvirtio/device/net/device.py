@@ -56,7 +56,7 @@ from pyvirtio.device.net.endpoint import (
 )
 from pyvirtio.device.net.offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceQueue, RingError, gather, scatter
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, gather, scatter
 from pyvirtio.ring.chain import split_segments
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
@@ -380,11 +380,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _is_rx(self, index: int) -> bool:
         return index != self._ctrl_index and index % 2 == 0
 
-    def on_queue_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_queue_started(self, index: int, ring: DeviceRing) -> None:
         if self._is_rx(index) and self.status & S.DRIVER_OK and self.peer is not None:
             self.peer.peer_ready()
 
-    def process_queue(self, index: int, ring: DeviceQueue) -> None:
+    def process_queue(self, index: int, ring: DeviceRing) -> None:
         if self._is_rx(index):
             self._rx_kick(index, ring)
             return
@@ -589,7 +589,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def rx_offloads(self) -> Offload:
         return self._guest_offloads
 
-    def _rx_kick(self, index: int, ring: DeviceQueue) -> None:
+    def _rx_kick(self, index: int, ring: DeviceRing) -> None:
         """The driver posted receive buffers. We only asked for this kick when we ran out."""
         engine = self.queues[index].engine
         if engine is not None and engine.buffers_posted() and self.peer is not None:

@@ -41,7 +41,8 @@ from pyvirtio.core.reactor import Reactor
 from pyvirtio.device.base import ConfigAccessError, VirtioDevice
 from pyvirtio.errors import PeerError
 from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, sigbus
-from pyvirtio.ring import DeviceQueue
+from pyvirtio.ring import DeviceRing, fresh_base, is_packed
+from pyvirtio.ring.packed import base_of_zero
 from pyvirtio.spec import features as F
 from pyvirtio.spec import split as SP
 from pyvirtio.spec import status as S
@@ -119,13 +120,43 @@ class BackendHost(Protocol):
         """Close an fd the front-end sent (ignoring one already gone)."""
 
 
+def decode_vring_base(features: int, base: int | None) -> tuple[int | None, int | None]:
+    """``(last_avail_idx, used_idx)`` to start a ring from a SET_VRING_BASE value (None:
+    never sent, or the ring's own default).
+
+    Split: the 16-bit avail index (the used index is read from the used ring). Packed
+    (vhost-user.rst, "Vring descriptor indices for packed virtqueues"): bits 0-14 the next
+    avail position, bit 15 the avail wrap counter; bits 16-30 and bit 31 the same for the
+    used position. Front-ends that predate the used half (QEMU 7.2) send it as zero: the
+    used position then equals the avail one (nothing in flight).
+    """
+    if base is None:
+        return None, None
+    if not is_packed(features):
+        return base & 0xFFFF, None
+    used = base >> 16
+    return base & 0xFFFF, (used or None)
+
+
+def encode_vring_base(features: int, ring: DeviceRing) -> int:
+    """The GET_VRING_BASE answer for a stopped ring (the inverse of
+    :func:`decode_vring_base`)."""
+    if not is_packed(features):
+        return ring.last_avail_idx & 0xFFFF
+    return ring.last_avail_idx | ring.used_idx << 16
+
+
 @dataclass(eq=False)
 class Vring:
     """Front-end supplied state of one vring, before and while it runs."""
 
     index: int
     num: int = 0  # 0: not set yet
-    base: int = 0  # last_avail_idx to start from (SET_VRING_BASE, or saved at stop)
+    #: where to start (SET_VRING_BASE, or saved at stop), as the message carries it: the
+    #: split ring's avail index, or the packed ring's avail position and wrap counter in
+    #: bits 0-15 and (if not zero) its used position and wrap counter in bits 16-31; None:
+    #: never set (a fresh ring)
+    base: int | None = None
     addr: C.VringAddr | None = None
     kick_fd: int | None = None
     call_fd: int | None = None
@@ -133,7 +164,7 @@ class Vring:
     started: bool = False
     polling: bool = False
     enabled: bool | None = None  # None: the default, decided by PROTOCOL_FEATURES
-    ring: DeviceQueue | None = None
+    ring: DeviceRing | None = None
     start_failed: str | None = None
     broken_reported: bool = False
 
@@ -525,9 +556,9 @@ class BackendProtocol:
         v = self._vring(s.index)
         if v.ring is not None:
             raise MessageError(f"{v.describe()} is running; its base cannot change")
-        if s.num > 0xFFFF:
-            raise MessageError(f"{v.describe()} base {s.num} does not fit the 16-bit avail "
-                               "index (packed rings are not supported)")
+        if s.num > 0xFFFFFFFF or (s.num > 0xFFFF and not is_packed(self.device.driver_features)):
+            raise MessageError(f"{v.describe()} base {s.num} does not fit the 16-bit "
+                               "avail index of a split ring")
         v.base = s.num
         v.start_failed = None
 
@@ -626,7 +657,8 @@ class BackendProtocol:
                 self._ring_problem(v, f"cannot start: {exc}")
                 return
             assert v.ring is not None
-            if v.base or v.ring.used_idx:
+            fresh = fresh_base(self.device.driver_features)
+            if v.ring.last_avail_idx != fresh or v.ring.used_idx != fresh:
                 # The ring resumes (a reconnection, or a restart after GET_VRING_BASE): a
                 # back-end before us may have published used buffers and died before
                 # writing the call fd, and nobody else will tell the driver. A spurious
@@ -644,11 +676,22 @@ class BackendProtocol:
             problem = d.accept_features(d.driver_features, tolerate=RING_FEATURES)
             if problem is not None:
                 raise PeerError(f"features unacceptable: {problem}")
-        v.ring = d.start_queue(v.index, v.num, desc, avail, used, last_avail_idx=v.base)
+        last_avail, used_pos = decode_vring_base(d.driver_features, v.base)
+        if last_avail == 0 and used_pos is None and is_packed(d.driver_features) \
+                and d.memory is not None:
+            # UML's virtio_uml sends 0 for a fresh packed ring (wrap counter 0): see whether
+            # the ring ever completed a lap, else start it fresh.
+            last_avail = base_of_zero(d.memory, desc, d.endian)
+            if last_avail:
+                self.log.info("%s: %s: SET_VRING_BASE 0 on a packed ring that never "
+                              "wrapped: started fresh (wrap counter 1)", self.name,
+                              v.describe())
+        v.ring = d.start_queue(v.index, v.num, desc, avail, used, last_avail_idx=last_avail,
+                               used_idx=used_pos)
         v.broken_reported = False
         self.log.info("%s: %s started: size %d, desc 0x%x avail 0x%x used 0x%x, "
-                      "last_avail_idx %d", self.name, v.describe(), v.num, desc, avail, used,
-                      v.base)
+                      "last_avail_idx %d used_idx %d", self.name, v.describe(), v.num, desc,
+                      avail, used, v.ring.last_avail_idx, v.ring.used_idx)
         for ext in self.extensions:
             ext.on_ring_started(v.index, v.ring)
         if not d.status & S.DRIVER_OK:
@@ -663,14 +706,13 @@ class BackendProtocol:
         ring, v.ring = v.ring, None
         if ring is not None:
             if self.device.ring(v.index) is ring:
-                v.base = self.device.stop_queue(v.index)
-            else:
-                v.base = ring.last_avail_idx
-            self.log.info("%s: %s stopped at last_avail_idx %d", self.name, v.describe(),
-                          v.base)
+                self.device.stop_queue(v.index)
+            v.base = encode_vring_base(self.device.driver_features, ring)
+            self.log.info("%s: %s stopped at last_avail_idx %d used_idx %d", self.name,
+                          v.describe(), ring.last_avail_idx, ring.used_idx)
             for ext in self.extensions:
-                ext.on_ring_stopped(v.index, v.base)
-        return v.base
+                ext.on_ring_stopped(v.index, ring.last_avail_idx)
+        return fresh_base(self.device.driver_features) if v.base is None else v.base
 
     def on_kick(self, index: int) -> None:
         """The front-end kicked vring ``index`` (the host drained the fd, or watches an

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pyvirtio.ring import DeviceQueue
+from pyvirtio.ring import DeviceRing
 from pyvirtio.transport.vhost_user.codec import Message, RequestRule
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class BackendExtension:
         fd you keep)."""
         return {}
 
-    def on_ring_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_ring_started(self, index: int, ring: DeviceRing) -> None:
         """Vring ``index`` began running on ``ring``."""
 
     def on_ring_stopped(self, index: int, last_avail_idx: int) -> None:

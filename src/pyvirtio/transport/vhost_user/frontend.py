@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
-from pyvirtio.ring import DriverQueue
+from pyvirtio.ring import DriverRing, fresh_base
 from pyvirtio.spec import features as F
 from pyvirtio.spec import status as S
 from pyvirtio.spec import vhost_user as V
@@ -340,14 +340,16 @@ class FrontendProtocol:
             yield from self.request(R.SET_MEM_TABLE, C.memory_table(descs), fds)
         self.memory_sent = True
 
-    def setup_queue(self, index: int, ring: DriverQueue, kick_fd: int, call_fd: int,
+    def setup_queue(self, index: int, ring: DriverRing, kick_fd: int, call_fd: int,
                     memory: GuestMemory) -> Step[None]:
         """Memory first (once), then NUM, BASE, ADDR, KICK, CALL and ENABLE for ``index``."""
         if not self.memory_sent:
             yield from self.send_memory(memory)
         self.started.pop(index, None)
         yield from self.request(R.SET_VRING_NUM, C.vring_state(index, ring.size))
-        yield from self.request(R.SET_VRING_BASE, C.vring_state(index, 0))
+        # A fresh ring: avail index 0 (split), or position 0 with wrap counter 1 (packed).
+        yield from self.request(R.SET_VRING_BASE,
+                                C.vring_state(index, fresh_base(self.acked_features)))
         yield from self.request(R.SET_VRING_ADDR, C.vring_addr(
             index, desc=ring.desc_addr + USER_ADDR_OFFSET,
             used=ring.used_addr + USER_ADDR_OFFSET, avail=ring.avail_addr + USER_ADDR_OFFSET))

@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.memory import GuestMemoryError, Region
-from pyvirtio.ring import DeviceQueue
+from pyvirtio.ring import DeviceRing, is_packed
 from pyvirtio.spec import split as SP
 from pyvirtio.spec import vhost_user as V
 from pyvirtio.spec.vhost_user import ProtocolFeature as PF
@@ -291,11 +291,20 @@ class InflightExtension(BackendExtension):
 
     # ---- hooks ----------------------------------------------------------------------------
 
-    def on_ring_started(self, index: int, ring: DeviceQueue) -> None:
+    def on_ring_started(self, index: int, ring: DeviceRing) -> None:
         if index >= len(self.queues):
             return  # no region (the front-end did not negotiate or send one)
         q = self.queues[index]
         device = self.device
+        if is_packed(self.device.driver_features):
+            # The packed inflight layout (descriptor copies per buffer id) is not
+            # implemented: the ring runs, without resubmission after a crash.
+            # Our limitation, not the peer's fault: a warning, not a problem.
+            log.warning("%s: vring %d is a packed ring: not tracked, so not crash-safe "
+                        "(inflight tracking covers split rings only)", self.protocol.name,
+                        index)
+            device.track_requests(index, None)
+            return
         if q.queue_size != ring.size:
             self._problem(f"vring {index} runs {ring.size} descriptors but its inflight "
                           f"region tracks {q.queue_size}: not tracked")

@@ -59,7 +59,8 @@ def make_rig(cls: type[BlkDevice], directory: Path, content: bytes, mem: bytes,
     rig = Rig(device, memory, image)
     device.memory = memory
     device.notify_queue = rig.interrupt
-    features = (device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ))
+    # The rings below are split rings written by hand.
+    features = device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ) & ~F.bit(F.RING_PACKED)
     if not writeback:
         features &= ~F.bit(B.VIRTIO_BLK_F_CONFIG_WCE) & ~F.bit(B.VIRTIO_BLK_F_FLUSH)
     device.set_driver_features(features)

@@ -141,7 +141,9 @@ class HeldBackend(BlkBackend):
 
 def start(device: BlkDevice, memory: GuestMemory) -> None:
     device.memory = memory
-    device.set_driver_features((device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ))
+    # Split rings (inflight tracking covers split rings only).
+    device.set_driver_features((device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ)
+                                & ~F.bit(F.RING_PACKED))
                                | F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC))
     device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
     device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
@@ -233,3 +235,44 @@ def test_a_region_for_more_queues_than_the_device_has_is_refused() -> None:
                                            V.INFLIGHT.pack(64, 0, 1, QSIZE), fds=[fd]))
     finally:
         os.close(fd)  # the protocol layer closes a refused message's fds; we are it here
+
+
+def test_a_packed_ring_is_not_tracked_and_runs_without_resubmission(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Inflight tracking has only the split layout: a packed ring runs untracked (said in
+    the log), and nothing is resubmitted from the split-layout region."""
+    from pyvirtio.memory.alloc import Allocator
+    from pyvirtio.ring import PackedDeviceQueue, PackedDriverQueue
+
+    memory = GuestMemory.anonymous(1 << 20)
+    alloc = Allocator(0, 1 << 20)
+    desc, drv_area, dev_area = alloc.alloc(16 * QSIZE, 16), alloc.alloc(4, 4), alloc.alloc(4, 4)
+    driver = PackedDriverQueue(memory, QSIZE, desc, drv_area, dev_area, allocator=alloc)
+    device = BlkDevice(HeldBackend(64 << 10), queue_size=QSIZE)
+    ext = InflightExtension(device, allocate_region)
+    attach(ext)
+    reply = ext._get_inflight_fd(C.request(R.GET_INFLIGHT_FD, V.INFLIGHT.pack(0, 0, 1, QSIZE)))
+    fd = reply.fds[0]
+    try:
+        ext._set_inflight_fd(C.request(R.SET_INFLIGHT_FD, reply.payload, fds=[os.dup(fd)]))
+        device.memory = memory
+        device.set_driver_features((device.offered_features & ~F.bit(B.VIRTIO_BLK_F_MQ))
+                                   | F.bit(F.RING_PACKED))
+        device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
+        device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        ring = device.start_queue(0, QSIZE, desc, drv_area, dev_area)
+        assert isinstance(ring, PackedDeviceQueue)
+        with caplog.at_level("WARNING"):
+            ext.on_ring_started(0, ring)
+        assert "packed ring: not tracked, so not crash-safe" in caplog.text
+        assert ext.resubmitted == [] and ext.problems == []
+        hdr, data = alloc.alloc(32, 16), alloc.alloc(4096, 4096)
+        memory.write(hdr, B.outhdr_struct().pack(B.VIRTIO_BLK_T_IN, 0, 0))
+        driver.add_buf([(hdr, 16)], [(data, 4096), (hdr + 16, 1)], "read")
+        driver.kick_prepare()
+        device.kick(0)
+        assert len(device.backend._held) == 1  # type: ignore[attr-defined]  # served
+        ext.close()
+    finally:
+        os.close(fd)
+        device.close()

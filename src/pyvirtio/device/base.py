@@ -372,7 +372,9 @@ class VirtioDevice:
         """The ring object of queue ``index``, in the negotiated format (split or packed);
         a fresh ring (``last_avail_idx`` None) starts where that format starts."""
         assert self.memory is not None
-        features = self.driver_features
+        # Only what was offered can be in effect: a driver that wrote bits we never offered
+        # (and then failed FEATURES_OK) must not pick the ring format with them.
+        features = self.driver_features & self.offered_features
         return device_ring(
             features, self.memory, size, desc, avail, used,
             endian=self.endian,

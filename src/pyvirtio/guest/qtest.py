@@ -28,6 +28,7 @@ from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 
 if TYPE_CHECKING:
+    from pyvirtio.transport.virtio_mmio import VirtioMmio
     from pyvirtio.transport.virtio_pci import VirtioPciTransport
 
 log = logging.getLogger("pyvirtio.qtest")
@@ -39,6 +40,20 @@ MAX_MEMORY = 2048 * MiB
 #: A 64 KiB "BIOS" of nothing but HLT: the CPU halts at the reset vector (interrupts are off
 #: after reset, so it stays halted, using no CPU time).
 HALT_BIOS = b"\xf4" * 0x10000
+
+#: QEMU's ``microvm`` machine as a qtest host of virtio-mmio devices. ``acpi=off`` keeps the
+#: layout of QEMU 7.2's hw/i386/microvm.c without a second I/O APIC: 8 virtio-mmio slots of
+#: 0x200 bytes from :data:`MICROVM_MMIO_BASE`, slot ``i`` wired to GSI
+#: ``MICROVM_IRQ_BASE + i`` of ``ioapic`` (with ACPI on, 24 slots sit on an I/O APIC that
+#: qtest cannot intercept by name). No option ROMs, RTC, PIT, PIC or serial port: nothing but
+#: the virtio devices on the bus. ``-device virtio-*-device`` fills the slots from the top;
+#: ``-global virtio-mmio.force-legacy=off`` turns the version 1 (legacy) register layout
+#: QEMU defaults to into version 2.
+MICROVM = "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=off,acpi=off"
+MICROVM_MMIO_BASE = 0xFEB0_0000
+MICROVM_MMIO_SLOTS = 8
+MICROVM_MMIO_STRIDE = 0x200
+MICROVM_IRQ_BASE = 5
 
 
 def _fmt_size(size: int) -> str:
@@ -95,7 +110,7 @@ class QtestMachine:
         self.client: QtestClient | None = None
         self.memory: GuestMemory | None = None
         self.allocator: Allocator | None = None
-        self.transports: list[VirtioPciTransport] = []
+        self.transports: list[VirtioPciTransport | VirtioMmio] = []
         #: the temporary directory and RAM file used while starting (gone once started)
         self.workdir: str | None = None
         self.ram_path: str | None = None
@@ -271,6 +286,36 @@ class QtestMachine:
         self.transports.extend(found)
         return found
 
+    def virtio_mmio_transports(self, use_interrupts: bool = True) -> list[VirtioMmio]:
+        """On :data:`MICROVM`: one driver transport per occupied virtio-mmio slot, in slot
+        order, sharing this machine's RAM and allocator (an empty slot answers device id 0).
+
+        With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
+        their slot's line; otherwise they poll InterruptStatus. Call once per machine.
+        """
+        from pyvirtio.spec import mmio as M
+        from pyvirtio.transport.virtio_mmio import VirtioMmio
+        from pyvirtio.transport.virtio_pci import InterruptRouter
+
+        client = self.qtest
+        assert self.memory is not None and self.allocator is not None
+        if self.transports:
+            raise LocalError("this machine's devices are already set up: use .transports")
+        if use_interrupts:
+            client.irq_intercept_in("ioapic")
+        router = InterruptRouter(client if use_interrupts else None)
+        found: list[VirtioMmio] = []
+        for slot in range(MICROVM_MMIO_SLOTS):
+            base = MICROVM_MMIO_BASE + slot * MICROVM_MMIO_STRIDE
+            if client.readl(base + M.VIRTIO_MMIO_MAGIC_VALUE) != M.VIRTIO_MMIO_MAGIC:
+                continue
+            if client.readl(base + M.VIRTIO_MMIO_DEVICE_ID) == 0:
+                continue
+            found.append(VirtioMmio(client, base, self.memory, self.allocator, router,
+                                    MICROVM_IRQ_BASE + slot))
+        self.transports.extend(found)
+        return found
+
 
 def _die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGKILL us when the parent thread dies."""
@@ -309,4 +354,13 @@ def _reap(process: subprocess.Popen[bytes] | None, workdir: str | None,
         stderr.close()
 
 
-__all__ = ["HALT_BIOS", "MAX_MEMORY", "QtestMachine"]
+__all__ = [
+    "HALT_BIOS",
+    "MAX_MEMORY",
+    "MICROVM",
+    "MICROVM_IRQ_BASE",
+    "MICROVM_MMIO_BASE",
+    "MICROVM_MMIO_SLOTS",
+    "MICROVM_MMIO_STRIDE",
+    "QtestMachine",
+]

@@ -64,7 +64,8 @@ class QtestMachine:
     """A QEMU process under qtest, its socket and its shared RAM file.
 
     ``device_args`` are extra QEMU arguments (``-device virtio-rng-pci,...``, ``-object``,
-    ``-drive``...). The machine is ``-M pc`` with ``memory_size`` bytes of RAM in a
+    ``-drive``...); ``wrapper`` a command that execs QEMU (``ip netns exec NS`` to give it a
+    network namespace). The machine is ``-M pc`` with ``memory_size`` bytes of RAM in a
     memory-backend-file under ``shm_dir`` that is mapped here as :attr:`memory`; guest
     physical address == file offset for RAM below the PCI hole. The vCPU runs a "BIOS" that
     only halts (:data:`HALT_BIOS`): the machine is *running*, as device models expect, but
@@ -92,6 +93,7 @@ class QtestMachine:
         start_timeout: float = 30.0,
         shm_dir: str = "/dev/shm",
         qtest_log: str | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         if not 4 * MiB <= memory_size <= MAX_MEMORY or memory_size % 4096:
             # Above 2 GiB the pc machine may split RAM around the PCI hole, and guest
@@ -106,6 +108,9 @@ class QtestMachine:
         self.start_timeout = start_timeout
         self.shm_dir = shm_dir
         self.qtest_log = qtest_log
+        #: a command QEMU runs under, which must exec it (``ip netns exec NS``): QEMU then
+        #: keeps the started process's pid, its parent-death signal and its session
+        self.wrapper = list(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
         self.client: QtestClient | None = None
         self.memory: GuestMemory | None = None
@@ -127,6 +132,7 @@ class QtestMachine:
         """The exact QEMU command line."""
         size = _fmt_size(self.memory_size)
         return [
+            *self.wrapper,
             self.qemu,
             "-M", f"{self.machine},memory-backend=mem",
             "-accel", "tcg",

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pyvirtio.errors import LocalError
@@ -28,6 +28,7 @@ from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 
 if TYPE_CHECKING:
+    from pyvirtio.transport.pci_bus import HostBus
     from pyvirtio.transport.virtio_mmio import VirtioMmio
     from pyvirtio.transport.virtio_pci import VirtioPciTransport
 
@@ -270,13 +271,16 @@ class QtestMachine:
             raise LocalError("the qtest machine is not started")
         return self.client
 
-    def virtio_transports(self, prefer_modern: bool = True,
-                          use_interrupts: bool = True) -> list[VirtioPciTransport]:
+    def virtio_transports(self, prefer_modern: bool = True, use_interrupts: bool = True,
+                          wrap: Callable[[QtestClient], HostBus] | None = None,
+                          ) -> list[VirtioPciTransport]:
         """Act as firmware for bus 0 (assign BARs, route INTx), find every virtio function
         and return one transport per device, sharing this machine's RAM and allocator.
 
         With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
-        their INTx line; otherwise they poll the ISR register. Call once per machine.
+        their INTx line; otherwise they poll the ISR register. ``wrap`` makes the host bus
+        the transports use from the qtest client (a recorder, for instance). Call once per
+        machine.
         """
         from pyvirtio.transport.virtio_pci import discover
 
@@ -286,18 +290,22 @@ class QtestMachine:
             raise LocalError("this machine's PCI bus is already set up: use .transports")
         if use_interrupts:
             client.irq_intercept_in("ioapic")
-        found = discover(client, self.memory, self.allocator,
+        host: HostBus = wrap(client) if wrap is not None else client
+        found = discover(host, self.memory, self.allocator,
                          lines=client if use_interrupts else None,
                          prefer_modern=prefer_modern)
         self.transports.extend(found)
         return found
 
-    def virtio_mmio_transports(self, use_interrupts: bool = True) -> list[VirtioMmio]:
+    def virtio_mmio_transports(self, use_interrupts: bool = True,
+                               wrap: Callable[[QtestClient], HostBus] | None = None,
+                               ) -> list[VirtioMmio]:
         """On :data:`MICROVM`: one driver transport per occupied virtio-mmio slot, in slot
         order, sharing this machine's RAM and allocator (an empty slot answers device id 0).
 
         With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
-        their slot's line; otherwise they poll InterruptStatus. Call once per machine.
+        their slot's line; otherwise they poll InterruptStatus. ``wrap`` as for
+        :meth:`virtio_transports`. Call once per machine.
         """
         from pyvirtio.spec import mmio as M
         from pyvirtio.transport.virtio_mmio import VirtioMmio
@@ -310,6 +318,7 @@ class QtestMachine:
         if use_interrupts:
             client.irq_intercept_in("ioapic")
         router = InterruptRouter(client if use_interrupts else None)
+        host: HostBus = wrap(client) if wrap is not None else client
         found: list[VirtioMmio] = []
         for slot in range(MICROVM_MMIO_SLOTS):
             base = MICROVM_MMIO_BASE + slot * MICROVM_MMIO_STRIDE
@@ -317,7 +326,7 @@ class QtestMachine:
                 continue
             if client.readl(base + M.VIRTIO_MMIO_DEVICE_ID) == 0:
                 continue
-            found.append(VirtioMmio(client, base, self.memory, self.allocator, router,
+            found.append(VirtioMmio(host, base, self.memory, self.allocator, router,
                                     MICROVM_IRQ_BASE + slot))
         self.transports.extend(found)
         return found

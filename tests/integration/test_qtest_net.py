@@ -9,10 +9,12 @@ kernel. Nothing is configured outside the namespace, which is deleted at the end
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +25,18 @@ from peers import require_binaries, require_root
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.net import NetDriver, RxFrame
 from pyvirtio.guest.qtest import QtestMachine
+from pyvirtio.spec import net as N
 from pyvirtio.transport.virtio_pci import VirtioPciModern
-from unit.net_helpers import ETH_P_ARP, ETH_P_IP, arp_request, eth, inet_sum, ip4, ipv4_header
+from unit.net_helpers import (
+    ETH_P_ARP,
+    ETH_P_IP,
+    arp_request,
+    eth,
+    inet_sum,
+    ip4,
+    ipv4_header,
+    tcp_tso_frame,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -176,3 +188,79 @@ def test_our_driver_resolves_and_pings_the_kernel(rig: NetRig) -> None:
     assert struct.unpack_from("!HH", echo.data, 38) == (0x5151, 7)
     assert echo.data[42:] == body
     assert inet_sum(echo.data[34:]) == 0xFFFF  # the kernel's ICMP checksum verifies
+
+
+LISTENER = r"""
+import hashlib, socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(1)
+srv.settimeout(20)
+print("listening", flush=True)
+conn, _ = srv.accept()
+conn.settimeout(20)
+want, got = int(sys.argv[3]), bytearray()
+while len(got) < want:
+    chunk = conn.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print(len(got), hashlib.sha256(got).hexdigest(), flush=True)
+"""
+
+
+def test_a_tso_segment_from_our_driver_reaches_a_kernel_socket_whole(rig: NetRig) -> None:
+    """With CSUM and HOST_TSO4 negotiated, one ~64 KiB TCP frame (partial checksum, GSO
+    TCPV4, MSS 1448) leaves our driver; QEMU hands it to the tap with its header, and a
+    socket in the namespace reads exactly its bytes (the kernel acks all of them)."""
+    for bit in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_HOST_TSO4):
+        assert rig.driver.device.has_feature(bit)
+    port, sport = 5001, 40000 + os.getpid() % 20000
+    host_mac = bytes.fromhex(
+        ns_run(rig.ns, "cat", f"/sys/class/net/{TAP}/address").strip().replace(":", ""))
+    payload = os.urandom(60000)  # one frame: IPv4 total length and the window cap it
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", rig.ns, sys.executable, "-c", LISTENER, HOST_IP, str(port),
+         str(len(payload))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "listening"
+
+        def segment(data: bytes, seq: int, ack: int, flags: int, mss: int = 0) -> None:
+            frame, hdr = tcp_tso_frame(GUEST_MAC, host_mac, data, mss, seq=seq, ack=ack,
+                                       flags=flags, ips=(GUEST_IP, HOST_IP),
+                                       ports=(sport, port))
+            if not mss:
+                hdr = hdr._replace(gso_type=N.VIRTIO_NET_HDR_GSO_NONE, hdr_len=0)
+            rig.driver.send(frame, hdr)
+
+        def tcp_from_host(flags: int) -> Callable[[RxFrame], bool]:
+            def match(f: RxFrame) -> bool:
+                return (f.data[12:14] == b"\x08\x00" and f.data[23] == 6
+                        and struct.unpack_from("!HH", f.data, 34) == (port, sport)
+                        and f.data[47] & flags == flags)
+            return match
+
+        isn = 7000
+        segment(b"", isn, 0, 0x02)  # SYN
+        synack = rig.serve(tcp_from_host(0x12))
+        assert synack is not None
+        their_isn, window = struct.unpack_from("!I", synack.data, 38)[0], \
+            struct.unpack_from("!H", synack.data, 48)[0]
+        assert window >= len(payload)
+        segment(b"", isn + 1, their_isn + 1, 0x10)  # ACK
+        segment(payload, isn + 1, their_isn + 1, 0x18, mss=1448)  # one TSO frame, PSH|ACK
+
+        def acks_everything(f: RxFrame) -> bool:
+            return (tcp_from_host(0x10)(f)
+                    and struct.unpack_from("!I", f.data, 42)[0] == isn + 1 + len(payload))
+
+        assert rig.serve(acks_everything) is not None
+        out = listener.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait(TIMEOUT)
+    assert out.split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    segment(b"", isn + 1 + len(payload), their_isn + 1, 0x04)  # RST: leave nothing open

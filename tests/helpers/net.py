@@ -113,10 +113,12 @@ def udp_frame(src_mac: bytes, dst_mac: bytes, src_ip: str, dst_ip: str, sport: i
 
 
 def tcp_tso_frame(src_mac: bytes, dst_mac: bytes, payload: bytes, mss: int, *,
-                  v6: bool = False, seq: int = 1000, flags: int = 0x18) -> tuple[bytes, NetHdr]:
+                  v6: bool = False, seq: int = 1000, flags: int = 0x18,
+                  ips: tuple[str, str] = ("10.0.0.1", "10.0.0.2"),
+                  ports: tuple[int, int] = (40000, 5001), ack: int = 1) -> tuple[bytes, NetHdr]:
     """One large TCP frame for TSO: partial checksum (pseudo-header sum with the full TCP
-    length, as Linux computes it for GSO) and a TCPV4/TCPV6 header."""
-    tcp = bytearray(struct.pack("!HHIIBBHHH", 40000, 5001, seq, 1, 5 << 4, flags, 65535, 0,
+    length, as Linux computes it for GSO) and a TCPV4/TCPV6 header (``ips`` for IPv4)."""
+    tcp = bytearray(struct.pack("!HHIIBBHHH", *ports, seq, ack, 5 << 4, flags, 65535, 0,
                                 0) + payload)
     tlen = len(tcp)
     if v6:
@@ -127,7 +129,7 @@ def tcp_tso_frame(src_mac: bytes, dst_mac: bytes, payload: bytes, mss: int, *,
         gso = N.VIRTIO_NET_HDR_GSO_TCPV6
         start = 54
     else:
-        src, dst = "10.0.0.1", "10.0.0.2"
+        src, dst = ips
         struct.pack_into("!H", tcp, 16, inet_sum(pseudo4(src, dst, 6, tlen)))
         frame = eth(dst_mac, src_mac, ETH_P_IP, ipv4_header(src, dst, 6, tlen) + bytes(tcp))
         gso = N.VIRTIO_NET_HDR_GSO_TCPV4

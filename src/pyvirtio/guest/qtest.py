@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pyvirtio.errors import LocalError
@@ -28,6 +28,8 @@ from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 
 if TYPE_CHECKING:
+    from pyvirtio.transport.pci_bus import HostBus
+    from pyvirtio.transport.virtio_mmio import VirtioMmio
     from pyvirtio.transport.virtio_pci import VirtioPciTransport
 
 log = logging.getLogger("pyvirtio.qtest")
@@ -40,6 +42,20 @@ MAX_MEMORY = 2048 * MiB
 #: after reset, so it stays halted, using no CPU time).
 HALT_BIOS = b"\xf4" * 0x10000
 
+#: QEMU's ``microvm`` machine as a qtest host of virtio-mmio devices. ``acpi=off`` keeps the
+#: layout of QEMU 7.2's hw/i386/microvm.c without a second I/O APIC: 8 virtio-mmio slots of
+#: 0x200 bytes from :data:`MICROVM_MMIO_BASE`, slot ``i`` wired to GSI
+#: ``MICROVM_IRQ_BASE + i`` of ``ioapic`` (with ACPI on, 24 slots sit on an I/O APIC that
+#: qtest cannot intercept by name). No option ROMs, RTC, PIT, PIC or serial port: nothing but
+#: the virtio devices on the bus. ``-device virtio-*-device`` fills the slots from the top;
+#: ``-global virtio-mmio.force-legacy=off`` turns the version 1 (legacy) register layout
+#: QEMU defaults to into version 2.
+MICROVM = "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=off,acpi=off"
+MICROVM_MMIO_BASE = 0xFEB0_0000
+MICROVM_MMIO_SLOTS = 8
+MICROVM_MMIO_STRIDE = 0x200
+MICROVM_IRQ_BASE = 5
+
 
 def _fmt_size(size: int) -> str:
     return f"{size // MiB}M" if size % MiB == 0 else str(size)
@@ -49,7 +65,8 @@ class QtestMachine:
     """A QEMU process under qtest, its socket and its shared RAM file.
 
     ``device_args`` are extra QEMU arguments (``-device virtio-rng-pci,...``, ``-object``,
-    ``-drive``...). The machine is ``-M pc`` with ``memory_size`` bytes of RAM in a
+    ``-drive``...); ``wrapper`` a command that execs QEMU (``ip netns exec NS`` to give it a
+    network namespace). The machine is ``-M pc`` with ``memory_size`` bytes of RAM in a
     memory-backend-file under ``shm_dir`` that is mapped here as :attr:`memory`; guest
     physical address == file offset for RAM below the PCI hole. The vCPU runs a "BIOS" that
     only halts (:data:`HALT_BIOS`): the machine is *running*, as device models expect, but
@@ -77,6 +94,7 @@ class QtestMachine:
         start_timeout: float = 30.0,
         shm_dir: str = "/dev/shm",
         qtest_log: str | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         if not 4 * MiB <= memory_size <= MAX_MEMORY or memory_size % 4096:
             # Above 2 GiB the pc machine may split RAM around the PCI hole, and guest
@@ -91,11 +109,14 @@ class QtestMachine:
         self.start_timeout = start_timeout
         self.shm_dir = shm_dir
         self.qtest_log = qtest_log
+        #: a command QEMU runs under, which must exec it (``ip netns exec NS``): QEMU then
+        #: keeps the started process's pid, its parent-death signal and its session
+        self.wrapper = list(wrapper)
         self.process: subprocess.Popen[bytes] | None = None
         self.client: QtestClient | None = None
         self.memory: GuestMemory | None = None
         self.allocator: Allocator | None = None
-        self.transports: list[VirtioPciTransport] = []
+        self.transports: list[VirtioPciTransport | VirtioMmio] = []
         #: the temporary directory and RAM file used while starting (gone once started)
         self.workdir: str | None = None
         self.ram_path: str | None = None
@@ -112,6 +133,7 @@ class QtestMachine:
         """The exact QEMU command line."""
         size = _fmt_size(self.memory_size)
         return [
+            *self.wrapper,
             self.qemu,
             "-M", f"{self.machine},memory-backend=mem",
             "-accel", "tcg",
@@ -249,13 +271,16 @@ class QtestMachine:
             raise LocalError("the qtest machine is not started")
         return self.client
 
-    def virtio_transports(self, prefer_modern: bool = True,
-                          use_interrupts: bool = True) -> list[VirtioPciTransport]:
+    def virtio_transports(self, prefer_modern: bool = True, use_interrupts: bool = True,
+                          wrap: Callable[[QtestClient], HostBus] | None = None,
+                          ) -> list[VirtioPciTransport]:
         """Act as firmware for bus 0 (assign BARs, route INTx), find every virtio function
         and return one transport per device, sharing this machine's RAM and allocator.
 
         With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
-        their INTx line; otherwise they poll the ISR register. Call once per machine.
+        their INTx line; otherwise they poll the ISR register. ``wrap`` makes the host bus
+        the transports use from the qtest client (a recorder, for instance). Call once per
+        machine.
         """
         from pyvirtio.transport.virtio_pci import discover
 
@@ -265,9 +290,44 @@ class QtestMachine:
             raise LocalError("this machine's PCI bus is already set up: use .transports")
         if use_interrupts:
             client.irq_intercept_in("ioapic")
-        found = discover(client, self.memory, self.allocator,
+        host: HostBus = wrap(client) if wrap is not None else client
+        found = discover(host, self.memory, self.allocator,
                          lines=client if use_interrupts else None,
                          prefer_modern=prefer_modern)
+        self.transports.extend(found)
+        return found
+
+    def virtio_mmio_transports(self, use_interrupts: bool = True,
+                               wrap: Callable[[QtestClient], HostBus] | None = None,
+                               ) -> list[VirtioMmio]:
+        """On :data:`MICROVM`: one driver transport per occupied virtio-mmio slot, in slot
+        order, sharing this machine's RAM and allocator (an empty slot answers device id 0).
+
+        With ``use_interrupts`` the ioapic inputs are intercepted and transports wait for
+        their slot's line; otherwise they poll InterruptStatus. ``wrap`` as for
+        :meth:`virtio_transports`. Call once per machine.
+        """
+        from pyvirtio.spec import mmio as M
+        from pyvirtio.transport.virtio_mmio import VirtioMmio
+        from pyvirtio.transport.virtio_pci import InterruptRouter
+
+        client = self.qtest
+        assert self.memory is not None and self.allocator is not None
+        if self.transports:
+            raise LocalError("this machine's devices are already set up: use .transports")
+        if use_interrupts:
+            client.irq_intercept_in("ioapic")
+        router = InterruptRouter(client if use_interrupts else None)
+        host: HostBus = wrap(client) if wrap is not None else client
+        found: list[VirtioMmio] = []
+        for slot in range(MICROVM_MMIO_SLOTS):
+            base = MICROVM_MMIO_BASE + slot * MICROVM_MMIO_STRIDE
+            if client.readl(base + M.VIRTIO_MMIO_MAGIC_VALUE) != M.VIRTIO_MMIO_MAGIC:
+                continue
+            if client.readl(base + M.VIRTIO_MMIO_DEVICE_ID) == 0:
+                continue
+            found.append(VirtioMmio(host, base, self.memory, self.allocator, router,
+                                    MICROVM_IRQ_BASE + slot))
         self.transports.extend(found)
         return found
 
@@ -309,4 +369,13 @@ def _reap(process: subprocess.Popen[bytes] | None, workdir: str | None,
         stderr.close()
 
 
-__all__ = ["HALT_BIOS", "MAX_MEMORY", "QtestMachine"]
+__all__ = [
+    "HALT_BIOS",
+    "MAX_MEMORY",
+    "MICROVM",
+    "MICROVM_IRQ_BASE",
+    "MICROVM_MMIO_BASE",
+    "MICROVM_MMIO_SLOTS",
+    "MICROVM_MMIO_STRIDE",
+    "QtestMachine",
+]

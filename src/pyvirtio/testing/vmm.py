@@ -31,6 +31,7 @@ from pyvirtio.transport.pci_bus import (
     PIIX3_PIRQRC,
     PIIX3_VENDOR_DEVICE,
     PIRQ_DISABLED,
+    HostBus,
     piix_pirq,
 )
 from pyvirtio.transport.pci_device import VirtioPciDevice
@@ -252,23 +253,26 @@ class VmmBus:
 
 
 def plug(model: VirtioPciDevice | VirtioMmioDevice, memory: GuestMemory, allocator: Allocator,
-         regs: Registers | None = None, *, prefer_modern: bool = True
+         regs: Registers | None = None, *, prefer_modern: bool = True,
+         wrap: Callable[[VmmBus], HostBus] | None = None,
          ) -> tuple[VmmBus, VirtioPciTransport | VirtioMmio]:
     """A machine with ``model`` on a fresh :class:`VmmBus` (accesses through ``regs`` if
     given), found and set up as a driver would find it: a PCI scan and firmware setup
     (``prefer_modern``: take the modern interface of a transitional function), or the
-    virtio-mmio window. Returns the bus and our driver transport, interrupts wired."""
+    virtio-mmio window. Returns the bus and our driver transport, interrupts wired. ``wrap``
+    makes the host bus the driver uses from the machine's (a recorder, for instance)."""
     bus = VmmBus()
+    host: HostBus = wrap(bus) if wrap is not None else bus
     transport: VirtioPciTransport | VirtioMmio
     if isinstance(model, VirtioPciDevice):
         bus.add_pci(PCI_SLOT, model, regs)
-        found = discover(bus, memory, allocator, lines=bus, prefer_modern=prefer_modern)
+        found = discover(host, memory, allocator, lines=bus, prefer_modern=prefer_modern)
         if len(found) != 1:
             raise LocalError(f"the machine shows {len(found)} virtio functions, not 1")
         transport = found[0]
     else:
         base = bus.add_mmio(model, MMIO_LINE, regs=regs)
-        transport = VirtioMmio(bus, base, memory, allocator, InterruptRouter(bus), MMIO_LINE)
+        transport = VirtioMmio(host, base, memory, allocator, InterruptRouter(bus), MMIO_LINE)
     if transport.line is not None:
         bus.on_line(transport.line, lambda: transport.wait(0.0))
     return bus, transport

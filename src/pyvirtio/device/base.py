@@ -372,9 +372,13 @@ class VirtioDevice:
         """The ring object of queue ``index``, in the negotiated format (split or packed);
         a fresh ring (``last_avail_idx`` None) starts where that format starts."""
         assert self.memory is not None
-        # Only what was offered can be in effect: a driver that wrote bits we never offered
-        # (and then failed FEATURES_OK) must not pick the ring format with them.
-        features = self.driver_features & self.offered_features
+        features = self.driver_features
+        if not self.status & S.FEATURES_OK:
+            # Negotiation never completed (a legacy driver, or a hostile one that set up a
+            # queue after FEATURES_OK was refused): only offered bits can be in effect, so
+            # bits we never offered must not pick the ring format. Accepted features may
+            # hold ring bits the transport tolerated (accept_features).
+            features &= self.offered_features
         return device_ring(
             features, self.memory, size, desc, avail, used,
             endian=self.endian,

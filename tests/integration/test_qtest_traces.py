@@ -114,6 +114,8 @@ def qemu_args(kind: str, device: str, image: Path) -> tuple[list[str], str]:
     backend = [] if device == "rng" else [
         "-drive", f"if=none,id=d0,file={image},format=raw"]
     props = "" if device == "rng" else f",drive=d0,queue-size={QUEUE_SIZE['blk']}"
+    if kind in ("pci-modern", "mmio"):
+        props += ",packed=on"  # our devices offer the packed ring: QEMU's must too
     if kind.startswith("pci"):
         iface = "disable-modern=on" if kind == "pci-legacy" else "disable-legacy=on"
         return [*backend, "-device", f"virtio-{device}-pci{props},{iface}"], "pc"

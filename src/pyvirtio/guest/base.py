@@ -65,6 +65,8 @@ _ESCAPE_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_c])")
 EXIT_GRACE = 10.0
 #: How long to wait for the console reader to drain after the guest exited.
 DRAIN_TIMEOUT = 5.0
+#: How long SIGKILLed guest processes may take to be gone after the kernel process is reaped.
+KILL_SETTLE = 10.0
 
 
 @dataclass(frozen=True)
@@ -585,6 +587,12 @@ class Guest(ABC):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             pass
+        # A SIGKILLed process takes a moment to die (UML's address-space processes tear
+        # down large mappings; longer on a loaded machine): the guest is stopped only
+        # when none of its session still runs.
+        deadline = time.monotonic() + KILL_SETTLE
+        while session_processes(sid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         with self._cond:
             if self._exited_at is None:
                 self._exited_at = time.monotonic()

@@ -133,14 +133,7 @@ class VirtioMmioDevice(RegisterModel):
         elif offset == M.VIRTIO_MMIO_DRIVER_FEATURES_SEL:
             self._gfselect = value
         elif offset == M.VIRTIO_MMIO_DRIVER_FEATURES:
-            if self._gfselect >= 2:
-                if value:
-                    self.problem(f"driver features 0x{value:x} written to word "
-                                 f"{self._gfselect}: only 64 feature bits exist; ignored")
-                return
-            shift = 32 * self._gfselect
-            features = (self.device.driver_features & ~(0xFFFF_FFFF << shift)) | value << shift
-            self.write_driver_features(features)
+            self.write_feature_word(self._gfselect, value)
         elif offset == M.VIRTIO_MMIO_GUEST_PAGE_SIZE:
             if value == 0 or value & (value - 1):
                 self.problem(f"guest page size {value} is not a power of two; ignored")

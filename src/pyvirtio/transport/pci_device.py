@@ -562,14 +562,7 @@ class VirtioPciDevice(RegisterModel):
         elif offset == P.VIRTIO_PCI_COMMON_GFSELECT:
             self._gfselect = value
         elif offset == P.VIRTIO_PCI_COMMON_GF:
-            if self._gfselect >= 2:
-                if value:
-                    self.problem(f"driver features 0x{value:x} written to word "
-                                 f"{self._gfselect}: only 64 feature bits exist; ignored")
-                return
-            shift = 32 * self._gfselect
-            features = (self.device.driver_features & ~(0xFFFF_FFFF << shift)) | value << shift
-            self.write_driver_features(features)
+            self.write_feature_word(self._gfselect, value)
         elif offset == P.VIRTIO_PCI_COMMON_MSIX:
             self.config_vector = self._vector(value, "config")
         elif offset == P.VIRTIO_PCI_COMMON_STATUS:

@@ -218,6 +218,17 @@ class RegisterModel:
             return
         self.device.set_driver_features(features)
 
+    def write_feature_word(self, select: int, value: int) -> None:
+        """The driver wrote 32 feature bits through the select window (modern PCI, MMIO)."""
+        if select >= 2:
+            if value:
+                self.problem(f"driver features 0x{value:x} written to word {select}: only 64 "
+                             "feature bits exist; ignored")
+            return
+        shift = 32 * select
+        features = (self.device.driver_features & ~(0xFFFF_FFFF << shift)) | value << shift
+        self.write_driver_features(features)
+
     def valid_queue_size(self, index: int, size: int) -> str | None:
         """Why ``size`` cannot run queue ``index``, or None."""
         limit = self.device.queues[index].max_size

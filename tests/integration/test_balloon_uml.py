@@ -25,22 +25,17 @@ from peers import require_guest
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.io.balloon_control import request
 from pyvirtio.spec import ids
+from pyvirtio.testing.guests import memory_pattern_md5, memory_pattern_shell
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(200)]
 
 MIB = 1 << 20
 
-# Guest helpers: fill FILE with N MiB of a known stream in tmpfs (guest page cache) and
-# check it reads back intact; the md5 of the stream itself is computed alongside.
-GUEST_LIB = """
-pattern() { yes pyvirtio-balloon-$1 | head -c $(($2 * 1048576)); }
-fill() { pattern $1 $2 > /dev/shm/$1; }
-verify() {
-    a=$(md5sum < /dev/shm/$1); b=$(pattern $1 $2 | md5sum)
-    [ "$a" = "$b" ] && echo ok || echo BAD
-}
+# Guest helpers: fill /dev/shm/NAME with N MiB of a known stream (guest page cache), its
+# md5, and /proc/meminfo.
+TAG = "pyvirtio-balloon"
+GUEST_LIB = memory_pattern_shell(TAG) + """\
 meminfo() { awk -v k="$1:" '$1 == k {print $2 * 1024}' /proc/meminfo; }
-mount -o remount,size=240M /dev/shm
 """
 
 
@@ -120,7 +115,9 @@ fill touch 200; rm /dev/shm/touch
 echo BALLOON-TOUCHED; read line
 echo BALLOON-MEMINFO $(meminfo MemFree) $(meminfo MemAvailable) $(meminfo MemTotal)
 read line
-fill big 150; echo BALLOON-VERIFY $(verify big 150)
+fill big 150; echo BALLOON-MD5 $(digest big)
+printf X | dd of=/dev/shm/big bs=1 seek=99999999 conv=notrunc 2>/dev/null
+echo BALLOON-SPOILED $(digest big)
 """)
     guest.wait_for("BALLOON-TOUCHED", 60)
     before = request(str(rig.control), "stats")
@@ -159,7 +156,10 @@ fill big 150; echo BALLOON-VERIFY $(verify big 150)
     assert status == 0, err
     assert deflated["actual"] == 0 and deflated["balloon_pages"] == 0
     guest.write("go\n")
-    assert guest.wait_for(r"BALLOON-VERIFY (\w+)", 90).group(1) == "ok"
+    expected = memory_pattern_md5(TAG, "big", 150)
+    assert guest.wait_for(r"BALLOON-MD5 (\w+)", 90).group(1) == expected
+    # and the check is not blind: one byte changed in the middle of the file is seen
+    assert guest.wait_for(r"BALLOON-SPOILED (\w+)", 30).group(1) != expected
     result = guest.wait(60)
     assert result.ok, result.describe()
     assert request(str(rig.control), "stats")["problems"] == 0

@@ -14,21 +14,19 @@ from pyvirtio.io.balloon_control import ControlServer, request
 from pyvirtio.io.vhost_user_server import VhostUserServer
 from pyvirtio.spec import balloon as B
 from pyvirtio.spec import ids
+from pyvirtio.testing.guests import memory_pattern_md5, memory_pattern_shell
 
 MIB = 1 << 20
 TOUCH_MIB, TARGET_MIB, VERIFY_MIB = 200, 192, 150
+TAG = "pyvirtio-demo"
 
-BALLOON_SCRIPT = f"""\
-pattern() {{ yes pyvirtio-demo-$1 | head -c $(($2 * 1048576)); }}
-mount -o remount,size=240M /dev/shm
-pattern touch {TOUCH_MIB} > /dev/shm/touch; rm /dev/shm/touch
+BALLOON_SCRIPT = memory_pattern_shell(TAG) + f"""\
+fill touch {TOUCH_MIB}; rm /dev/shm/touch
 result touched $(awk '$1 == "MemFree:" {{print $2}}' /proc/meminfo)
 read line
 result inflated $(awk '$1 == "MemFree:" {{print $2}}' /proc/meminfo)
 read line
-pattern big {VERIFY_MIB} > /dev/shm/big
-a=$(md5sum < /dev/shm/big); b=$(pattern big {VERIFY_MIB} | md5sum)
-[ "$a" = "$b" ] && result verify ok || result verify BAD
+fill big {VERIFY_MIB}; result md5 $(digest big)
 """
 
 
@@ -85,9 +83,10 @@ def balloon_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
                 say(f"target 0: deflated in {time.monotonic() - start:.1f} s; the guest writes "
                     f"and checks {VERIFY_MIB} MiB")
                 guest.write("go\n")
-                verify = expect(guest, r"PYVIRTIO-RESULT verify=(\S+)").group(1)
+                digest = expect(guest, r"PYVIRTIO-RESULT md5=(\S+)").group(1)
                 checks.append((f"UML: memory back in the guest, {VERIFY_MIB} MiB written and "
-                               "verified", verify == "ok"))
+                               "read back intact",
+                               digest == memory_pattern_md5(TAG, "big", VERIFY_MIB)))
                 result = guest.wait(timeout=STEP_TIMEOUT)
                 if not result.ok:
                     raise DemoFailure(result.describe())

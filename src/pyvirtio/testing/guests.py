@@ -4,6 +4,9 @@ the integration tests.
 * :class:`RecordedStream`: a deterministic entropy source that keeps every byte it served.
 * :func:`hwrng_script` and :func:`find_served_slice`: a guest reads /dev/hwrng and reports
   enough for the host to show its bytes are exactly one contiguous slice of what was served.
+* :func:`memory_pattern_shell` and :func:`memory_pattern_md5`: a guest fills tmpfs with a
+  known stream and reports its md5, fast enough for User-Mode Linux; the host computes the
+  md5 it must be.
 * :class:`ConsoleClient`: the host end of a console port's unix socket, collecting what the
   guest writes in a thread and sending what the host types.
 """
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pyvirtio.io import unixsock
 
 HWRNG_BYTES = 65536
+MIB = 1 << 20
 
 
 class RecordedStream:
@@ -75,6 +79,49 @@ result hwrng_bytes $(wc -c < /tmp/hwrng)
 result hwrng_sha $(sha256sum /tmp/hwrng | cut -d' ' -f1)
 result hwrng_head $(head -c 32 /tmp/hwrng | od -An -tx1 | tr -d ' \\n')
 """
+
+
+def memory_pattern_shell(tag: str) -> str:
+    """Guest shell functions ``fill NAME MIB`` (write MIB MiB of a stream named NAME to
+    /dev/shm/NAME) and ``digest NAME`` (print the file's md5, to compare with
+    :func:`memory_pattern_md5` on the host), plus a remount that lets /dev/shm hold 240 MiB.
+
+    Why not ``yes | head -c``: every system call of a UML guest costs a round trip through
+    ptrace (about 0.15-0.25 ms here), and busybox's ``yes`` and ``head`` move 4 KiB or less
+    per call: 150 MiB took 40 s on an idle machine, over a minute under load. Here eight
+    different MiB are made once and one ``cat`` copies them in turn with large calls (a
+    process costs about 70 ms to start in UML, so one per MiB would be slow too): 150 MiB in
+    under a second. Reading back is the dear part (``md5sum`` reads 4 KiB at a time, about
+    6 s for 150 MiB), so the guest reads once and the host knows the answer.
+    """
+    return f"""\
+mount -o remount,size=240M /dev/shm
+fill() {{
+    u=0; while [ $u -lt {_PATTERN_UNITS} ]; do
+        yes {tag}-$1-$u | head -c 1048576 > /tmp/pattern-$1-$u; u=$((u+1))
+    done
+    cat $(i=0; while [ $i -lt $2 ]; do
+        echo /tmp/pattern-$1-$((i % {_PATTERN_UNITS})); i=$((i+1)); done) > /dev/shm/$1
+    rm -f /tmp/pattern-$1-*
+}}
+digest() {{ md5sum < /dev/shm/$1 | cut -d' ' -f1; }}
+"""
+
+
+_PATTERN_UNITS = 8
+
+
+def memory_pattern_md5(tag: str, name: str, mib: int) -> str:
+    """The md5 (hex) of what ``fill NAME MIB`` of :func:`memory_pattern_shell` writes:
+    MiB ``i`` is ``TAG-NAME-u`` lines, cut at 1 MiB, with ``u = i % 8``."""
+    units = []
+    for u in range(_PATTERN_UNITS):
+        line = f"{tag}-{name}-{u}\n".encode()
+        units.append((line * (MIB // len(line) + 1))[:MIB])
+    digest = hashlib.md5()
+    for i in range(mib):
+        digest.update(units[i % _PATTERN_UNITS])
+    return digest.hexdigest()
 
 
 class NotServed(Exception):

@@ -118,6 +118,9 @@ class VirtioDevice:
         self.poll_queue: Callable[[int], None] = self.kick
         self.problems: list[str] = []  # every peer misbehaviour seen, newest last
         self.batch_ticks = 0  # looks at a ring in batch mode
+        #: lost notifications the engine's watch made up for (see QueueEngine.watch)
+        self.lost_kicks = 0
+        self.renotified = 0
         self._idle_kick_reported = False  # a kick before DRIVER_OK was recorded (once)
 
     # ---- what subclasses implement ------------------------------------------------------

@@ -32,6 +32,11 @@ is the same:
   serve requests at least about as fast as kicks did. Leaving goes through the usual
   enable-and-look-again step, and completions are signalled at the end of every drain, so
   nothing is ever left waiting for a kick that will not come.
+* **lost notifications**: a transport to a real peer calls :meth:`QueueEngine.watch`
+  every :data:`WATCH_INTERVAL` seconds. A kick that never arrived (buffers sat in a ring
+  with kicks on for a whole interval) is served then, and a queue that has waited for
+  buffers that long interrupts the driver again, in case it missed the interrupt that
+  should have made it refill: either way the queue goes on, and the device counts it.
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ _MIN_BACKOFF = 0.1
 _MAX_BACKOFF = 5.0
 _monotonic = time.monotonic
 
+#: seconds between a transport's calls of :meth:`QueueEngine.watch`
+WATCH_INTERVAL = 0.25
+#: a queue waiting for buffers interrupts the driver again after 1, 2, 4, ... watches
+#: without them, at most this many apart
+_MAX_RENOTIFY_WATCHES = 16
+
 
 class RequestTracker(Protocol):
     """Follows the heads of a queue from pop to completion, so that what was in flight can
@@ -96,7 +107,8 @@ class RequestTracker(Protocol):
 class QueueEngine:
     """Serves one running queue of a device (see the module doc)."""
 
-    __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_kick_rate",
+    __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_drains",
+                 "_kick_rate", "_quiet", "_renotify_at", "_seen_drains", "_seen_pending",
                  "_tick", "_trial_after", "_w_count", "_w_start", "again", "blocked",
                  "device", "done", "fast", "held", "index", "queue", "ring",
                  "running", "waiting", "yielded")
@@ -124,6 +136,11 @@ class QueueEngine:
         self._trial_after = 0.0
         self._backoff = _MIN_BACKOFF
         self._drained = False  # run() got past its checks (set for the tick to see)
+        self._drains = 0  # drains that got past their checks (for watch())
+        self._seen_drains = 0  # ... at the previous watch()
+        self._seen_pending = False  # buffers were available at the previous watch()
+        self._quiet = 0  # watches spent waiting for buffers since the last interrupt
+        self._renotify_at = 1
 
     @property
     def batching(self) -> bool:
@@ -195,7 +212,9 @@ class QueueEngine:
         if ring.enable_notifications():
             ring.disable_notifications()
             return True
-        self.waiting = True
+        if not self.waiting:
+            self.waiting = True
+            self._quiet, self._renotify_at = 0, 1
         return False
 
     def buffers_posted(self) -> bool:
@@ -231,6 +250,7 @@ class QueueEngine:
             return
         self.running = True
         self._drained = True
+        self._drains += 1
         device = self.device
         index = self.index
         done = self.done
@@ -328,6 +348,56 @@ class QueueEngine:
                         interval, self._on_tick)
                 else:
                     self._batching = False
+
+    # ---- lost notifications -------------------------------------------------------------
+
+    def watch(self) -> str | None:
+        """Look for a lost notification (see the module doc); a transport to a real peer
+        calls this every :data:`WATCH_INTERVAL` seconds. Returns what was done, or None.
+
+        Acting on a kick still queued in the event loop would be harmless but would count
+        a loss that was not one, so a ring counts as missing its kick only when it held
+        buffers at two watches in a row with no drain between them.
+        """
+        if (not self.current() or self.running or self.yielded or self.blocked
+                or self._batching):
+            self._seen_pending = False  # kicks are off on purpose, or a drain is coming
+            return None
+        device, index = self.device, self.index
+        if self.waiting:  # out of buffers to fill: the driver's next kick ends the wait
+            if self.ring.pending():
+                if not self._seen_pending:
+                    self._seen_pending = True
+                    return None
+                self._seen_pending = False
+                device.poll_queue(index)
+                if self.waiting:
+                    return None  # the transport holds the queue (a disabled vring)
+                device.lost_kicks += 1
+                return "buffers were posted without a kick: served"
+            self._seen_pending = False
+            self._quiet += 1
+            if self._quiet < self._renotify_at:
+                return None
+            self._quiet = 0
+            self._renotify_at = min(2 * self._renotify_at, _MAX_RENOTIFY_WATCHES)
+            device.renotified += 1
+            device.notify_queue(index)
+            return "no buffers: the driver was interrupted again"
+        if not self._drains:
+            return None  # buffers the device fills on demand wait in the ring by design
+        pending = self.ring.pending() > 0
+        lost = pending and self._seen_pending and self._seen_drains == self._drains
+        self._seen_pending, self._seen_drains = pending and not lost, self._drains
+        if not lost:
+            return None
+        drains = self._drains
+        device.poll_queue(index)
+        self._seen_drains = self._drains
+        if self._drains == drains:
+            return None  # the transport holds the queue (a disabled vring)
+        device.lost_kicks += 1
+        return "buffers were made available without a kick: served"
 
     def _yield(self) -> None:
         """Out of budget: go on at the next loop iteration, so other queues get a turn."""

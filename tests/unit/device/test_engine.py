@@ -83,3 +83,60 @@ def test_a_restarted_rng_back_end_resubmits_what_its_predecessor_held() -> None:
         assert successor.in_flight() == [] and successor.used_idx == 3
     finally:
         memory.close()
+
+
+# ---- lost notifications ----------------------------------------------------------------------
+
+def rng_with_ring(memory: GuestMemory) -> tuple[RngDevice, DriverQueue, Allocator]:
+    alloc = Allocator(0, 1 << 20)
+    rings = (alloc.alloc(SP.desc_table_size(QSIZE), 4096),
+             alloc.alloc(SP.avail_size(QSIZE), 4096),
+             alloc.alloc(SP.used_size(QSIZE), 4096))
+    driver = DriverQueue(memory, QSIZE, *rings, event_idx=True, indirect=True,
+                         allocator=alloc)
+    device = RngDevice(queue_size=QSIZE)
+    start(device, memory)
+    device.start_queue(0, QSIZE, *rings)
+    return device, driver, alloc
+
+
+def test_a_request_whose_kick_was_lost_is_served_at_the_second_watch() -> None:
+    memory = GuestMemory.anonymous(1 << 20)
+    try:
+        device, driver, alloc = rng_with_ring(memory)
+        engine = device.queues[0].engine
+        assert engine is not None
+        driver.add_buf([], [(alloc.alloc(64, 64), 64)], "first")
+        assert driver.kick_prepare()
+        device.kick(0)
+        assert driver.get_buf() == ("first", 64)
+        # The next request's kick never reaches the device.
+        driver.add_buf([], [(alloc.alloc(64, 64), 64)], "lost")
+        assert driver.kick_prepare()
+        assert engine.watch() is None  # the kick may still be on its way
+        assert driver.get_buf() is None
+        assert engine.watch() == "buffers were made available without a kick: served"
+        assert driver.get_buf() == ("lost", 64)
+        assert device.lost_kicks == 1
+        assert engine.watch() is None and engine.watch() is None  # nothing more to do
+        assert device.lost_kicks == 1
+    finally:
+        memory.close()
+
+
+def test_a_kick_that_arrives_between_two_watches_is_not_counted_as_lost() -> None:
+    memory = GuestMemory.anonymous(1 << 20)
+    try:
+        device, driver, alloc = rng_with_ring(memory)
+        engine = device.queues[0].engine
+        assert engine is not None
+        for token in ("a", "b"):
+            driver.add_buf([], [(alloc.alloc(64, 64), 64)], token)
+            assert driver.kick_prepare()
+            assert engine.watch() is None
+            device.kick(0)  # late, but it came
+            assert engine.watch() is None
+            assert driver.get_buf() == (token, 64)
+        assert device.lost_kicks == 0
+    finally:
+        memory.close()

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pyvirtio.core.features import describe as _describe
-from pyvirtio.core.reactor import Reactor
+from pyvirtio.core.reactor import Reactor, TimerHandle
 from pyvirtio.device.base import ConfigAccessError, VirtioDevice
+from pyvirtio.device.engine import WATCH_INTERVAL
 from pyvirtio.errors import PeerError
 from pyvirtio.memory import GuestMemory, GuestMemoryError, Region, sigbus
 from pyvirtio.ring import DeviceRing, fresh_base, is_packed
@@ -176,7 +177,9 @@ class BackendProtocol:
     """One front-end connection's view of one device.
 
     ``device`` is the VirtioDevice to serve; ``host`` the I/O layer's services;
-    ``reactor`` is given to the device (timers, readers of its own back-ends).
+    ``reactor`` is given to the device (timers, readers of its own back-ends); with one,
+    the running rings are watched for lost notifications
+    (:meth:`~pyvirtio.device.engine.QueueEngine.watch`).
     ``protocol_features`` is the offer (extensions add theirs; CONFIG is left out for a
     device without config space); ``max_mem_slots`` the answer to GET_MAX_MEM_SLOTS and the
     limit for ADD_MEM_REG.
@@ -216,6 +219,8 @@ class BackendProtocol:
         self.requests: deque[str] = deque(maxlen=1000)
         self.messages = 0
         self.closed = False
+        self.reactor = reactor
+        self._watch: TimerHandle | None = None
         self._sigbus_seen = sigbus.faults
         self._truncated: set[int] = set()  # id() of regions reported as truncated
         self.rules: dict[int, RequestRule] = dict(C.REQUEST_RULES)
@@ -666,7 +671,32 @@ class BackendProtocol:
                 self.log.info("%s: %s resumes at used idx %d: driver notified once",
                               self.name, v.describe(), v.ring.used_idx)
                 self._notify_queue(v.index)
+        if self._watch is None and self.reactor is not None:
+            self._watch = self.reactor.call_later(WATCH_INTERVAL, self._watch_rings)
         self.on_kick(v.index)
+
+    def _watch_rings(self) -> None:
+        """Every WATCH_INTERVAL while a ring runs: let each queue make up for a lost
+        notification, and say so (a real peer that loses them, or a bug of ours)."""
+        self._watch = None
+        if self.closed or self.reactor is None:
+            return
+        running = False
+        for v in self.vrings:
+            engine = self.device.queues[v.index].engine if v.ring is not None else None
+            if engine is None or engine.ring is not v.ring:
+                continue
+            running = True
+            done = engine.watch()
+            if done is not None:
+                d = self.device
+                lost = d.lost_kicks + d.renotified
+                if lost <= 10 or lost % 100 == 0:
+                    self.log.warning("%s: %s: %s (so far: %d kicks missed, %d interrupts "
+                                     "repeated)", self.name, v.describe(), done,
+                                     d.lost_kicks, d.renotified)
+        if running:
+            self._watch = self.reactor.call_later(WATCH_INTERVAL, self._watch_rings)
 
     def _start_ring(self, v: Vring) -> None:
         desc, avail, used = self._translate(v)
@@ -868,6 +898,9 @@ class BackendProtocol:
         if self.closed:
             return
         self.closed = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for v in self.vrings:
             self._stop_vring(v)
             self._drop_kick(v)

@@ -7,12 +7,13 @@ Every test asserts on what the driver saw: kicks it sent, interrupts it got, req
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers.blk import SECTOR, GuardedImage, blk_pair, features
+from helpers.reactor import ManualReactor
 from pyvirtio.device import engine  # batch mode lives in the engine
 from pyvirtio.device.blk import BlkDevice
 from pyvirtio.device.blk.fastpath import BlkFastLane
@@ -20,51 +21,6 @@ from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.testing.pair import DevicePair
 
 RINGS = [pytest.param(True, id="event-idx"), pytest.param(False, id="no-event-idx")]
-
-
-class Timer:
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class ManualReactor:
-    """Timers that run only when the test fires them."""
-
-    def __init__(self) -> None:
-        self.timers: list[Timer] = []
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(callback)
-        self.timers.append(timer)
-        return timer
-
-    def time(self) -> float:
-        return 0.0
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        raise AssertionError("not used")
-
-    def remove_reader(self, fd: int) -> None:
-        raise AssertionError("not used")
-
-    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
-        raise AssertionError("not used")
-
-    def remove_writer(self, fd: int) -> None:
-        raise AssertionError("not used")
-
-    def armed(self) -> int:
-        return sum(not t.cancelled for t in self.timers)
-
-    def fire(self) -> None:
-        """Run the armed timers (those they arm run at the next fire)."""
-        due, self.timers = [t for t in self.timers if not t.cancelled], []
-        for t in due:
-            t.callback()
 
 
 @pytest.fixture

@@ -273,6 +273,44 @@ def test_receiver_without_buffers_holds_the_sender_until_it_refills(
     assert a.device.stats.tx_frames == 5
 
 
+def test_a_receiver_whose_refill_kick_was_lost_is_served_at_the_second_watch(
+        make_pair: MakePair) -> None:
+    few = NetDriver.with_options(rx_buffers=2)
+    a, da, b, db = cable(make_pair, b_driver=few)
+    frames = [payload_frame(mac(2), mac(1), 100, fill=i) for i in range(4)]
+    for f in frames:
+        da.send(f)
+    assert a.device.stats.tx_frames == 2  # B is out of buffers; A waits
+    engine = b.device.queues[0].engine
+    assert engine is not None and engine.waiting
+    kick = b.device.kick
+    b.device.kick = lambda index: None  # type: ignore[method-assign]  # the refill's kick is lost
+    got = db.recv_all()
+    b.device.kick = kick  # type: ignore[method-assign]
+    assert a.device.stats.tx_frames == 2 and engine.waiting
+    assert engine.watch() is None  # the kick may still be on its way
+    assert engine.watch() == "buffers were posted without a kick: served"
+    got += db.recv_all()
+    assert [f.data for f in got] == frames
+    assert b.device.lost_kicks == 1
+
+
+def test_a_receiver_waiting_for_buffers_interrupts_its_driver_again_less_and_less_often(
+        make_pair: MakePair) -> None:
+    few = NetDriver.with_options(rx_buffers=2)
+    _, da, b, _ = cable(make_pair, b_driver=few)
+    for i in range(3):
+        da.send(payload_frame(mac(2), mac(1), 100, fill=i))
+    engine = b.device.queues[0].engine
+    assert engine is not None and engine.waiting
+    interrupts: list[int] = []
+    b.device.notify_queue = interrupts.append  # the driver "missed" the first one
+    acted = [engine.watch() is not None for _ in range(15)]
+    assert [i + 1 for i, did in enumerate(acted) if did] == [1, 3, 7, 15]
+    assert interrupts == [0, 0, 0, 0] and b.device.renotified == 4
+    assert b.device.lost_kicks == 0
+
+
 def test_frame_larger_than_the_whole_ring_can_hold_is_dropped_not_waited_for(
         make_pair: MakePair) -> None:
     tiny = NetDriver.with_options(queue_size=16, mergeable_buf_len=64)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.reactor import ManualReactor
 from helpers.vhost_user import FakeHost
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.memory import GuestMemory, region_from_fd
@@ -35,10 +36,12 @@ UOFF = 0x5555_0000_0000  # the fake front-end's user address space
 class Front:
     """Drive a BackendProtocol like a front-end would, with a driver ring in shared memory."""
 
-    def __init__(self, device: RngDevice | None = None) -> None:
+    def __init__(self, device: RngDevice | None = None,
+                 reactor: ManualReactor | None = None) -> None:
         self.device = device or RngDevice()
         self.host = FakeHost()
-        self.proto = BackendProtocol(self.device, self.host, name="test")
+        self.proto = BackendProtocol(self.device, self.host, name="test",
+                                     reactor=reactor)  # type: ignore[arg-type]
         self.memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM)
         self.memory = GuestMemory([region_from_fd(os.dup(self.memfd), 0, MEM, 0)])
@@ -154,6 +157,28 @@ def test_a_ring_serves_after_kick_and_enable_and_get_vring_base_stops_it(front: 
     (reply,) = front.send(R.GET_VRING_BASE, C.vring_state(0, 0), need_reply=False)
     assert C.parse_vring_state(reply.payload) == C.VringState(0, 1)
     assert front.device.ring(0) is None and not front.host.watched
+
+
+def test_running_rings_are_watched_for_lost_kicks_until_the_connection_closes() -> None:
+    reactor = ManualReactor()
+    front = Front(reactor=reactor)
+    try:
+        front.negotiate()
+        front.mem_table()
+        q = front.ring()
+        assert reactor.armed() == 1  # the watch runs while a ring does
+        first = _post(front, q, 32)
+        front.proto.on_kick(0)
+        assert q.get_buf() == (first, 32)
+        lost = _post(front, q, 32)  # its kick never comes
+        reactor.fire()
+        assert q.get_buf() is None  # the kick may still have been on its way
+        reactor.fire()
+        assert q.get_buf() == (lost, 32) and front.device.lost_kicks == 1
+        assert reactor.armed() == 1
+    finally:
+        front.close()
+    assert reactor.armed() == 0
 
 
 def test_a_resumed_ring_notifies_the_driver_once(front: Front) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dpkt
 import pytest
 
 from helpers.net import (
@@ -259,16 +260,11 @@ def snmp(ns: Netns, group: str) -> dict[str, int]:
 
 
 def tcp_mss_option(frame: bytes) -> int | None:
-    """The MSS option of the TCP/IPv4 ``frame`` (no IP options), if it has one."""
-    end = 34 + (frame[46] >> 4) * 4
-    i = 54
-    while i < end and frame[i] != 0:
-        if frame[i] == 1:
-            i += 1
-            continue
-        if frame[i] == 2:
-            return int(struct.unpack_from("!H", frame, i + 2)[0])
-        i += frame[i + 1]
+    """The MSS option of the TCP/IPv4 ``frame``, if it has one."""
+    tcp = dpkt.ethernet.Ethernet(frame).data.data
+    for kind, value in dpkt.tcp.parse_opts(tcp.opts):
+        if kind == dpkt.tcp.TCP_OPT_MSS:
+            return int(struct.unpack("!H", value)[0])
     return None
 
 
@@ -277,15 +273,10 @@ def tcp4_payloads(frames: list[bytes], src: str, dst: str) -> list[tuple[int, in
     to ``dst`` that carries data."""
     out = []
     for frame in frames:
-        ip = frame[14:]
-        if (frame[12:14] != b"\x08\x00" or ip[9] != 6 or ip[12:16] != ip4(src)
-                or ip[16:20] != ip4(dst)):
-            continue
-        ihl, total = (ip[0] & 0xF) * 4, struct.unpack_from("!H", ip, 2)[0]
-        tcp = ip[ihl:total]
-        data = tcp[(tcp[12] >> 4) * 4 :]
-        if data:
-            out.append((total, struct.unpack_from("!I", tcp, 4)[0], data))
+        ip = dpkt.ethernet.Ethernet(frame).data
+        if (isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP)
+                and (ip.src, ip.dst) == (ip4(src), ip4(dst)) and ip.data.data):
+            out.append((ip.len, ip.data.seq, bytes(ip.data.data)))
     return out
 
 

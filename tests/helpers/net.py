@@ -23,6 +23,8 @@ import struct
 import subprocess
 from collections.abc import Callable, Sequence
 
+import dpkt
+
 from helpers.serve_process import ServeProcess
 from pyvirtio.driver import base as driver_base
 from pyvirtio.driver.base import Driver, Virtqueue
@@ -248,6 +250,59 @@ class Netns:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=TIMEOUT)
+
+
+def pcap_frames(path: str | os.PathLike[str]) -> list[bytes]:
+    """Every frame of a pcap file (tcpdump -w), in order."""
+    with open(path, "rb") as f:
+        return [bytes(raw) for _, raw in dpkt.pcap.Reader(f)]
+
+
+class Tcpdump:
+    """``tcpdump`` capturing ``interface`` of namespace ``ns`` into ``path`` (``filter``:
+    a pcap filter expression's words), ready once constructed; :meth:`frames` stops it and
+    returns what it captured, :meth:`stop` (idempotent) only stops it.
+
+    Each frame is handed over as it arrives (``--immediate-mode``) into a ring of
+    ``buffer_kib`` KiB cut into slots of ``snaplen`` bytes: a burst of small frames needs a
+    small snap length, a 64 KiB frame a large one. ``dropped`` tells what the kernel could
+    not queue (parsed from tcpdump's summary)."""
+
+    def __init__(self, ns: Netns, interface: str, path: str | os.PathLike[str],
+                 *filter: str, snaplen: int = 2048, buffer_kib: int = 8192) -> None:
+        self.path = path
+        self.dropped: int | None = None
+        self.proc = ns.popen("tcpdump", "-i", interface, "--immediate-mode", "-s",
+                             str(snaplen), "-B", str(buffer_kib), "-U", "-n", "-w", str(path),
+                             *filter, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert self.proc.stderr is not None
+            line = self.proc.stderr.readline().decode()
+            if "listening on" not in line:
+                raise RuntimeError(f"tcpdump on {interface} did not start: {line}")
+        except BaseException:
+            stop_process(self.proc)
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # it writes what it holds and exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(TIMEOUT)
+        stop_process(self.proc)
+        if self.dropped is None and self.proc.stderr is not None:
+            summary = self.proc.stderr.read().decode()
+            self.proc.stderr.close()
+            found = re.search(r"(\d+) packets? dropped by kernel", summary)
+            self.dropped = int(found.group(1)) if found else None
+
+    def frames(self) -> list[bytes]:
+        """Stop, and every frame captured (a capture that lost frames is an error)."""
+        self.stop()
+        if self.dropped:
+            raise AssertionError(f"tcpdump: the kernel dropped {self.dropped} frames: "
+                                 "a larger buffer or smaller snap length is needed")
+        return pcap_frames(self.path)
 
 
 class Cleanup:

@@ -26,6 +26,7 @@ from helpers.net import (
     Netns,
     SwitchProcess,
     net_setup,
+    pcap_frames,
     ping_until,
     stop_process,
 )
@@ -80,11 +81,6 @@ def cleanup() -> Iterator[Cleanup]:
     c.run()
 
 
-def tcpdump_frames(path: Path) -> list[bytes]:
-    with open(path, "rb") as f:
-        return [bytes(raw) for _, raw in dpkt.pcap.Reader(f)]
-
-
 def test_a_guest_pings_the_kernel_and_its_tcp_stream_crosses_the_tap_segmentation_offloaded(
         tmp_path: Path, cleanup: Cleanup) -> None:
     require_guest("uml")
@@ -132,7 +128,7 @@ def test_a_guest_pings_the_kernel_and_its_tcp_stream_crosses_the_tap_segmentatio
     # ... and the kernel saw TCP frames beyond the MTU arrive on the tap.
     tcpdump.send_signal(signal.SIGINT)
     tcpdump.wait(TIMEOUT)
-    frames = tcpdump_frames(capture)
+    frames = pcap_frames(capture)
     to_listener = [f for f in frames if _is_tcp_to(f, HOST_IP, PORT)]
     assert to_listener, "tcpdump saw none of the stream"
     stats = server.stats()  # the kernel's side: the tap port received the whole stream
@@ -148,7 +144,7 @@ def test_a_guest_pings_the_kernel_and_its_tcp_stream_crosses_the_tap_segmentatio
     assert ns.run("ip", "link", "show", TAP, check=False).returncode != 0
     assert not Path(sock).exists()
     # Our own capture of the tap port (closed at shutdown) holds the same whole frames.
-    ours = tcpdump_frames(tmp_path / f"port-{TAP}.pcap")
+    ours = pcap_frames(tmp_path / f"port-{TAP}.pcap")
     assert max(len(f) for f in ours if _is_tcp_to(f, HOST_IP, PORT)) > 1514
 
 

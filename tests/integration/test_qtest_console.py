@@ -1,10 +1,12 @@
-"""pyvirtio's console driver against QEMU's virtio-serial-pci, over qtest.
+"""pyvirtio's console driver against QEMU's virtio-serial, over qtest, on every transport.
 
-QEMU's ``virtio-serial-pci`` carries a ``virtconsole`` and a named ``virtserialport``, each
-backed by a unix-socket chardev this test holds the other end of. Our driver does the
-MULTIPORT handshake a Linux guest does; asserted is what QEMU told it (port names, which
-port is the console, that a host peer is connected) and that bytes cross both ways unchanged
-(sha256 of what one end sent equals sha256 of what the other end received).
+QEMU's virtio-serial (``virtio-serial-pci`` legacy and modern on ``-M pc``,
+``virtio-serial-device`` behind virtio-mmio version 1 and 2 on ``-M microvm``) carries a
+``virtconsole`` and a named ``virtserialport``, each backed by a unix-socket chardev this
+test holds the other end of; one QEMU per transport serves every test of the module. Our
+driver does the MULTIPORT handshake a Linux guest does; asserted is what QEMU told it (port
+names, which port is the console, that a host peer is connected) and that bytes cross both
+ways unchanged (sha256 of what one end sent equals sha256 of what the other end received).
 """
 
 from __future__ import annotations
@@ -19,33 +21,28 @@ from pathlib import Path
 
 import pytest
 
+from helpers.qtest import QTEST_TRANSPORTS, QtestBus
 from peers import require_binaries
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.console import ConsoleDriver
-from pyvirtio.guest.qtest import QtestMachine
-from pyvirtio.transport.virtio_pci import VirtioPciLegacy, VirtioPciModern, VirtioPciTransport
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 QEMU = "qemu-system-x86_64"
 CONSOLE_NAME = "org.pyvirtio.console"
 PORT_NAME = "org.pyvirtio.data"
-INTERFACES: dict[str, tuple[str, type[VirtioPciTransport]]] = {
-    "legacy": ("disable-modern=on", VirtioPciLegacy),
-    "modern": ("disable-legacy=on", VirtioPciModern),
-}
 
 
 class SerialMachine:
-    """QEMU under qtest with a virtio-serial-pci, its two ports' sockets connected."""
+    """QEMU under qtest with a virtio-serial on ``bus``, its two ports' sockets connected."""
 
-    def __init__(self, tmp: Path, interface: str) -> None:
-        prop, self.transport_class = INTERFACES[interface]
+    def __init__(self, tmp: Path, bus: QtestBus) -> None:
+        self.bus = bus
         self.paths = {name: str(tmp / f"{name}.sock") for name in ("console", "data")}
-        self.machine = QtestMachine([
+        self.machine = bus.machine([
             "-chardev", f"socket,id=c0,path={self.paths['console']},server=on,wait=off",
             "-chardev", f"socket,id=c1,path={self.paths['data']},server=on,wait=off",
-            "-device", f"virtio-serial-pci,max_ports=4,{prop}",
+            *bus.device("virtio-serial", "max_ports=4"),
             "-device", f"virtconsole,chardev=c0,name={CONSOLE_NAME}",
             "-device", f"virtserialport,chardev=c1,name={PORT_NAME}",
         ])
@@ -66,7 +63,7 @@ class SerialMachine:
         self.machine.close()
 
 
-@pytest.fixture(scope="module", params=sorted(INTERFACES))
+@pytest.fixture(scope="module", params=QTEST_TRANSPORTS, ids=str)
 def serial(request: pytest.FixtureRequest,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[SerialMachine]:
     require_binaries(QEMU)
@@ -79,8 +76,7 @@ def serial(request: pytest.FixtureRequest,
 
 @pytest.fixture(scope="module")
 def console(serial: SerialMachine) -> tuple[SerialMachine, ConsoleDriver]:
-    (transport,) = serial.machine.virtio_transports()
-    assert type(transport) is serial.transport_class
+    (transport,) = serial.bus.transports(serial.machine)
     driver = probe(transport, ConsoleDriver)
     assert isinstance(driver, ConsoleDriver)
     run_until(driver, lambda: {p.name for p in driver.ports.values()} >= {

@@ -19,18 +19,13 @@ from pathlib import Path
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from helpers.qtest import QTEST_TRANSPORTS, QtestBus
 from peers import require_binaries
 from pyvirtio.driver.balloon import BalloonDriver
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.driver.rng import RngDriver
-from pyvirtio.guest.qtest import (
-    MICROVM,
-    MICROVM_IRQ_BASE,
-    MICROVM_MMIO_BASE,
-    MICROVM_MMIO_STRIDE,
-    QtestMachine,
-)
+from pyvirtio.guest.qtest import MICROVM_IRQ_BASE, MICROVM_MMIO_BASE, MICROVM_MMIO_STRIDE
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.transport.virtio_mmio import VirtioMmio
@@ -41,14 +36,14 @@ QEMU = "qemu-system-x86_64"
 MIB = 1 << 20
 RAM = 64 * MIB
 RING_BITS = F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC)
-VERSIONS = {1: "on", 2: "off"}  # register layout -> virtio-mmio.force-legacy
+MMIO = [bus for bus in QTEST_TRANSPORTS if bus.mmio]
 
 
 class MicroVm:
     """One microvm under qtest with rng, blk and balloon on virtio-mmio, and its files."""
 
-    def __init__(self, tmp: Path, version: int) -> None:
-        self.version = version
+    def __init__(self, tmp: Path, bus: QtestBus) -> None:
+        self.version = 2 if bus.modern else 1
         self.entropy = os.urandom(512 * 1024)
         (tmp / "entropy").write_bytes(self.entropy)
         content = bytearray(4 * MIB)
@@ -58,15 +53,14 @@ class MicroVm:
         self.image.write_bytes(content)
         self.content = bytes(content)
         self.qmp_path = str(tmp / "qmp.sock")
-        self.machine = QtestMachine(
-            ["-global", f"virtio-mmio.force-legacy={VERSIONS[version]}",
-             "-object", f"rng-random,id=r0,filename={tmp / 'entropy'}",
-             "-device", "virtio-rng-device,rng=r0,id=rng0",
+        self.machine = bus.machine(
+            ["-object", f"rng-random,id=r0,filename={tmp / 'entropy'}",
+             *bus.device("virtio-rng", "rng=r0,id=rng0"),
              "-drive", f"if=none,id=d0,file={self.image},format=raw",
-             "-device", "virtio-blk-device,drive=d0,serial=pyvirtio-mmio,num-queues=2,id=blk0",
-             "-device", "virtio-balloon-device,id=balloon0",
+             *bus.device("virtio-blk", "drive=d0,serial=pyvirtio-mmio,num-queues=2,id=blk0"),
+             *bus.device("virtio-balloon", "id=balloon0"),
              "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
-            machine=MICROVM, memory_size=RAM)
+            memory_size=RAM)
         self.qmp: QEMUMonitorProtocol | None = None
         self.transports: dict[int, VirtioMmio] = {}
 
@@ -96,11 +90,11 @@ class MicroVm:
         return transport
 
 
-@pytest.fixture(scope="module", params=sorted(VERSIONS), ids=lambda v: f"v{v}")
+@pytest.fixture(scope="module", params=MMIO, ids=str)
 def microvm(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[MicroVm]:
     require_binaries(QEMU)
-    m = MicroVm(tmp_path_factory.mktemp(f"microvm-v{request.param}"), request.param)
+    m = MicroVm(tmp_path_factory.mktemp(f"microvm-{request.param}"), request.param)
     try:
         yield m.start()
     finally:

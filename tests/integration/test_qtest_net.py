@@ -1,42 +1,51 @@
-"""pyvirtio's net driver against QEMU's virtio-net-pci on a tap, over qtest.
+"""pyvirtio's net driver against QEMU's virtio-net on a tap, over qtest, on every transport.
 
-QEMU runs inside a network namespace this module creates (``ip netns exec``), with
-``-netdev tap``: the tap QEMU opens is the namespace's, and the kernel there is our
-driver's peer. Our driver answers ARP and ICMP echo as a host would; the kernel's ``ping``
-must get its replies, and our driver's own ARP request and ping must be answered by the
-kernel. Nothing is configured outside the namespace, which is deleted at the end.
+QEMU's virtio-net (``virtio-net-pci`` legacy and modern on ``-M pc``, ``virtio-net-device``
+behind virtio-mmio version 1 and 2 on ``-M microvm``) runs inside a network namespace this
+module creates (``ip netns exec``), with ``-netdev tap``: the tap QEMU opens is the
+namespace's, and the kernel there is our driver's peer. Our driver answers ARP and ICMP echo
+as a host would; the kernel's ``ping`` must get its replies, and our driver's own ARP request
+and ping must be answered by the kernel. With CSUM and HOST_TSO4 negotiated, our driver sends
+one TCP segment as large as IPv4 allows to a socket in a second namespace behind a veth
+pair: the first kernel forwards it and segments it in software on the way out, and the
+second kernel receives MSS-sized segments. One QEMU per transport serves every test of the
+module; nothing is configured outside the namespaces, which are deleted at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import dpkt
 import pytest
 
 from helpers.net import (
     ETH_P_ARP,
     ETH_P_IP,
+    Netns,
+    Tcpdump,
     arp_request,
     eth,
     inet_sum,
     ip4,
     ipv4_header,
+    stop_process,
     tcp_tso_frame,
 )
+from helpers.qtest import QTEST_TRANSPORTS, QtestBus
 from peers import require_binaries, require_root
 from pyvirtio.driver.base import probe
 from pyvirtio.driver.net import NetDriver, RxFrame
 from pyvirtio.guest.qtest import QtestMachine
 from pyvirtio.spec import net as N
-from pyvirtio.transport.virtio_pci import VirtioPciModern
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -45,21 +54,25 @@ TAP = "pvqtap0"
 HOST_IP = "10.78.0.1"  # the kernel's side of the tap
 GUEST_IP = "10.78.0.2"  # our driver's address
 GUEST_MAC = bytes((0x02, 0, 0, 0x78, 0, 2))
+VETH = ("pvqv0", "pvqv1")  # the first namespace's end, the second namespace's end
+ROUTER_IP = "10.79.0.1"  # the first namespace on the veth
+PEER_IP = "10.79.0.2"  # the second namespace, behind the first one
 TIMEOUT = 10.0
-
-
-def ns_run(ns: str, *cmd: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True,
-                          text=True, timeout=TIMEOUT).stdout
 
 
 @dataclass
 class NetRig:
-    ns: str
+    ns: Netns
     machine: QtestMachine
     driver: NetDriver
     answered: dict[str, int] = field(default_factory=lambda: {"arp": 0, "icmp": 0})
     ignored: int = 0
+
+    @property
+    def host_mac(self) -> bytes:
+        """The MAC address of the tap, the kernel's side."""
+        text = self.ns.run("cat", f"/sys/class/net/{TAP}/address").stdout.strip()
+        return bytes.fromhex(text.replace(":", ""))
 
     def answer(self, frame: RxFrame) -> bool:
         """Answer ``frame`` if it is an ARP request or ICMP echo request for us."""
@@ -108,31 +121,52 @@ class NetRig:
         return None
 
 
-@pytest.fixture(scope="module")
-def rig() -> Iterator[NetRig]:
-    require_binaries(QEMU, "ip", "busybox")  # busybox ping: iputils may be absent
+@pytest.fixture(scope="module", params=QTEST_TRANSPORTS, ids=str)
+def rig(request: pytest.FixtureRequest) -> Iterator[NetRig]:
+    require_binaries(QEMU, "ip", "busybox", "tcpdump")  # busybox ping: iputils may be absent
     require_root("network namespaces and taps")
-    ns = f"pyvirtio-qtnet-{os.getpid()}-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", ns], check=True, timeout=TIMEOUT)
-    machine = QtestMachine(
-        ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-         "-device", "virtio-net-pci,netdev=n0,disable-legacy=on,mac="
-         + ":".join(f"{b:02x}" for b in GUEST_MAC)],
-        wrapper=["ip", "netns", "exec", ns])
+    bus: QtestBus = request.param
+    ns = Netns("qtnet")
+    machine: QtestMachine | None = None
     try:
+        machine = bus.machine(
+            ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+             *bus.device("virtio-net",
+                         "netdev=n0,mac=" + ":".join(f"{b:02x}" for b in GUEST_MAC))],
+            wrapper=["ip", "netns", "exec", ns.name])
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
         machine.start()
-        for cmd in (["sysctl", "-qw", f"net.ipv6.conf.{TAP}.disable_ipv6=1"],
-                    ["ip", "link", "set", TAP, "up"],
-                    ["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP]):
-            ns_run(ns, *cmd)
-        (transport,) = machine.virtio_transports()
-        assert type(transport) is VirtioPciModern
+        ns.run("ip", "link", "set", TAP, "up")
+        ns.run("ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP)
+        (transport,) = bus.transports(machine)
         driver = probe(transport, NetDriver)
         assert isinstance(driver, NetDriver)
         yield NetRig(ns, machine, driver)
     finally:
-        machine.close()
-        subprocess.run(["ip", "netns", "del", ns], check=False, timeout=TIMEOUT)
+        if machine is not None:
+            machine.close()
+        ns.delete()
+
+
+@pytest.fixture(scope="module")
+def peer(rig: NetRig) -> Iterator[Netns]:
+    """A second namespace behind a veth pair, routed through the first (which forwards)."""
+    ns = Netns("qtpeer")
+    try:
+        ns.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
+        rig.ns.run("ip", "link", "add", VETH[0], "type", "veth", "peer", "name", VETH[1],
+                   "netns", ns.name)
+        rig.ns.run("ip", "addr", "add", f"{ROUTER_IP}/24", "dev", VETH[0])
+        rig.ns.run("ip", "link", "set", VETH[0], "up")
+        rig.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ns.run("ip", "addr", "add", f"{PEER_IP}/24", "dev", VETH[1])
+        ns.run("ip", "link", "set", VETH[1], "up")
+        ns.run("ip", "route", "add", "default", "via", ROUTER_IP)
+        yield ns
+    finally:
+        ns.delete()
 
 
 def test_driver_has_qemus_mac_and_the_link_is_up(rig: NetRig) -> None:
@@ -141,9 +175,9 @@ def test_driver_has_qemus_mac_and_the_link_is_up(rig: NetRig) -> None:
 
 
 def test_the_kernel_pings_our_driver_and_gets_every_reply(rig: NetRig) -> None:
-    ns_run(rig.ns, "ip", "neigh", "flush", "dev", TAP)  # so the kernel must ARP for us
+    rig.ns.run("ip", "neigh", "flush", "dev", TAP)  # so the kernel must ARP for us
     ping = subprocess.Popen(
-        ["ip", "netns", "exec", rig.ns, "busybox", "ping", "-c", "3", "-W", "5",
+        ["ip", "netns", "exec", rig.ns.name, "busybox", "ping", "-c", "3", "-W", "5",
          GUEST_IP], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         before = dict(rig.answered)
@@ -160,8 +194,7 @@ def test_the_kernel_pings_our_driver_and_gets_every_reply(rig: NetRig) -> None:
 
 
 def test_our_driver_resolves_and_pings_the_kernel(rig: NetRig) -> None:
-    host_mac = bytes.fromhex(
-        ns_run(rig.ns, "cat", f"/sys/class/net/{TAP}/address").strip().replace(":", ""))
+    host_mac = rig.host_mac
     rig.driver.send(arp_request(GUEST_MAC, GUEST_IP, HOST_IP))
 
     def arp_reply(f: RxFrame) -> bool:
@@ -194,6 +227,10 @@ LISTENER = r"""
 import hashlib, socket, sys
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+# Linux's first window is at most 65535 (unscaled, whatever the SYN says), rounded down to
+# a multiple of the MSS when the receive buffer is small: 64240 with the default buffer.
+# With a larger buffer it is 65535 and one 65495-byte segment fits.
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
 srv.bind((sys.argv[1], int(sys.argv[2])))
 srv.listen(1)
 srv.settimeout(20)
@@ -209,33 +246,74 @@ while len(got) < want:
 print(len(got), hashlib.sha256(got).hexdigest(), flush=True)
 """
 
+#: the largest TCP payload of one IPv4 packet: its total length is 16 bits, less the IPv4
+#: and TCP headers (no options)
+MAX_TCP4_PAYLOAD = 0xFFFF - 20 - 20
 
-def test_a_tso_segment_from_our_driver_reaches_a_kernel_socket_whole(rig: NetRig) -> None:
-    """With CSUM and HOST_TSO4 negotiated, one ~64 KiB TCP frame (partial checksum, GSO
-    TCPV4, MSS 1448) leaves our driver; QEMU hands it to the tap with its header, and a
-    socket in the namespace reads exactly its bytes (the kernel acks all of them)."""
+
+def snmp(ns: Netns, group: str) -> dict[str, int]:
+    """The namespace kernel's ``/proc/net/snmp`` counters of ``group`` ("Tcp", "Ip")."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith(f"{group}:")]
+    names, values = lines
+    return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
+
+
+def tcp_mss_option(frame: bytes) -> int | None:
+    """The MSS option of the TCP/IPv4 ``frame``, if it has one."""
+    tcp = dpkt.ethernet.Ethernet(frame).data.data
+    for kind, value in dpkt.tcp.parse_opts(tcp.opts):
+        if kind == dpkt.tcp.TCP_OPT_MSS:
+            return int(struct.unpack("!H", value)[0])
+    return None
+
+
+def tcp4_payloads(frames: list[bytes], src: str, dst: str) -> list[tuple[int, int, bytes]]:
+    """(IPv4 total length, TCP sequence number, payload) of each TCP/IPv4 frame from ``src``
+    to ``dst`` that carries data."""
+    out = []
+    for frame in frames:
+        ip = dpkt.ethernet.Ethernet(frame).data
+        if (isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.tcp.TCP)
+                and (ip.src, ip.dst) == (ip4(src), ip4(dst)) and ip.data.data):
+            out.append((ip.len, ip.data.seq, bytes(ip.data.data)))
+    return out
+
+
+def test_the_largest_tso_segment_from_our_driver_reaches_the_kernel_as_mss_segments(
+        rig: NetRig, peer: Netns, tmp_path: Path) -> None:
+    """With CSUM and HOST_TSO4 negotiated, one TCP frame carrying 65,495 bytes (IPv4's
+    largest; partial checksum, GSO TCPV4 with the MSS the receiver announced) leaves our
+    driver, and QEMU hands it to the tap whole, with its header: tcpdump on the tap sees
+    one 65,549-byte frame. The first namespace's kernel forwards it to the veth, which does
+    not take a tap's untrusted (SKB_GSO_DODGY) GSO packets whole (no NETIF_F_GSO_ROBUST),
+    so it is segmented in software on the way out: the second namespace's kernel receives
+    MSS-sized segments (tcpdump there sees them; its TcpInSegs counts each) and its socket
+    reads exactly the bytes sent."""
     for bit in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_HOST_TSO4):
         assert rig.driver.device.has_feature(bit)
     port, sport = 5001, 40000 + os.getpid() % 20000
-    host_mac = bytes.fromhex(
-        ns_run(rig.ns, "cat", f"/sys/class/net/{TAP}/address").strip().replace(":", ""))
-    payload = os.urandom(60000)  # one frame: IPv4 total length and the window cap it
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", rig.ns, sys.executable, "-c", LISTENER, HOST_IP, str(port),
-         str(len(payload))], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    payload = os.urandom(MAX_TCP4_PAYLOAD)
+    on_tap = Tcpdump(rig.ns, TAP, tmp_path / "tap.pcap", "tcp", "port", str(port),
+                     snaplen=0x10000 + 64)
+    on_peer = Tcpdump(peer, VETH[1], tmp_path / "peer.pcap", "tcp", "port", str(port))
+    listener = peer.popen(sys.executable, "-c", LISTENER, PEER_IP, str(port),
+                          str(len(payload)), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
     try:
         assert listener.stdout is not None
-        assert listener.stdout.readline().strip() == "listening"
+        assert listener.stdout.readline().strip() == b"listening"
+        before = snmp(peer, "Tcp")
 
         def segment(data: bytes, seq: int, ack: int, flags: int, mss: int = 0) -> None:
-            frame, hdr = tcp_tso_frame(GUEST_MAC, host_mac, data, mss, seq=seq, ack=ack,
-                                       flags=flags, ips=(GUEST_IP, HOST_IP),
+            frame, hdr = tcp_tso_frame(GUEST_MAC, rig.host_mac, data, mss, seq=seq, ack=ack,
+                                       flags=flags, ips=(GUEST_IP, PEER_IP),
                                        ports=(sport, port))
             if not mss:
                 hdr = hdr._replace(gso_type=N.VIRTIO_NET_HDR_GSO_NONE, hdr_len=0)
             rig.driver.send(frame, hdr)
 
-        def tcp_from_host(flags: int) -> Callable[[RxFrame], bool]:
+        def tcp_from_peer(flags: int) -> Callable[[RxFrame], bool]:
             def match(f: RxFrame) -> bool:
                 return (f.data[12:14] == b"\x08\x00" and f.data[23] == 6
                         and struct.unpack_from("!HH", f.data, 34) == (port, sport)
@@ -244,23 +322,40 @@ def test_a_tso_segment_from_our_driver_reaches_a_kernel_socket_whole(rig: NetRig
 
         isn = 7000
         segment(b"", isn, 0, 0x02)  # SYN
-        synack = rig.serve(tcp_from_host(0x12))
+        synack = rig.serve(tcp_from_peer(0x12))
         assert synack is not None
         their_isn, window = struct.unpack_from("!I", synack.data, 38)[0], \
             struct.unpack_from("!H", synack.data, 48)[0]
+        mss = tcp_mss_option(synack.data)
+        assert mss == 1460  # the veth's MTU of 1500, less the IPv4 and TCP headers
         assert window >= len(payload)
         segment(b"", isn + 1, their_isn + 1, 0x10)  # ACK
-        segment(payload, isn + 1, their_isn + 1, 0x18, mss=1448)  # one TSO frame, PSH|ACK
+        segment(payload, isn + 1, their_isn + 1, 0x18, mss=mss)  # one TSO frame, PSH|ACK
 
         def acks_everything(f: RxFrame) -> bool:
-            return (tcp_from_host(0x10)(f)
+            return (tcp_from_peer(0x10)(f)
                     and struct.unpack_from("!I", f.data, 42)[0] == isn + 1 + len(payload))
 
         assert rig.serve(acks_everything) is not None
-        out = listener.communicate(timeout=TIMEOUT)[0]
+        out = listener.communicate(timeout=TIMEOUT)[0].decode()
+        after = snmp(peer, "Tcp")
+        segment(b"", isn + 1 + len(payload), their_isn + 1, 0x04)  # RST: leave nothing open
     finally:
-        if listener.poll() is None:
-            listener.kill()
-            listener.wait(TIMEOUT)
+        stop_process(listener)
+        on_tap.stop()
+        on_peer.stop()
     assert out.split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()]
-    segment(b"", isn + 1 + len(payload), their_isn + 1, 0x04)  # RST: leave nothing open
+
+    # The tap's kernel received one frame: IPv4's largest packet, the whole payload
+    ((total, seq, data),) = tcp4_payloads(on_tap.frames(), GUEST_IP, PEER_IP)
+    assert (total, seq, data) == (0xFFFF, isn + 1, payload)
+    # The second kernel received MSS-sized segments, in order, carrying the payload
+    segments = tcp4_payloads(on_peer.frames(), GUEST_IP, PEER_IP)
+    sizes = [mss] * (len(payload) // mss) + [len(payload) % mss]  # 44 * 1460 + 1255
+    assert [len(d) for _, _, d in segments] == sizes
+    assert [s for _, s, _ in segments] == [isn + 1 + i * mss for i in range(len(sizes))]
+    assert b"".join(d for _, _, d in segments) == payload
+    # ... and TCP counted each: the SYN, the ACK and the segments (one each: Linux counts
+    # TcpInSegs per packet tcp_v4_rcv receives, not per segment a GSO packet stands for)
+    assert after["InSegs"] - before["InSegs"] == 2 + len(sizes)
+    assert after["InErrs"] == before["InErrs"]

@@ -188,6 +188,8 @@ class PackedDeviceQueue(_PackedRing):
         self._popped: dict[int, DescriptorChain] = {}  # in flight, in pop order (rewind)
         self._order = InOrderCompletions() if in_order else None
         self._used_total = 0  # descriptors used since start (for notification windows)
+        self._batch_open = False  # push_many is writing a batch ...
+        self._batch_head: tuple[int, int] | None = None  # ... whose first flags wait
         self._signalled_total = 0
         self._signalled_valid = False
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
@@ -472,7 +474,10 @@ class PackedDeviceQueue(_PackedRing):
         self._len_id.pack_into(self._desc, off + 8, written, buf_id)
         flags = (_AVAIL_USED if self._used_wrap else 0) | (_WRITE if written else 0)
         # len and id are stored before the flags that publish them (stores stay ordered).
-        self._u16.pack_into(self._desc, off + 14, flags)
+        if self._batch_open and self._batch_head is None:
+            self._batch_head = (off + 14, flags)  # published last: see push_many
+        else:
+            self._u16.pack_into(self._desc, off + 14, flags)
         pos += ndescs
         if pos >= self.size:
             pos -= self.size
@@ -512,12 +517,25 @@ class PackedDeviceQueue(_PackedRing):
         filled buffers is published as one used descriptor."""
         if self.broken is not None:
             raise RingError(self.broken)
+        # The batch becomes visible at once: every used descriptor is written but the
+        # first one's flags, which are stored last. A driver polling meanwhile (Linux's
+        # virtio_net reads a frame's num_buffers from its first buffer and takes the rest
+        # right away) would otherwise see the first buffers of a frame without the others,
+        # count "buffers missing" and drop the frame (VIRTIO 1.2 §2.8.6, as QEMU and vhost
+        # do it).
         n = 0
-        for chain, written in completions:
-            self._complete(self._take(chain, written), written)
-            n += 1
-        if self._order is not None:
-            self._publish_in_order()  # one pass: runs span the whole call
+        self._batch_open = True
+        try:
+            for chain, written in completions:
+                self._complete(self._take(chain, written), written)
+                n += 1
+            if self._order is not None:
+                self._publish_in_order()  # one pass: runs span the whole call
+        finally:
+            self._batch_open = False
+            head, self._batch_head = self._batch_head, None
+            if head is not None:
+                self._u16.pack_into(self._desc, head[0], head[1])
         return n
 
     def in_flight(self) -> list[int]:

@@ -151,3 +151,31 @@ def test_driver_breaks_on_a_length_beyond_the_buffer() -> None:
     with pytest.raises(RingError, match="claims 17 bytes written"):
         drv.get_buf()
     p.close()
+
+
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+@pytest.mark.parametrize("in_order", [False, True])
+def test_a_batch_of_used_buffers_becomes_visible_to_the_driver_all_at_once(
+        fmt: str, in_order: bool) -> None:
+    """A driver polling while the device writes a batch (Linux's virtio_net takes a frame's
+    further buffers as soon as it read num_buffers in the first) must see none of it or all
+    of it, never the first buffers alone."""
+    p = make_any_pair(fmt, 8, in_order=in_order)
+    drv, dev = p.driver, p.device
+    for token in "abcd":
+        drv.add_buf([], bufs(p, 1), token)
+    chains = [dev.pop() for _ in range(4)]
+    seen_meanwhile = []
+
+    def completions():  # the device writes them one by one; the driver looks in between
+        for chain in chains:
+            yield chain, 16
+            seen_meanwhile.append(drv.has_used())
+
+    assert dev.push_many(completions()) == 4
+    assert seen_meanwhile == [False] * 4
+    got = []
+    while (buf := drv.get_buf()) is not None:
+        got.append(buf)
+    assert got == [(t, 16) for t in "abcd"]
+    p.close()

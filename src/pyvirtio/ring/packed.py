@@ -350,9 +350,9 @@ class PackedDeviceQueue(_PackedRing):
     def _segment(self, chain: str, where: str, count: int, addr: int, length: int,
                  flags: int, readable: list[memoryview], writable: list[memoryview]
                  ) -> tuple[int, int]:
-        """Add descriptor ``count`` (1-based) of a buffer to
-        the chain being built (``chain`` names it in errors): its memory (or its indirect table's); returns the readable
-        and writable bytes it adds. Breaks the queue on anything malformed."""
+        """Add descriptor ``count`` (1-based) of a buffer to the chain being built
+        (``chain`` names it in errors): its memory, or its indirect table's. Returns the
+        readable and writable bytes it adds; breaks the queue on anything malformed."""
         memory = self.memory
         if flags & _INDIRECT:
             if not self.indirect:
@@ -564,6 +564,13 @@ class PackedDeviceQueue(_PackedRing):
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
 
+    def slot_flags(self, pos: int) -> int:
+        """The flags of ring slot ``pos`` as they are in memory now."""
+        if not 0 <= pos < self.size:
+            raise QueueUsageError(f"{self.name}: slot {pos} is beyond the ring size {self.size}")
+        flags: int = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        return flags
+
     def descriptors(self, buf_id: int) -> list[tuple[int, int, int, int]]:
         """The ring descriptors ``(addr, len, id, flags)`` of in-flight buffer ``buf_id``, as
         in the ring now (read right after :meth:`pop`, what was popped): what a request
@@ -637,7 +644,7 @@ class PackedDeviceQueue(_PackedRing):
         rlen = wlen = 0
         label = f"resubmitted buffer {head}"
         last = len(descs) - 1
-        for i, (addr, length, buf_id, flags) in enumerate(descs):
+        for i, (addr, length, _, flags) in enumerate(descs):
             where = f"saved descriptor {i} of buffer {head}"
             if bool(flags & _NEXT) != (i < last):
                 raise self._break(f"{label}: {where} has flags 0x{flags:04x}: "
@@ -646,6 +653,7 @@ class PackedDeviceQueue(_PackedRing):
                                    writable)
             rlen += rl
             wlen += wl
+        buf_id = descs[-1][2]
         if buf_id != head:
             raise self._break(f"{label}: its last saved descriptor carries "
                               f"buffer id {buf_id}, not {head}")

@@ -114,6 +114,7 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
                      + s.get_ids + s.ioerr + s.unsupp),
         "kicks": server.kicks, "calls": server.calls,
         "connections": server.accepted,
+        "features": device.driver_features,  # what the last driver negotiated (ring format)
     }
 
 

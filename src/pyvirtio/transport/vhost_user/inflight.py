@@ -370,13 +370,22 @@ class PackedQueueInflight:
         self._heads[head] = first
         self._num_in_flight += len(descs)
 
+    def _last(self, h: int) -> int:
+        """Head state ``h``'s last state, checked: the front-end shares the region."""
+        last = self._u16(self._d(h) + _PD_LAST)
+        if last >= self.queue_size:
+            raise InflightRegionError(f"{self.name}: inflight state {h} says its last state "
+                                      f"is {last}, beyond the queue size {self.queue_size} "
+                                      "(the region was changed under us)")
+        return last
+
     def _forget(self, buf_id: int) -> None:
         """Give a recorded buffer's states back without a completion (it was un-popped)."""
         h = self._heads.pop(buf_id)
         off = self._d(h)
         self.view[off] = 0
         self._num_in_flight -= self._u16(off + _PD_NUM)
-        self._set16(self._d(self._u16(off + _PD_LAST)) + _PD_NEXT, self._u16(_P_FREE_HEAD))
+        self._set16(self._d(self._last(h)) + _PD_NEXT, self._u16(_P_FREE_HEAD))
         self._set16(_P_FREE_HEAD, h)
         self._set16(_P_OLD_FREE_HEAD, h)
 
@@ -394,7 +403,7 @@ class PackedQueueInflight:
             off = self._d(h)
             num = self._u16(off + _PD_NUM)
             self._num_in_flight -= num
-            self._set16(self._d(self._u16(off + _PD_LAST)) + _PD_NEXT, free)
+            self._set16(self._d(self._last(h)) + _PD_NEXT, free)
             free = h
             used += num
             if used >= n:

@@ -497,6 +497,30 @@ def test_a_hostile_packed_region_is_refused_naming_the_culprit(
     memory.close()
 
 
+def test_a_region_changed_under_a_running_queue_fails_the_queue_naming_it(
+        tmp_path: Path) -> None:
+    """The front-end scribbles on the region while requests are in flight: completing them
+    fails the queue (DEVICE_NEEDS_RESET) with a reason, nothing raises out of the device."""
+    disk = PackedDisk(tmp_path, indirect=False)
+    try:
+        disk.write(0)
+        disk.driver.kick_prepare()
+        held = HoldingBackend(disk.image)
+        device, ext = disk.device(held)
+        device.kick(0)
+        view = ext.queues[0].view  # type: ignore[union-attr]
+        view[32 + 4 : 32 + 6] = (0xFFFF).to_bytes(2, "little")  # state 0's last
+        held.finish(0)
+        assert device.status & S.DEVICE_NEEDS_RESET
+        assert any("inflight state 0 says its last state is 65535" in p
+                   for p in device.problems), device.problems
+        ext.close()
+        held.close()
+        device.close()
+    finally:
+        disk.close()
+
+
 def test_random_packed_regions_never_escape_the_region_or_guest_memory() -> None:
     """Regions recorded by a real back-end, then scribbled on (ids, counters, lengths,
     links, addresses, flags: random bytes anywhere): recovery never raises, and what it

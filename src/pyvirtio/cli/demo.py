@@ -5,9 +5,11 @@
    the guest greets the host on /dev/hvc0, runs a command the host types there, and moves
    1 MiB each way through a named port, sha256 on both sides.
 2. A QEMU 7.2 guest (TCG, the Debian cloud kernel) gets a pyvirtio virtio-rng as
-   vhost-user-rng-pci. Its kernel finds the PCI device, the hwrng core picks virtio_rng.0,
-   and 64 KiB read from /dev/hwrng are shown to be exactly a slice of the stream pyvirtio
-   served.
+   vhost-user-rng-pci with packed=on. Its kernel finds the PCI device, the hwrng core picks
+   virtio_rng.0, and 64 KiB read from /dev/hwrng are shown to be exactly a slice of the
+   stream pyvirtio served.
+
+Each act says which ring format (split or packed) the guest's driver negotiated.
 3. A User-Mode Linux guest with 256 MiB on a pyvirtio virtio-balloon gives 192 MiB back to
    the host: the pages leave its memory file (the host-side figure), then come back and
    hold 150 MiB the guest writes and verifies.

@@ -11,6 +11,12 @@ their per-round values (``benchmarks/stats.py``: a ratio whose range straddles 1
 "undecided"). ``--src LABEL=DIR`` adds another pyvirtio checkout as one more back-end, to
 compare two versions of pyvirtio in the same rounds.
 
+Ring formats: ``pyvirtio`` offers the packed ring (its default), and the UML guest's
+virtio_blk takes it (virtio_uml acks RING_PACKED; docs/peers.md); ``pyvirtio-split`` is the
+same server with ``--no-packed``, so the pair of rows is packed against split on the same
+back-end; QSD (libvhost-user) offers only the split ring. The ring each row really ran is
+read from the server's stats (the negotiated features) and printed with the table.
+
 Columns, per back-end and workload:
 
 * IOPS: fio's own figure (requests completed per second).
@@ -62,6 +68,9 @@ from pyvirtio.spec import ids
 from stats import Ratio, Spread
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+RING_PACKED = 34
+#: per pyvirtio back-end: the ring formats its guests negotiated (from its stats)
+RINGS: dict[str, set[str]] = {"qsd": {"split"}}
 WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]
 IMAGE_SIZE = 256 << 20
 WORKING_SET = "128M"
@@ -244,8 +253,9 @@ def backend(kind: str, image: Path, sock: Path, workdir: Path, direct: bool,
     if kind == "qsd":
         be = QsdBackend(image, sock, workdir, direct)
     else:
+        more = ["--no-packed"] if kind == "pyvirtio-split" else []
         be = PyvirtioBackend(image, sock, workdir, direct, profile if kind == "pyvirtio"
-                             else None, extra, kind, sources.get(kind, ROOT))
+                             else None, extra + more, kind, sources.get(kind, ROOT))
     try:
         yield be
     finally:
@@ -326,6 +336,9 @@ class BenchGuest:
         if stats0 is not None and stats1 is not None:
             own_kicks = stats1["kicks"] - stats0["kicks"]
             served = stats1["requests"] - stats0["requests"]
+            if "features" in stats1:  # older checkouts (--src) do not say
+                RINGS.setdefault(be.name, set()).add(
+                    "packed" if stats1["features"] >> RING_PACKED & 1 else "split")
         s = Sample(be.name, rw, qd, iops, kib // 4, cpu1 - cpu0,
                    int(end.group(1)) - int(begin.group(1)), kicks, own_kicks, served)
         print(f"  {be.name:8} {rw:9} QD{qd:<3} {iops:9.0f} IOPS  "
@@ -351,7 +364,7 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
     """Per cell and back-end: min / median / max over the rounds; then pyvirtio against
     every other back-end: ratio of medians [range of per-round ratios] and a verdict that is
     only "ok" or "worse" when every round agrees."""
-    head = (f"{'workload':15} {'back-end':9} {'IOPS min / med / max':>24} "
+    head = (f"{'workload':15} {'back-end':14} {'IOPS min / med / max':>24} "
             f"{'CPU us/req min / med / max':>28} {'notif/req':>10} {'irq/req':>8}")
     lines = [head, "-" * len(head)]
     for rw, qd in workloads:
@@ -363,11 +376,15 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
             cpu = Spread.of([s.cpu_us_per_req for s in ss])
             notif = Spread.of([s.notif_per_req for s in ss])
             irq = Spread.of([s.irq_per_req for s in ss])
-            lines.append(f"{rw + ' QD' + str(qd):15} {name:9} {iops.show():>24} "
+            lines.append(f"{rw + ' QD' + str(qd):15} {name:14} {iops.show():>24} "
                          f"{cpu.show('.1f'):>28} {notif.median:10.2f} {irq.median:8.2f}")
+    rings = [f"{name}: {'/'.join(sorted(RINGS[name]))} ring" for name in backends
+             if name in RINGS]
+    if rings:
+        lines += ["", "ring format negotiated: " + ", ".join(rings)]
     others = [b for b in backends if b != "pyvirtio"]
     if "pyvirtio" in backends and others:
-        lines += ["", f"{'pyvirtio / X':24} {'IOPS ratio [rounds]':>22} {'':10} "
+        lines += ["", f"{'pyvirtio / X':32} {'IOPS ratio [rounds]':>22} {'':10} "
                   f"{'CPU/req ratio [rounds]':>24}"]
         for other in others:
             for rw, qd in workloads:
@@ -378,7 +395,7 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
                 r_cpu = Ratio.of([s.cpu_us_per_req for s in ours],
                                  [s.cpu_us_per_req for s in theirs])
                 label = f"vs {other} {rw} QD{qd}"
-                lines.append(f"{label:24} {r_iops.show():>22} {r_iops.verdict():10} "
+                lines.append(f"{label:32} {r_iops.show():>22} {r_iops.verdict():10} "
                              f"{r_cpu.show():>24} {r_cpu.verdict(higher_is_better=False)}")
     return "\n".join(lines)
 
@@ -409,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     parser.add_argument("--direct", action="store_true",
                         help="O_DIRECT on the host for both back-ends")
-    parser.add_argument("--backends", default="pyvirtio,qsd")
+    parser.add_argument("--backends", default="pyvirtio,pyvirtio-split,qsd",
+                        help="pyvirtio (packed ring offered), pyvirtio-split (--no-packed), "
+                        "qsd (default: %(default)s)")
     parser.add_argument("--workloads", default=",".join(f"{rw}:{qd}" for rw, qd in WORKLOADS),
                         help="comma-separated rw:qd (default: %(default)s)")
     parser.add_argument("--profile", metavar="FILE",

@@ -62,7 +62,12 @@ result actual $(dd if=/dev/vda bs=4096 count=$((W * N)) iflag=direct status=none
 """
 
 
-def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path,
+                                                                  packed: bool) -> None:
+    """Split rings, and packed rings (``packed=on``): QEMU 7.2 restarts a packed ring with
+    a fresh ring's SET_VRING_BASE after a reconnection, and the restarted back-end takes
+    the ring's real positions from the packed inflight region instead."""
     require_guest("qemu")
     image = GuardedImage(tmp_path, 16 << 20)
     sock = tmp_path / "blk.sock"
@@ -70,7 +75,8 @@ def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path
     slow: ServerProcess | None = None
     last: BlkServer | None = None
     try:
-        guest = QemuGuest(WRITE_VERIFY, devices=[VhostUserBlk(str(sock), reconnect=1)],
+        guest = QemuGuest(WRITE_VERIFY, devices=[VhostUserBlk(str(sock), reconnect=1,
+                                                        packed=packed)],
                           timeout=180)
         with guest:
             guest.wait_for("^WRITERS-STARTED", timeout=120)
@@ -89,6 +95,8 @@ def test_killed_back_end_is_restarted_and_the_guest_loses_nothing(tmp_path: Path
         resumed = last.wait_log(r"vring 0 restarts at used idx \d+ with (\d+) request\(s\) "
                                 r"in flight", timeout=5)
         assert int(resumed.group(1)) >= 1, "the request in flight was not resubmitted"
+        if packed:  # the positions came from the region (a packed ring was running)
+            assert "from the inflight region" in last.log(), last.log()
         assert last.stop() == 0
     finally:
         first.close()

@@ -108,7 +108,11 @@ def fio_runs(console: str) -> dict[str, list[str]]:
     return runs
 
 
-def test_fio_verify_survives_blk_back_end_killed_again_and_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_fio_verify_survives_blk_back_end_killed_again_and_again(tmp_path: Path,
+                                                                  packed: bool) -> None:
+    """On split rings, and on packed rings (``packed=on``: each restarted back-end takes the
+    ring's positions from the packed inflight region; docs/peers.md)."""
     require_guest("qemu")
     seed = random.randrange(1 << 32)
     print(f"crash loop seed {seed}")
@@ -117,7 +121,7 @@ def test_fio_verify_survives_blk_back_end_killed_again_and_again(tmp_path: Path)
     sock = tmp_path / "blk.sock"
     servers = [BlkServer(image.path, sock, log_path=tmp_path / "serve-0.log")]
     try:
-        guest = QemuGuest(FIO_LOOP, devices=[VhostUserBlk(str(sock), reconnect=1)],
+        guest = QemuGuest(FIO_LOOP, devices=[VhostUserBlk(str(sock), reconnect=1, packed=packed)],
                           extra_files=host_program("/usr/bin/fio"),
                           timeout=(1800 if SOAK else 270))
         t0 = time.monotonic()
@@ -141,6 +145,9 @@ def test_fio_verify_survives_blk_back_end_killed_again_and_again(tmp_path: Path)
             result = guest.wait(timeout=150)
             ended = time.monotonic()
         assert servers[-1].stop() == 0
+        if packed:  # the guest ran packed rings, restored from the region after the kills
+            assert any("from the inflight region" in s.log() for s in servers[1:]), \
+                servers[-1].log()
     finally:
         for server in servers:
             server.close()

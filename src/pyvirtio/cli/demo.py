@@ -5,9 +5,11 @@
    the guest greets the host on /dev/hvc0, runs a command the host types there, and moves
    1 MiB each way through a named port, sha256 on both sides.
 2. A QEMU 7.2 guest (TCG, the Debian cloud kernel) gets a pyvirtio virtio-rng as
-   vhost-user-rng-pci. Its kernel finds the PCI device, the hwrng core picks virtio_rng.0,
-   and 64 KiB read from /dev/hwrng are shown to be exactly a slice of the stream pyvirtio
-   served.
+   vhost-user-rng-pci with packed=on. Its kernel finds the PCI device, the hwrng core picks
+   virtio_rng.0, and 64 KiB read from /dev/hwrng are shown to be exactly a slice of the
+   stream pyvirtio served.
+
+Each act says which ring format (split or packed) the guest's driver negotiated.
 3. A User-Mode Linux guest with 256 MiB on a pyvirtio virtio-balloon gives 192 MiB back to
    the host: the pages leave its memory file (the host-side figure), then come back and
    hold 150 MiB the guest writes and verifies.
@@ -35,6 +37,7 @@ from typing import Any
 
 from pyvirtio import __version__
 from pyvirtio.core.features import describe, ring_format
+from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.console import ConsoleDevice, Port
 from pyvirtio.device.console.ports import UnixSocketPort
 from pyvirtio.device.rng import RngDevice
@@ -149,8 +152,8 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
-class RecordingConsole(ConsoleDevice):
-    """The console device, remembering the features each driver accepted."""
+class _Recording(VirtioDevice):
+    """A device remembering the features each driver accepted (for the narration)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -159,6 +162,14 @@ class RecordingConsole(ConsoleDevice):
     def on_features_ok(self) -> None:
         super().on_features_ok()
         self.negotiated.append(self.driver_features)
+
+
+class RecordingConsole(_Recording, ConsoleDevice):
+    """The console device, remembering the features each driver accepted."""
+
+
+class RecordingRng(_Recording, RngDevice):
+    """The rng device, remembering the features each driver accepted."""
 
 
 @contextmanager
@@ -301,6 +312,7 @@ klog() {{ echo "pyvirtio-klog $*"; }}
 klog "$(dmesg | grep -m1 '\\[1af4:1044\\]' | sed 's/^\\[[ 0-9.]*\\] //')"
 klog "virtio0: $(tr '\\n' ' ' < /sys/bus/virtio/devices/virtio0/uevent)"
 klog "hw_random: rng_available $(cat /sys/class/misc/hw_random/rng_available)"
+result features $(cat /sys/bus/virtio/devices/virtio0/features)
 result current $(cat /sys/class/misc/hw_random/rng_current)
 {hwrng_script(HWRNG_BYTES)}"""
 
@@ -310,14 +322,22 @@ def qemu_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
     say("2/3  QEMU 7.2 (TCG, Debian's cloud kernel 6.1) on a pyvirtio virtio-rng")
     vu = str(workdir / "rng.sock")
     source = RecordedStream(seed=7)
-    device = RngDevice(source)
+    device = RecordingRng(source)
     server = VhostUserServer(vu, lambda: device)
     with serving(server):
-        qemu_args = guest_qemu_args(server.path, ids.RNG)
+        # packed=on: the guest may run the packed ring, which pyvirtio offers
+        qemu_args = guest_qemu_args(server.path, ids.RNG, extra=",packed=on")
         say(f"serving virtio-rng on {vu}: a recorded, deterministic byte stream")
         say(f"booting  qemu-system-x86_64 ... {shlex.join(qemu_args)}")
         with booted(QemuGuest(QEMU_SCRIPT, extra_args=qemu_args,
                               timeout=STEP_TIMEOUT * 2)) as guest:
+            bitmap = kernel_lines(guest, "qemu kernel", r"PYVIRTIO-RESULT features=(\S+)")
+            features = device.negotiated[-1] if device.negotiated else 0
+            say(f"its virtio_rng driver negotiated {describe(features)} "
+                f"({ring_format(features)})")
+            checks.append(("QEMU: the kernel's virtio_rng runs on pyvirtio's device, in the "
+                           "ring format the guest reports",
+                           bool(features) and bitmap[34:35] == str(features >> 34 & 1)))
             current = kernel_lines(guest, "qemu kernel", r"PYVIRTIO-RESULT current=(\S+)")
             say(f"the kernel's hwrng core uses {current}; the guest reads {HWRNG_BYTES // 1024}"
                 " KiB from /dev/hwrng")

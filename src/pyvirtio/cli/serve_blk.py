@@ -5,7 +5,9 @@ The device outlives its front-ends: a guest that goes away (even killed) leaves 
 reset and the next one may connect. With the INFLIGHT_SHMFD protocol feature (on unless
 ``--no-inflight``) a QEMU front-end started with ``-chardev socket,...,reconnect=1`` also
 survives this server being killed: restarted on the same socket, the server resubmits what
-was in flight (see :mod:`pyvirtio.transport.vhost_user.inflight`).
+was in flight, on split and packed rings alike (for a packed ring it also takes the ring's
+positions from the region, since QEMU 7.2 restarts it as a fresh ring; see
+:mod:`pyvirtio.transport.vhost_user.inflight`).
 
 Shutdown on SIGINT/SIGTERM is clean: connections closed, the image flushed (fdatasync) and
 closed, the socket file removed. ``--stats-file`` gets the counters as JSON at exit and on
@@ -112,6 +114,7 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
                      + s.get_ids + s.ioerr + s.unsupp),
         "kicks": server.kicks, "calls": server.calls,
         "connections": server.accepted,
+        "features": device.driver_features,  # what the last driver negotiated (ring format)
     }
 
 
@@ -173,5 +176,8 @@ def run(args: argparse.Namespace) -> int:
         f"{args.queues} queue{'s' if args.queues > 1 else ''}"
         f"{', O_DIRECT' if args.direct else ''}\n"
         + attach_instructions([server], ids.BLOCK, qemu_extra=extra, packed=args.packed)
+        + ("" if args.no_inflight else
+           "\nSurviving a restart of this server (INFLIGHT_SHMFD, split or packed rings): "
+           "add reconnect=1 to QEMU's -chardev socket")
     )
     return run_servers([server], loop, banner, args, cleanup=cleanup)

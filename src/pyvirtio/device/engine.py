@@ -181,7 +181,7 @@ class QueueEngine:
             return
         try:
             self.publish()
-        except RingError as exc:
+        except (RingError, PeerError) as exc:  # the ring, or the request tracker's region
             self.done.clear()
             self.device.queue_failed(self.index, self.ring, exc)
             return

@@ -75,18 +75,22 @@ class VhostUserBlk:
     """A vhost-user-blk-pci disk backed by the back-end listening on ``socket``.
 
     ``reconnect``: seconds between QEMU's reconnection attempts if the back-end goes away
-    (0: no reconnection).
+    (0: no reconnection). ``packed``: ``packed=on``, the guest runs packed rings if the
+    back-end offers them.
     """
 
     socket: str | os.PathLike[str]
     num_queues: int | None = None
     reconnect: int = 0
+    packed: bool = False
 
     def qemu_args(self, index: int) -> list[str]:
         """``-chardev socket,... -device vhost-user-blk-pci,...``."""
         device = f"vhost-user-blk-pci,chardev=c{index},id=blk{index}"
         if self.num_queues is not None:
             device += f",num-queues={self.num_queues}"
+        if self.packed:
+            device += ",packed=on"
         return [*_chardev(index, self.socket, self.reconnect), "-device", device]
 
 

@@ -185,11 +185,13 @@ class PackedDeviceQueue(_PackedRing):
         # Per buffer id: ring descriptors it occupies (0: not in flight) and writable bytes.
         self._ndescs = [0] * size
         self._capacity = [0] * size
+        self._start = [0] * size  # the ring position of its first descriptor, as popped
+        # Buffers a previous back-end left in flight, with their descriptors as saved
+        # outside the ring (vhost-user's packed inflight region): taken by resume().
+        self._saved: dict[int, list[tuple[int, int, int, int]]] = {}
         self._popped: dict[int, DescriptorChain] = {}  # in flight, in pop order (rewind)
         self._order = InOrderCompletions() if in_order else None
         self._used_total = 0  # descriptors used since start (for notification windows)
-        self._batch_open = False  # push_many is writing a batch ...
-        self._batch_head: tuple[int, int] | None = None  # ... whose first flags wait
         self._signalled_total = 0
         self._signalled_valid = False
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
@@ -262,6 +264,7 @@ class PackedDeviceQueue(_PackedRing):
         chain, ndescs = self._read_chain(pos, wrap, flags)
         buf_id = chain.head
         self._ndescs[buf_id] = ndescs
+        self._start[buf_id] = pos
         self._capacity[buf_id] = chain.writable_len
         self._popped[buf_id] = chain
         if self._order is not None:
@@ -322,49 +325,10 @@ class PackedDeviceQueue(_PackedRing):
                     f"available for wrap counter {w} (flags 0x{flags:04x}): wrap counter "
                     "inconsistency"
                 )
-            if flags & _INDIRECT:
-                if not self.indirect:
-                    raise self._break(
-                        f"chain at slot {first}: {where} is INDIRECT but "
-                        "VIRTIO_F_INDIRECT_DESC was not negotiated"
-                    )
-                if flags & _NEXT:
-                    raise self._break(f"chain at slot {first}: {where} has both INDIRECT and NEXT")
-                if count > 1:
-                    raise self._break(
-                        f"chain at slot {first}: {where} is INDIRECT in the middle of a chain "
-                        "(a packed buffer is either direct or one indirect descriptor)"
-                    )
-                rlen, wlen = self._read_indirect(first, where, addr, length, readable, writable)
-            elif length:
-                if addr + length > U64_LIMIT:
-                    raise self._break(
-                        f"chain at slot {first}: {where} range 0x{addr:x} +{length} overflows "
-                        "64 bits"
-                    )
-                try:
-                    views = memory.views(addr, length)
-                except GuestMemoryError as exc:
-                    raise self._break(
-                        f"chain at slot {first}: {where} points outside guest memory: "
-                        f"0x{addr:x} +{length}"
-                    ) from exc
-                if flags & _WRITE:
-                    writable += views
-                    wlen += length
-                else:
-                    if writable:
-                        raise self._break(
-                            f"chain at slot {first}: {where} is readable but follows a "
-                            "writable descriptor"
-                        )
-                    readable += views
-                    rlen += length
-            elif not flags & _WRITE and writable:
-                raise self._break(
-                    f"chain at slot {first}: {where} is readable but follows a writable "
-                    "descriptor"
-                )
+            rl, wl = self._segment(f"chain at slot {first}", where, count, addr, length,
+                                   flags, readable, writable)
+            rlen += rl
+            wlen += wl
             if not flags & _NEXT:
                 break
             p += 1
@@ -383,30 +347,81 @@ class PackedDeviceQueue(_PackedRing):
             )
         return DescriptorChain(buf_id, readable, writable, rlen, wlen), count
 
-    def _read_indirect(self, first: int, where: str, addr: int, length: int,
+    def _segment(self, chain: str, where: str, count: int, addr: int, length: int,
+                 flags: int, readable: list[memoryview], writable: list[memoryview]
+                 ) -> tuple[int, int]:
+        """Add descriptor ``count`` (1-based) of a buffer to the chain being built
+        (``chain`` names it in errors): its memory, or its indirect table's. Returns the
+        readable and writable bytes it adds; breaks the queue on anything malformed."""
+        memory = self.memory
+        if flags & _INDIRECT:
+            if not self.indirect:
+                raise self._break(
+                    f"{chain}: {where} is INDIRECT but "
+                    "VIRTIO_F_INDIRECT_DESC was not negotiated"
+                )
+            if flags & _NEXT:
+                raise self._break(f"{chain}: {where} has both INDIRECT and NEXT")
+            if count > 1:
+                raise self._break(
+                    f"{chain}: {where} is INDIRECT in the middle of a chain "
+                    "(a packed buffer is either direct or one indirect descriptor)"
+                )
+            return self._read_indirect(chain, where, addr, length, readable, writable)
+        if length:
+            if addr + length > U64_LIMIT:
+                raise self._break(
+                    f"{chain}: {where} range 0x{addr:x} +{length} overflows "
+                    "64 bits"
+                )
+            try:
+                views = memory.views(addr, length)
+            except GuestMemoryError as exc:
+                raise self._break(
+                    f"{chain}: {where} points outside guest memory: "
+                    f"0x{addr:x} +{length}"
+                ) from exc
+            if flags & _WRITE:
+                writable += views
+                return 0, length
+            if writable:
+                raise self._break(
+                    f"{chain}: {where} is readable but follows a "
+                    "writable descriptor"
+                )
+            readable += views
+            return length, 0
+        if not flags & _WRITE and writable:
+            raise self._break(
+                f"{chain}: {where} is readable but follows a writable "
+                "descriptor"
+            )
+        return 0, 0
+
+    def _read_indirect(self, chain: str, where: str, addr: int, length: int,
                        readable: list[memoryview], writable: list[memoryview]
                        ) -> tuple[int, int]:
         if length == 0 or length % P.PACKED_DESC_SIZE:
             raise self._break(
-                f"chain at slot {first}: {where} has an indirect table of {length} bytes, not "
+                f"{chain}: {where} has an indirect table of {length} bytes, not "
                 "a positive multiple of 16"
             )
         n = length // P.PACKED_DESC_SIZE
         if n > self.max_indirect:
             raise self._break(
-                f"chain at slot {first}: {where} has an indirect table of {n} descriptors, "
+                f"{chain}: {where} has an indirect table of {n} descriptors, "
                 f"over the limit of {self.max_indirect}"
             )
         if addr + length > U64_LIMIT:
             raise self._break(
-                f"chain at slot {first}: {where} indirect table 0x{addr:x} +{length} "
+                f"{chain}: {where} indirect table 0x{addr:x} +{length} "
                 "overflows 64 bits"
             )
         try:
             table = self.memory.view(addr, length)
         except GuestMemoryError as exc:
             raise self._break(
-                f"chain at slot {first}: {where} points its indirect table outside guest "
+                f"{chain}: {where} points its indirect table outside guest "
                 f"memory: 0x{addr:x} +{length} ({exc})"
             ) from exc
         unpack = self._desc_struct.unpack_from
@@ -415,19 +430,19 @@ class PackedDeviceQueue(_PackedRing):
             d_addr, d_len, _, d_flags = unpack(table, 16 * i)
             at = f"indirect descriptor {i} (table of {where} at 0x{addr:x})"
             if d_flags & _INDIRECT:
-                raise self._break(f"chain at slot {first}: {at} is INDIRECT inside an "
+                raise self._break(f"{chain}: {at} is INDIRECT inside an "
                                   "indirect table")
             if d_len:
                 if d_addr + d_len > U64_LIMIT:
                     raise self._break(
-                        f"chain at slot {first}: {at} range 0x{d_addr:x} +{d_len} overflows "
+                        f"{chain}: {at} range 0x{d_addr:x} +{d_len} overflows "
                         "64 bits"
                     )
                 try:
                     views = self.memory.views(d_addr, d_len)
                 except GuestMemoryError as exc:
                     raise self._break(
-                        f"chain at slot {first}: {at} points outside guest memory: "
+                        f"{chain}: {at} points outside guest memory: "
                         f"0x{d_addr:x} +{d_len}"
                     ) from exc
                 if d_flags & _WRITE:
@@ -439,7 +454,7 @@ class PackedDeviceQueue(_PackedRing):
             elif d_flags & _WRITE:
                 continue
             if writable:
-                raise self._break(f"chain at slot {first}: {at} is readable but follows a "
+                raise self._break(f"{chain}: {at} is readable but follows a "
                                   "writable descriptor")
         return rlen, wlen
 
@@ -468,15 +483,17 @@ class PackedDeviceQueue(_PackedRing):
         del self._popped[buf_id]
         return buf_id
 
-    def _write_used(self, buf_id: int, written: int, ndescs: int) -> None:
+    def _write_used(self, buf_id: int, written: int, ndescs: int, publish: bool = True
+                    ) -> tuple[int, int]:
+        """Write a used descriptor at the used position and move past the buffer. With
+        ``publish`` False the flags that make it visible are not stored: returned as
+        ``(offset, flags)`` for the caller to store last."""
         pos = self._used_pos
         off = 16 * pos
         self._len_id.pack_into(self._desc, off + 8, written, buf_id)
         flags = (_AVAIL_USED if self._used_wrap else 0) | (_WRITE if written else 0)
         # len and id are stored before the flags that publish them (stores stay ordered).
-        if self._batch_open and self._batch_head is None:
-            self._batch_head = (off + 14, flags)  # published last: see push_many
-        else:
+        if publish:
             self._u16.pack_into(self._desc, off + 14, flags)
         pos += ndescs
         if pos >= self.size:
@@ -484,25 +501,34 @@ class PackedDeviceQueue(_PackedRing):
             self._used_wrap ^= 1
         self._used_pos = pos
         self._used_total += ndescs
+        return off + 14, flags
 
-    def _complete(self, buf_id: int, written: int) -> None:
+    def _complete(self, buf_id: int, written: int, publish: bool = True
+                  ) -> tuple[int, int] | None:
+        """Use ``buf_id`` (IN_ORDER: record its completion). Without ``publish``, returns
+        the deferred flags store of its used descriptor (see :meth:`_write_used`)."""
         order = self._order
         if order is None:
             ndescs = self._ndescs[buf_id]
             self._ndescs[buf_id] = 0
-            self._write_used(buf_id, written, ndescs)
-            return
+            return self._write_used(buf_id, written, ndescs, publish)
         order.complete(buf_id, written)
+        return None
 
     def _publish_in_order(self) -> None:
         """IN_ORDER: write each run now complete in pop order as one used descriptor."""
         order = self._order
         assert order is not None
         # Ids stay in flight (for pop's reuse check) until their run is published.
+        first: tuple[int, int] | None = None
         for keys, weight, last_written in order.batches():
             for key in keys:
                 self._ndescs[key] = 0
-            self._write_used(keys[-1], last_written, weight)
+            deferred = self._write_used(keys[-1], last_written, weight, first is not None)
+            if first is None:
+                first = deferred
+        if first is not None:
+            self._u16.pack_into(self._desc, first[0], first[1])
 
     def push(self, chain: DescriptorChain | int, written: int) -> None:
         """Return a buffer to the driver with the number of bytes written into it."""
@@ -517,39 +543,127 @@ class PackedDeviceQueue(_PackedRing):
         filled buffers is published as one used descriptor."""
         if self.broken is not None:
             raise RingError(self.broken)
-        # The batch becomes visible at once: every used descriptor is written but the
-        # first one's flags, which are stored last. A driver polling meanwhile (Linux's
-        # virtio_net reads a frame's num_buffers from its first buffer and takes the rest
-        # right away) would otherwise see the first buffers of a frame without the others,
-        # count "buffers missing" and drop the frame (VIRTIO 1.2 §2.8.6, as QEMU and vhost
-        # do it).
+        # The batch becomes visible at once: every used descriptor is written, then the
+        # flags of the first (the driver reads nothing past an unpublished one). A back-end
+        # that dies mid-batch has then published all or nothing, which is what the packed
+        # inflight region's recovery relies on (transport/vhost_user/inflight.py).
         n = 0
-        self._batch_open = True
-        try:
-            for chain, written in completions:
-                self._complete(self._take(chain, written), written)
-                n += 1
-            if self._order is not None:
-                self._publish_in_order()  # one pass: runs span the whole call
-        finally:
-            self._batch_open = False
-            head, self._batch_head = self._batch_head, None
-            if head is not None:
-                self._u16.pack_into(self._desc, head[0], head[1])
+        first: tuple[int, int] | None = None
+        for chain, written in completions:
+            deferred = self._complete(self._take(chain, written), written, n != 0)
+            if n == 0:
+                first = deferred
+            n += 1
+        if first is not None:
+            self._u16.pack_into(self._desc, first[0], first[1])
+        if self._order is not None:
+            self._publish_in_order()  # one pass: runs span the whole call
         return n
 
     def in_flight(self) -> list[int]:
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
 
+    def slot_flags(self, pos: int) -> int:
+        """The flags of ring slot ``pos`` as they are in memory now."""
+        if not 0 <= pos < self.size:
+            raise QueueUsageError(f"{self.name}: slot {pos} is beyond the ring size {self.size}")
+        flags: int = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
+        return flags
+
+    def descriptors(self, buf_id: int) -> list[tuple[int, int, int, int]]:
+        """The ring descriptors ``(addr, len, id, flags)`` of in-flight buffer ``buf_id``, as
+        in the ring now (read right after :meth:`pop`, what was popped): what a request
+        tracker saves outside the ring so that the buffer can be resubmitted after a crash
+        (:meth:`restore`)."""
+        ndescs = self._ndescs[buf_id] if 0 <= buf_id < self.size else 0
+        if not ndescs or buf_id not in self._popped:
+            raise QueueUsageError(f"{self.name}: buffer {buf_id} is not in flight")
+        pos = self._start[buf_id]
+        unpack = self._desc_struct.unpack_from
+        out = []
+        for _ in range(ndescs):
+            out.append(unpack(self._desc, 16 * pos))
+            pos += 1
+            if pos == self.size:
+                pos = 0
+        return out
+
+    def restore(self, used_idx: int,
+                buffers: Sequence[tuple[int, Sequence[tuple[int, int, int, int]]]]) -> None:
+        """Start where a back-end that died left the ring: its used position ``used_idx``
+        (``position | wrap << 15``) and the buffers it had popped and not used, each as
+        ``(buffer id, its descriptors)`` saved outside the ring (:meth:`descriptors`), in
+        pop order. The avail position follows: the buffers occupied the ring right after the
+        used position (whatever order they complete in, each used descriptor moves the used
+        position by its buffer's descriptor count). :meth:`resume` then takes them.
+
+        The buffers come from shared memory: ids beyond the ring or given twice, or more
+        descriptors than the ring holds, break the queue (:class:`RingError`)."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if self._popped or self._saved:
+            raise QueueUsageError(f"{self.name}: restore() on a queue already in use")
+        self.used_idx = used_idx
+        total = 0
+        saved: dict[int, list[tuple[int, int, int, int]]] = {}
+        for buf_id, descs in buffers:
+            if not 0 <= buf_id < self.size:
+                raise self._break(f"resubmitted buffer id {buf_id} is beyond the queue size "
+                                  f"{self.size}")
+            if buf_id in saved:
+                raise self._break(f"buffer id {buf_id} is resubmitted twice")
+            if not descs:
+                raise self._break(f"resubmitted buffer {buf_id} has no descriptors")
+            total += len(descs)
+            if total > self.size:
+                raise self._break(f"resubmitted buffers occupy {total} descriptors, more than "
+                                  f"the ring's {self.size} (at buffer {buf_id})")
+            saved[buf_id] = list(descs)
+        pos = self._used_pos + total
+        wrap = self._used_wrap
+        if pos >= self.size:
+            pos -= self.size
+            wrap ^= 1
+        self._avail_pos, self._avail_wrap = pos, wrap
+        self._saved = saved
+
     def resume(self, head: int) -> DescriptorChain:
-        """The queue interface's resubmission after a back-end restart. A packed buffer id
-        names no ring slot (its descriptors are wherever the driver put them, and may have
-        been overwritten by used descriptors since), so resubmission needs the descriptors
-        saved elsewhere (vhost-user's packed inflight layout), which pyvirtio does not
-        implement: refused, and a back-end does not track packed rings for resubmission."""
-        raise QueueUsageError(f"{self.name}: resubmitting buffer {head} of a packed ring is "
-                              "not supported (no packed inflight tracking)")
+        """The queue interface's resubmission after a back-end restart: buffer ``head``, one
+        of those given to :meth:`restore`, popped again from its saved descriptors (a packed
+        buffer id names no ring slot, and its slots may hold used descriptors by now). The
+        descriptors are checked like the ring's; a bad one breaks the queue."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        descs = self._saved.pop(head, None)
+        if descs is None:
+            raise QueueUsageError(f"{self.name}: buffer {head} was not saved for resubmission "
+                                  "(restore())")
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        rlen = wlen = 0
+        label = f"resubmitted buffer {head}"
+        last = len(descs) - 1
+        for i, (addr, length, _, flags) in enumerate(descs):
+            where = f"saved descriptor {i} of buffer {head}"
+            if bool(flags & _NEXT) != (i < last):
+                raise self._break(f"{label}: {where} has flags 0x{flags:04x}: "
+                                  f"NEXT must be set on all but the last of {len(descs)}")
+            rl, wl = self._segment(label, where, i + 1, addr, length, flags, readable,
+                                   writable)
+            rlen += rl
+            wlen += wl
+        buf_id = descs[-1][2]
+        if buf_id != head:
+            raise self._break(f"{label}: its last saved descriptor carries "
+                              f"buffer id {buf_id}, not {head}")
+        chain = DescriptorChain(head, readable, writable, rlen, wlen)
+        self._ndescs[head] = len(descs)
+        self._capacity[head] = wlen
+        self._popped[head] = chain
+        if self._order is not None:
+            self._order.popped(head, len(descs), wlen)
+        return chain
 
     def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
                                                            int, bool, int, int]]:

@@ -1,33 +1,21 @@
 """The network device (virtio-net, VIRTIO 1.x §5.1).
 
-Queues: receiveq/transmitq pairs (``2*i`` receives, ``2*i + 1`` transmits), then the control
-queue (index 2 without MQ, ``2 * max_queue_pairs`` with it), as Linux ``virtio_net.c`` lays
-them out.
+Queues as Linux ``virtio_net.c`` lays them out: receiveq ``2*i``, transmitq ``2*i + 1``,
+then the control queue (2 without MQ, ``2 * max_queue_pairs`` with it). The device is a
+:class:`~pyvirtio.device.net.endpoint.NetEndpoint` linked to a peer (a tap, a switch port,
+another device).
 
-The device is a :class:`~pyvirtio.device.net.endpoint.NetEndpoint`: it is linked to a peer
-(a tap, a switch port, another device) and exchanges frames with it through ``receive``
-(answering DELIVERED, BUSY or DROPPED) and ``peer_ready``.
+Transmit (the engine's drain): each chain's header is checked and its frame handed to the
+peer zero-copy (views of guest memory, valid during the call); a BUSY peer puts the chain
+back until ``peer_ready``: backpressure, not loss. Receive: a frame is copied into buffers
+the device holds from the receive queue (several, ``num_buffers`` in the header, with
+MRG_RXBUF), each used length exactly the bytes written; ``flush=False`` batches the used
+entries until :meth:`NetDevice.flush_rx`. A frame carrying an offload this guest did not
+negotiate is finished in software (:mod:`.offload`), so every endpoint may send any valid
+frame, and CSUM/HOST_TSO can be offered whatever the peer.
 
-Transmit: on a kick the device drains the transmit queue with kicks disabled, parses and
-checks each chain's virtio-net header, hands the frame to the peer *zero-copy* (memoryviews
-straight into guest memory, valid only during the call) and returns the chains in batches
-with one used-index update and at most one interrupt per batch, only if the driver wants it
-(EVENT_IDX / NO_INTERRUPT: the suppression of the paper). If the peer answers BUSY the
-chain is un-popped and the queue waits for ``peer_ready``: backpressure, not loss.
-
-Receive: a frame is copied straight from the sender's buffers into receive buffers popped
-from the guest's receive queue; with MRG_RXBUF it may span several, ``num_buffers`` in the
-first header. Used entries are batched: :meth:`NetDevice.receive` with ``flush=False`` only
-queues them, :meth:`NetDevice.flush_rx` publishes the batch with one index update and one
-interrupt. The used length of each buffer is exactly the bytes we wrote into it. Frames
-carrying offloads this guest did not negotiate (partial checksum, TSO) are completed or
-segmented in software (:mod:`pyvirtio.device.net.offload`), so any endpoint may send any
-valid frame to any device: this is why CSUM/HOST_TSO4/HOST_TSO6 can be offered whatever the
-peer is (the tap's kernel and the switch both accept them; the final receiver converts).
-
-Hostile guests: a transmit chain with a truncated header, an invalid offload request or an
-oversized frame is dropped and counted (``stats.tx_errors``); a malformed ring (descriptor
-outside guest memory...) breaks that queue and sets DEVICE_NEEDS_RESET, nothing else.
+Hostile guests: a malformed transmit chain (header, offload, size) is dropped and counted
+(``stats.tx_errors``); a malformed ring breaks its queue and sets DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ import logging
 import struct
 import zlib
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.engine import RETRY, Completion, QueueEngine
@@ -56,8 +44,8 @@ from pyvirtio.device.net.endpoint import (
 )
 from pyvirtio.device.net.offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, gather, scatter
-from pyvirtio.ring.chain import split_segments
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
+from pyvirtio.ring.chain import split_header
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
@@ -99,9 +87,6 @@ class NetStats:
     rx_converted: int = 0  # frames checksummed or segmented in software for this guest
     rx_bad_buffers: int = 0  # receive buffers too small to hold even a header: returned empty
 
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 @dataclass
 class RxFilter:
@@ -136,37 +121,6 @@ class RxFilter:
         return (self.alluni or self.uni_overflow or dst == own_mac or dst in self.unicast)
 
 
-class _Source:
-    """A read cursor over a frame's segments for copying into receive buffers."""
-
-    __slots__ = ("i", "left", "off", "segs")
-
-    def __init__(self, segs: Frame, length: int) -> None:
-        self.segs = segs
-        self.i = 0
-        self.off = 0
-        self.left = length
-
-    def copy_into(self, dst: memoryview) -> int:
-        """Fill ``dst`` from the cursor; returns the bytes copied."""
-        room = len(dst)
-        done = 0
-        segs = self.segs
-        while done < room and self.left:
-            seg = segs[self.i]
-            avail = len(seg) - self.off
-            if avail <= 0:
-                self.i += 1
-                self.off = 0
-                continue
-            take = min(avail, room - done, self.left)
-            dst[done : done + take] = seg[self.off : self.off + take]
-            done += take
-            self.off += take
-            self.left -= take
-        return done
-
-
 class NetDevice(VirtioDevice, NetEndpoint):
     """virtio-net.
 
@@ -179,17 +133,8 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     device_id = ids.NET
     push_batch = TX_PUSH_BATCH
-    feature_names = {
-        N.VIRTIO_NET_F_CSUM: "CSUM", N.VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
-        N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS", N.VIRTIO_NET_F_MTU: "MTU",
-        N.VIRTIO_NET_F_MAC: "MAC", N.VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4",
-        N.VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6", N.VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4",
-        N.VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6", N.VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF",
-        N.VIRTIO_NET_F_STATUS: "STATUS", N.VIRTIO_NET_F_CTRL_VQ: "CTRL_VQ",
-        N.VIRTIO_NET_F_CTRL_RX: "CTRL_RX", N.VIRTIO_NET_F_CTRL_RX_EXTRA: "CTRL_RX_EXTRA",
-        N.VIRTIO_NET_F_GUEST_ANNOUNCE: "GUEST_ANNOUNCE", N.VIRTIO_NET_F_MQ: "MQ",
-        N.VIRTIO_NET_F_CTRL_MAC_ADDR: "CTRL_MAC_ADDR",
-    }
+    _ctrl_index: int | None  # the control queue's index, once negotiated
+    feature_names = F.names_in(vars(N), "VIRTIO_NET_F_")
 
     def __init__(
         self,
@@ -240,15 +185,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self.stats = NetStats()
         self.last_error: str | None = None  # the newest dropped-frame reason, for humans
         self._link_up = link_up
-        self._announce = False
-        self._hdr_len = N.NET_HDR_SIZE
-        self._mrg = False
-        self._ctrl_index: int | None = None
-        self._active_pairs = 1
-        self._guest_offloads = Offload.NONE
-        self._host_csum = self._host_tso4 = self._host_tso6 = False
-        self.rx_filter = RxFilter()
-        self._fill_config()
+        self.on_reset()  # the negotiated state, as after a reset
 
     # ---- config space -------------------------------------------------------------------
 
@@ -335,10 +272,8 @@ class NetDevice(VirtioDevice, NetEndpoint):
         feats = self.driver_features
         self._mrg = F.has(feats, N.VIRTIO_NET_F_MRG_RXBUF)
         self._hdr_len = N.net_hdr_size(F.has(feats, F.VERSION_1), self._mrg)
-        self._host_csum = F.has(feats, N.VIRTIO_NET_F_CSUM)
-        self._host_tso4 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO4)
-        self._host_tso6 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO6)
-        self._guest_offloads = Offload.from_guest_features(feats)
+        self._host_offloads = Offload.from_features(feats, host=True)
+        self._guest_offloads = Offload.from_features(feats)
         if F.has(feats, N.VIRTIO_NET_F_CTRL_VQ):
             pairs = self.max_queue_pairs if F.has(feats, N.VIRTIO_NET_F_MQ) else 1
             self._ctrl_index = 2 * pairs
@@ -360,7 +295,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._ctrl_index = None
         self._active_pairs = 1
         self._guest_offloads = Offload.NONE
-        self._host_csum = self._host_tso4 = self._host_tso6 = False
+        self._host_offloads = Offload.NONE
         self.rx_filter = RxFilter()
         self._fill_config()
         if self.peer is not None:
@@ -385,8 +320,10 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.peer.peer_ready()
 
     def process_queue(self, index: int, ring: DeviceRing) -> None:
-        if self._is_rx(index):
-            self._rx_kick(index, ring)
+        if self._is_rx(index):  # receive buffers posted: we asked only when we ran out
+            engine = self.queues[index].engine
+            if engine is not None and engine.buffers_posted() and self.peer is not None:
+                self.peer.peer_ready()
             return
         super().process_queue(index, ring)  # transmit and control: the engine's drain
         if self.peer is not None:
@@ -468,7 +405,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                           | F.bit(N.VIRTIO_NET_F_GUEST_UFO))
             if wanted & ~(self.driver_features & guest_bits):
                 return err  # only negotiated receive offloads may be (re-)enabled
-            self._guest_offloads = Offload.from_guest_features(wanted)
+            self._guest_offloads = Offload.from_features(wanted)
             if self.peer is not None:
                 self.peer.peer_offloads_changed()
             return ok
@@ -510,7 +447,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if length > MAX_FRAME_LEN:
             return f"frame of {length} bytes exceeds {MAX_FRAME_LEN}"
         if hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if not self._host_csum:
+            if not self._host_offloads & Offload.CSUM:
                 return "NEEDS_CSUM set but VIRTIO_NET_F_CSUM was not negotiated"
             if (hdr.csum_start < ETH_HLEN
                     or hdr.csum_start + hdr.csum_offset + 2 > length):
@@ -518,13 +455,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                         f"outside the {length}-byte frame")
         gso = hdr.gso_type
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            if gso == N.VIRTIO_NET_HDR_GSO_TCPV4:
-                allowed = self._host_tso4
-            elif gso == N.VIRTIO_NET_HDR_GSO_TCPV6:
-                allowed = self._host_tso6
-            else:
-                allowed = False  # ECN, UFO, USO: never offered
-            if not allowed:
+            if not self._host_offloads & Offload.for_gso(gso):
                 return f"GSO type 0x{gso:x} was not negotiated"
             if hdr.gso_size == 0:
                 return "GSO frame with gso_size 0"
@@ -540,17 +471,8 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self._tx_error(f"transmit chain {chain.head} has {chain.readable_len} readable "
                            f"bytes, less than the {hlen}-byte virtio-net header")
             return Delivery.DROPPED
-        first = segs[0]
-        if len(first) >= hlen:
-            fields_ = _HDR.unpack_from(first, 0)
-            if len(first) == hlen:
-                frame: list[memoryview] = segs[1:]
-            else:
-                frame = [first[hlen:], *segs[1:]]
-        else:
-            fields_ = _HDR.unpack_from(gather(segs, hlen), 0)
-            frame = split_segments(segs, hlen)[1]
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = fields_
+        header, frame = split_header(segs, hlen)
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(header)
         # Drivers set only NEEDS_CSUM on transmit (§5.1.6.2); other bits mean nothing here.
         hdr = NetHdr(flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size,
                      csum_start, csum_offset)
@@ -589,12 +511,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def rx_offloads(self) -> Offload:
         return self._guest_offloads
 
-    def _rx_kick(self, index: int, ring: DeviceRing) -> None:
-        """The driver posted receive buffers. We only asked for this kick when we ran out."""
-        engine = self.queues[index].engine
-        if engine is not None and engine.buffers_posted() and self.peer is not None:
-            self.peer.peer_ready()
-
     def _rx_drop(self, reason: str) -> Delivery:
         self.stats.rx_dropped += 1
         self.last_error = f"{self.name}: {reason}"
@@ -619,9 +535,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         gso = hdr.gso_type
         needs_csum = bool(hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM)
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            wanted = (Offload.TSO4 if gso == N.VIRTIO_NET_HDR_GSO_TCPV4
-                      else Offload.TSO6 if gso == N.VIRTIO_NET_HDR_GSO_TCPV6 else None)
-            if wanted is None or not guest & wanted:
+            if not guest & Offload.for_gso(gso):
                 return self._receive_converted(hdr, frame, length, flush)
         elif needs_csum and not guest & Offload.CSUM:
             return self._receive_converted(hdr, frame, length, flush)
@@ -783,39 +697,34 @@ class NetDevice(VirtioDevice, NetEndpoint):
         return Delivery.DELIVERED
 
     def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
-              spare: deque[DescriptorChain], pending: list[Completion]
-              ) -> None:
-        """Write header and frame into the first ``count`` spare chains; queue their used
-        entries with exactly the bytes written into each."""
-        hlen = self._hdr_len
-        src = _Source(frame, length)
-        for k in range(count):
+              spare: deque[DescriptorChain], pending: list[Completion]) -> None:
+        """Write the header (``num_buffers`` = ``count``) and the frame across the first
+        ``count`` held buffers; queue each one's used entry with the bytes written into it."""
+        raw = _HDR.pack(*hdr)
+        if self._hdr_len == N.NET_HDR_SIZE:
+            raw += _U16.pack(count)
+        src = [raw, *frame]
+        left = len(raw) + length
+        i = off = 0  # where the copy is in src: segment, offset
+        for _ in range(count):
             chain = spare.popleft()
-            segs = chain.writable
-            if k == 0:
-                head = segs[0]
-                if len(head) >= hlen:
-                    _HDR.pack_into(head, 0, *hdr)
-                    if hlen == N.NET_HDR_SIZE:
-                        _U16.pack_into(head, N.NET_HDR_SIZE_LEGACY, count)
-                else:
-                    raw = _HDR.pack(*hdr) + (_U16.pack(count) if hlen == N.NET_HDR_SIZE
-                                             else b"")
-                    scatter(segs, raw)
-                skip = hlen
-                written = hlen
-            else:
-                skip = 0
-                written = 0
-            for seg in segs:
-                if src.left == 0:
+            written = 0
+            for dst in chain.writable:
+                room = len(dst)
+                pos = 0
+                while pos < room and left:
+                    seg = src[i]
+                    take = min(len(seg) - off, room - pos, left)
+                    dst[pos : pos + take] = seg[off : off + take]
+                    pos += take
+                    off += take
+                    left -= take
+                    if off >= len(seg):
+                        i += 1
+                        off = 0
+                written += pos
+                if not left:
                     break
-                n = len(seg)
-                if skip >= n:
-                    skip -= n
-                    continue
-                written += src.copy_into(seg[skip:] if skip else seg)
-                skip = 0
             pending.append((chain, written))
 
     def flush_rx(self) -> None:

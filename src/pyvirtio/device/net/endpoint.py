@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pyvirtio.errors import LocalError
+from pyvirtio.ring.chain import gather
 from pyvirtio.spec import features as F
 from pyvirtio.spec import net as N
 from pyvirtio.spec.net import NetHdr
@@ -55,18 +56,25 @@ class Offload(enum.IntFlag):
     TSO6 = 4
 
     @classmethod
-    def from_guest_features(cls, features: int) -> Offload:
-        """The offloads a driver accepts in received frames, from its GUEST_* bits."""
-        out = cls.NONE
-        if F.has(features, N.VIRTIO_NET_F_GUEST_CSUM):
-            out |= cls.CSUM
-            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO4):
-                out |= cls.TSO4
-            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO6):
-                out |= cls.TSO6
-        return out
+    def from_features(cls, features: int, *, host: bool = False) -> Offload:
+        """The offloads a driver negotiated for the frames it receives (GUEST_*) or, with
+        ``host``, sends (CSUM, HOST_TSO*); TSO comes only with the checksum offload."""
+        csum, tso4, tso6 = _HOST_BITS if host else _GUEST_BITS
+        if not F.has(features, csum):
+            return cls.NONE
+        return (cls.CSUM | (cls.TSO4 if F.has(features, tso4) else cls.NONE)
+                | (cls.TSO6 if F.has(features, tso6) else cls.NONE))
+
+    @classmethod
+    def for_gso(cls, gso_type: int) -> Offload:
+        """The offload a frame of ``gso_type`` uses (NONE: a type pyvirtio never offers)."""
+        return _GSO_OFFLOADS.get(gso_type, cls.NONE)
 
 
+_GUEST_BITS = (N.VIRTIO_NET_F_GUEST_CSUM, N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6)
+_HOST_BITS = (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6)
+_GSO_OFFLOADS = {N.VIRTIO_NET_HDR_GSO_TCPV4: Offload.TSO4,
+                 N.VIRTIO_NET_HDR_GSO_TCPV6: Offload.TSO6}
 ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6
 
 
@@ -115,21 +123,8 @@ class NetEndpoint:
         """The peer's :meth:`rx_offloads` changed."""
 
 
-def frame_bytes(frame: Frame, limit: int | None = None) -> bytes:
-    """Copy a frame's segments into one bytes object (up to ``limit`` bytes)."""
-    if len(frame) == 1:
-        seg = frame[0]
-        return bytes(seg if limit is None else seg[:limit])
-    out = bytearray()
-    for seg in frame:
-        if limit is not None:
-            need = limit - len(out)
-            if need <= 0:
-                break
-            out += seg[:need]
-        else:
-            out += seg
-    return bytes(out)
+#: a frame's bytes in one object, up to a limit (frames are segment lists like chains)
+frame_bytes = gather
 
 
 def link(a: NetEndpoint, b: NetEndpoint) -> None:

@@ -65,6 +65,11 @@ DEFAULT_TX_BUDGET = 256
 #: transmit completions published together (one used-index update)
 TX_PUSH_BATCH = 64
 
+#: CTRL_RX commands and the RxFilter flag each sets (the second table needs CTRL_RX_EXTRA)
+_RX_MODES = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc", N.VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
+_RX_EXTRA_MODES = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+                   N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni", N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
+
 _HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -242,7 +247,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     # ---- negotiation --------------------------------------------------------------------
 
-    _DEPENDS = (
+    feature_depends = (  # §5.1.3.1
         (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_CSUM),
         (N.VIRTIO_NET_F_GUEST_TSO6, N.VIRTIO_NET_F_GUEST_CSUM),
         (N.VIRTIO_NET_F_GUEST_UFO, N.VIRTIO_NET_F_GUEST_CSUM),
@@ -258,15 +263,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         (N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, N.VIRTIO_NET_F_CTRL_VQ),
         (N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_CTRL_RX),
     )
-
-    def validate_features(self, features: int) -> str | None:
-        """Feature dependencies of §5.1.3.1."""
-        for feat, needs in self._DEPENDS:
-            if F.has(features, feat) and not F.has(features, needs):
-                names = self.feature_names
-                return (f"{names.get(feat, feat)} requires {names.get(needs, needs)}, "
-                        "which was not acknowledged")
-        return None
 
     def on_features_ok(self) -> None:
         feats = self.driver_features
@@ -351,21 +347,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _control(self, cls: int, cmd: int, data: bytes) -> int:
         ok, err = N.VIRTIO_NET_OK, N.VIRTIO_NET_ERR
         if cls == N.VIRTIO_NET_CTRL_RX and self.has_feature(N.VIRTIO_NET_F_CTRL_RX):
-            if len(data) != 1:
-                return err
-            on = bool(data[0])
-            basic = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc",
-                     N.VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
-            extra = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni",
-                     N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
-                     N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
-                     N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
-            attr = basic.get(cmd)
+            attr = _RX_MODES.get(cmd)
             if attr is None and self.has_feature(N.VIRTIO_NET_F_CTRL_RX_EXTRA):
-                attr = extra.get(cmd)
-            if attr is None:
+                attr = _RX_EXTRA_MODES.get(cmd)
+            if attr is None or len(data) != 1:
                 return err
-            setattr(self.rx_filter, attr, on)
+            setattr(self.rx_filter, attr, bool(data[0]))
             return ok
         if cls == N.VIRTIO_NET_CTRL_MAC:
             if cmd == N.VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(
@@ -573,8 +560,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
             while not self._fits(engine, needs):
                 if len(engine.held) >= min(engine.ring.size, 0xFFFF):
                     break  # the ring can never hold them all at once: place what fits
-                if not self._out_of_buffers(engine):
-                    return Delivery.BUSY
+                self.stats.rx_busy += 1
+                if not engine.out_of_buffers():
+                    return Delivery.BUSY  # the kick calls the peer's peer_ready
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")
@@ -609,12 +597,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
                     break  # one buffer per frame; a too-small one drops just that frame
                 capacity += chain.writable_len
         return True
-
-    def _out_of_buffers(self, engine: QueueEngine) -> bool:
-        """No room for a frame (see :meth:`QueueEngine.out_of_buffers`). False: answer BUSY,
-        and the kick will call the peer's ``peer_ready``."""
-        self.stats.rx_busy += 1
-        return engine.out_of_buffers()
 
     def _select_rx(self, frame: Frame) -> int:
         """The receive queue for a frame: by flow (addresses and ports) so one flow is
@@ -682,8 +664,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
                     return self._rx_drop(
                         f"frame of {length} bytes does not fit all {len(spare)} receive "
                         "buffers posted")
-                if not self._out_of_buffers(engine):
-                    return Delivery.BUSY
+                self.stats.rx_busy += 1
+                if not engine.out_of_buffers():
+                    return Delivery.BUSY  # the kick calls the peer's peer_ready
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")

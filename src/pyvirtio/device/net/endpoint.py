@@ -1,20 +1,14 @@
 """Endpoints that carry Ethernet frames with their virtio-net header, and how they talk.
 
-A :class:`NetEndpoint` is anything frames flow in and out of: a virtio-net device (its
-guest's queues), a tap (the host kernel), a switch port. Two endpoints are joined with
-:func:`link`; each hands frames to its peer with :meth:`NetEndpoint.receive`, which answers
-with a :class:`Delivery`:
-
-* ``DELIVERED`` - taken (copied out: the caller may reuse its buffers at once),
-* ``BUSY`` - no room now; the receiver will call :meth:`NetEndpoint.peer_ready` on the
-  sender when it has room again (a guest posted receive buffers, a socket became writable),
-* ``DROPPED`` - refused for good (filtered, malformed, too big); counted by the receiver.
-
-Frames are sequences of buffers (zero-copy views into a guest's transmit buffers, or bytes)
-plus a :class:`~pyvirtio.spec.net.NetHdr`. Every receiver accepts every *valid* offload
-(partial checksum, TCP segmentation) and completes in software what its own consumer cannot
-take; :meth:`NetEndpoint.rx_offloads` only tells senders that can choose (the kernel behind a
-tap) what is cheapest.
+A :class:`NetEndpoint` is anything frames flow in and out of: a virtio-net device, a tap, a
+switch port. :func:`link` joins two; each hands frames to its peer with
+:meth:`NetEndpoint.receive`, which answers a :class:`Delivery`: DELIVERED (copied out: the
+caller may reuse its buffers), BUSY (no room; the receiver calls the sender's
+:meth:`~NetEndpoint.peer_ready` when it has room again) or DROPPED (refused for good and
+counted by the receiver). A frame is a list of segments (views into a guest's transmit
+buffers, or bytes) with a :class:`~pyvirtio.spec.net.NetHdr`. Every receiver takes every
+*valid* offload and completes in software what its own consumer cannot;
+:meth:`NetEndpoint.rx_offloads` tells senders that can choose (a tap's kernel) what is cheapest.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ from pyvirtio.spec import status as S
 log = logging.getLogger("pyvirtio.device")
 
 DEFAULT_QUEUE_SIZE = 256
-DEFAULT_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
-                              | F.bit(F.RING_PACKED))
+DEFAULT_TRANSPORT_FEATURES = F.mask(F.VERSION_1, F.INDIRECT_DESC, F.EVENT_IDX, F.RING_PACKED)
 
 
 class ConfigAccessError(PeerError):

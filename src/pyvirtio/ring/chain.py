@@ -53,8 +53,8 @@ def gather(segments: Sequence[bytes | bytearray | memoryview], limit: int | None
         if len(segments) == 1:
             return bytes(segments[0])
         return b"".join(segments)
-    if len(segments) == 1:
-        return bytes(segments[0][:limit])
+    if segments and len(segments[0]) >= limit:
+        return bytes(segments[0][:limit])  # a header in the first segment, or all there is
     out = bytearray()
     for seg in segments:
         need = limit - len(out)

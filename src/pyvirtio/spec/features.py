@@ -57,6 +57,11 @@ def bit(n: int) -> int:
     return 1 << n
 
 
+def mask(*bits: int) -> int:
+    """The mask of feature bits ``bits``."""
+    return sum(1 << n for n in set(bits))
+
+
 def has(features: int, n: int) -> bool:
     """Whether feature bit ``n`` is set in ``features``."""
     return bool(features >> n & 1)

@@ -130,9 +130,7 @@ class BlkDevice(VirtioDevice):
         offer_discard = discard and not self.read_only
         offer_wz = write_zeroes and not self.read_only
         features = (
-            F.bit(B.VIRTIO_BLK_F_SEG_MAX)
-            | F.bit(B.VIRTIO_BLK_F_BLK_SIZE)
-            | F.bit(B.VIRTIO_BLK_F_TOPOLOGY)
+            F.mask(B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_TOPOLOGY)
             | (F.bit(B.VIRTIO_BLK_F_SIZE_MAX) if size_max else 0)
             | (F.bit(B.VIRTIO_BLK_F_FLUSH) if flush else 0)
             | (F.bit(B.VIRTIO_BLK_F_CONFIG_WCE) if config_wce else 0)

@@ -159,19 +159,17 @@ class NetDevice(VirtioDevice, NetEndpoint):
             raise LocalError(f"queue_pairs must be in 1..32768, not {queue_pairs}")
         if queue_pairs > 1 and not ctrl:
             raise LocalError("multiqueue needs the control queue (ctrl=True)")
-        feats = F.bit(N.VIRTIO_NET_F_MAC) | F.bit(N.VIRTIO_NET_F_STATUS)
+        feats = F.mask(N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_STATUS)
         if mrg_rxbuf:
             feats |= F.bit(N.VIRTIO_NET_F_MRG_RXBUF)
         if offloads:
-            for b in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
-                      N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6,
-                      N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6):
-                feats |= F.bit(b)
+            feats |= F.mask(N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
+                            N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6,
+                            N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6)
         if ctrl:
-            for b in (N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX,
-                      N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_GUEST_ANNOUNCE,
-                      N.VIRTIO_NET_F_CTRL_MAC_ADDR):
-                feats |= F.bit(b)
+            feats |= F.mask(N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX,
+                            N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_GUEST_ANNOUNCE,
+                            N.VIRTIO_NET_F_CTRL_MAC_ADDR)
             if offloads:
                 feats |= F.bit(N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
             if queue_pairs > 1:
@@ -387,9 +385,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
             if len(data) != 8:
                 return err
             wanted = _U64.unpack(data)[0]
-            guest_bits = (F.bit(N.VIRTIO_NET_F_GUEST_CSUM) | F.bit(N.VIRTIO_NET_F_GUEST_TSO4)
-                          | F.bit(N.VIRTIO_NET_F_GUEST_TSO6) | F.bit(N.VIRTIO_NET_F_GUEST_ECN)
-                          | F.bit(N.VIRTIO_NET_F_GUEST_UFO))
+            guest_bits = F.mask(N.VIRTIO_NET_F_GUEST_CSUM, N.VIRTIO_NET_F_GUEST_TSO4,
+                                N.VIRTIO_NET_F_GUEST_TSO6, N.VIRTIO_NET_F_GUEST_ECN,
+                                N.VIRTIO_NET_F_GUEST_UFO)
             if wanted & ~(self.driver_features & guest_bits):
                 return err  # only negotiated receive offloads may be (re-)enabled
             self._guest_offloads = Offload.from_features(wanted)
@@ -453,12 +451,11 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _transmit(self, chain: DescriptorChain) -> Delivery:
         """Hand one transmit chain's frame to the peer (zero-copy)."""
         hlen = self._hdr_len
-        segs = chain.readable
         if chain.readable_len < hlen:
             self._tx_error(f"transmit chain {chain.head} has {chain.readable_len} readable "
                            f"bytes, less than the {hlen}-byte virtio-net header")
             return Delivery.DROPPED
-        header, frame = split_header(segs, hlen)
+        header, frame = split_header(chain.readable, hlen)
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(header)
         # Drivers set only NEEDS_CSUM on transmit (§5.1.6.2); other bits mean nothing here.
         hdr = NetHdr(flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size,
@@ -513,9 +510,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
             return Delivery.BUSY  # on_driver_ok calls peer_ready
         if length < ETH_HLEN or length > MAX_FRAME_LEN:
             return self._rx_drop(f"frame of {length} bytes")
-        first = frame[0]
-        dst = bytes(first[:ETH_ALEN]) if len(first) >= ETH_ALEN else frame_bytes(frame, ETH_ALEN)
-        if not self.rx_filter.accepts(dst, self._mac):
+        if not self.rx_filter.accepts(frame_bytes(frame, ETH_ALEN), self._mac):
             self.stats.rx_filtered += 1
             return Delivery.DROPPED
         guest = self._guest_offloads
@@ -604,8 +599,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         pairs = self._active_pairs
         if pairs == 1:
             return 0
-        first = frame[0]
-        head = first[:58] if len(first) >= 58 else frame_bytes(frame, 58)
+        head = frame_bytes(frame, 58)
         ethertype = head[12:14]
         if ethertype == b"\x08\x00" and len(head) >= 34:
             ihl = (head[14] & 0x0F) * 4

@@ -70,6 +70,10 @@ _RX_MODES = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc", N.VIRTIO_NET_CTRL_RX_ALLMU
 _RX_EXTRA_MODES = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
                    N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni", N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
 
+#: the GSO types pyvirtio handles (ECN, UFO, USO: never offered), each with the offload a
+#: receiving driver must accept and the feature a transmitting driver must have negotiated
+_GSO = {N.VIRTIO_NET_HDR_GSO_TCPV4: (Offload.TSO4, N.VIRTIO_NET_F_HOST_TSO4),
+        N.VIRTIO_NET_HDR_GSO_TCPV6: (Offload.TSO6, N.VIRTIO_NET_F_HOST_TSO6)}
 _HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -266,8 +270,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         feats = self.driver_features
         self._mrg = F.has(feats, N.VIRTIO_NET_F_MRG_RXBUF)
         self._hdr_len = N.net_hdr_size(F.has(feats, F.VERSION_1), self._mrg)
-        self._host_offloads = Offload.from_features(feats, host=True)
-        self._guest_offloads = Offload.from_features(feats)
+        self._guest_offloads = Offload.from_guest_features(feats)
         if F.has(feats, N.VIRTIO_NET_F_CTRL_VQ):
             pairs = self.max_queue_pairs if F.has(feats, N.VIRTIO_NET_F_MQ) else 1
             self._ctrl_index = 2 * pairs
@@ -289,7 +292,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._ctrl_index = None
         self._active_pairs = 1
         self._guest_offloads = Offload.NONE
-        self._host_offloads = Offload.NONE
         self.rx_filter = RxFilter()
         self._fill_config()
         if self.peer is not None:
@@ -390,7 +392,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                                 N.VIRTIO_NET_F_GUEST_UFO)
             if wanted & ~(self.driver_features & guest_bits):
                 return err  # only negotiated receive offloads may be (re-)enabled
-            self._guest_offloads = Offload.from_features(wanted)
+            self._guest_offloads = Offload.from_guest_features(wanted)
             if self.peer is not None:
                 self.peer.peer_offloads_changed()
             return ok
@@ -432,7 +434,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if length > MAX_FRAME_LEN:
             return f"frame of {length} bytes exceeds {MAX_FRAME_LEN}"
         if hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if not self._host_offloads & Offload.CSUM:
+            if not self.driver_features >> N.VIRTIO_NET_F_CSUM & 1:
                 return "NEEDS_CSUM set but VIRTIO_NET_F_CSUM was not negotiated"
             if (hdr.csum_start < ETH_HLEN
                     or hdr.csum_start + hdr.csum_offset + 2 > length):
@@ -440,7 +442,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                         f"outside the {length}-byte frame")
         gso = hdr.gso_type
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            if not self._host_offloads & Offload.for_gso(gso):
+            if gso not in _GSO or not self.driver_features >> _GSO[gso][1] & 1:
                 return f"GSO type 0x{gso:x} was not negotiated"
             if hdr.gso_size == 0:
                 return "GSO frame with gso_size 0"
@@ -517,7 +519,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         gso = hdr.gso_type
         needs_csum = bool(hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM)
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            if not guest & Offload.for_gso(gso):
+            if gso not in _GSO or not guest & _GSO[gso][0]:
                 return self._receive_converted(hdr, frame, length, flush)
         elif needs_csum and not guest & Offload.CSUM:
             return self._receive_converted(hdr, frame, length, flush)

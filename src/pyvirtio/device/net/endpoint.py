@@ -50,25 +50,15 @@ class Offload(enum.IntFlag):
     TSO6 = 4
 
     @classmethod
-    def from_features(cls, features: int, *, host: bool = False) -> Offload:
-        """The offloads a driver negotiated for the frames it receives (GUEST_*) or, with
-        ``host``, sends (CSUM, HOST_TSO*); TSO comes only with the checksum offload."""
-        csum, tso4, tso6 = _HOST_BITS if host else _GUEST_BITS
-        if not F.has(features, csum):
+    def from_guest_features(cls, features: int) -> Offload:
+        """The offloads a driver accepts in received frames, from its GUEST_* bits (TSO only
+        together with the checksum offload)."""
+        if not F.has(features, N.VIRTIO_NET_F_GUEST_CSUM):
             return cls.NONE
-        return (cls.CSUM | (cls.TSO4 if F.has(features, tso4) else cls.NONE)
-                | (cls.TSO6 if F.has(features, tso6) else cls.NONE))
-
-    @classmethod
-    def for_gso(cls, gso_type: int) -> Offload:
-        """The offload a frame of ``gso_type`` uses (NONE: a type pyvirtio never offers)."""
-        return _GSO_OFFLOADS.get(gso_type, cls.NONE)
+        return (cls.CSUM | (cls.TSO4 if F.has(features, N.VIRTIO_NET_F_GUEST_TSO4) else cls.NONE)
+                | (cls.TSO6 if F.has(features, N.VIRTIO_NET_F_GUEST_TSO6) else cls.NONE))
 
 
-_GUEST_BITS = (N.VIRTIO_NET_F_GUEST_CSUM, N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6)
-_HOST_BITS = (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6)
-_GSO_OFFLOADS = {N.VIRTIO_NET_HDR_GSO_TCPV4: Offload.TSO4,
-                 N.VIRTIO_NET_HDR_GSO_TCPV6: Offload.TSO6}
 ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6
 
 

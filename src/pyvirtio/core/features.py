@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pyvirtio.errors import PeerError
 from pyvirtio.spec import features as F
 
@@ -30,8 +32,19 @@ def check_acked(offered: int, acked: int) -> None:
         raise FeatureError(
             f"driver acknowledged feature bits that were not offered: {describe(extra)}"
         )
-    if F.has(acked, F.RING_PACKED) and not F.has(acked, F.VERSION_1):
-        raise FeatureError("RING_PACKED requires VERSION_1")
+    problem = unmet_dependency(acked, ((F.RING_PACKED, F.VERSION_1),))
+    if problem is not None:
+        raise FeatureError(problem)
+
+
+def unmet_dependency(features: int, depends: Iterable[tuple[int, int]],
+                     device_names: dict[int, str] | None = None) -> str | None:
+    """Why ``features`` break one of the ``(feature, the feature it needs)`` rules, or None."""
+    for feat, needs in depends:
+        if F.has(features, feat) and not F.has(features, needs):
+            return (f"{describe(F.bit(feat), device_names)} requires "
+                    f"{describe(F.bit(needs), device_names)}, which was not acknowledged")
+    return None
 
 
 #: the ring and transport features pyvirtio's rings implement (both formats: the packed ring

@@ -32,8 +32,7 @@ from pyvirtio.spec import status as S
 log = logging.getLogger("pyvirtio.device")
 
 DEFAULT_QUEUE_SIZE = 256
-DEFAULT_TRANSPORT_FEATURES = (F.bit(F.VERSION_1) | F.bit(F.INDIRECT_DESC) | F.bit(F.EVENT_IDX)
-                              | F.bit(F.RING_PACKED))
+DEFAULT_TRANSPORT_FEATURES = F.mask(F.VERSION_1, F.INDIRECT_DESC, F.EVENT_IDX, F.RING_PACKED)
 
 
 class ConfigAccessError(PeerError):
@@ -75,6 +74,8 @@ class VirtioDevice:
     vendor_id: int = 0x1AF4
     #: names of device-specific feature bits, for logs
     feature_names: dict[int, str] = {}
+    #: ``(feature, the feature it needs)`` rules a driver's features must keep
+    feature_depends: tuple[tuple[int, int], ...] = ()
     #: completions returned together by a drain (one used-index store)
     push_batch: int = 1
     #: chains handled per drain before yielding to the reactor (-1: no limit)
@@ -131,8 +132,10 @@ class VirtioDevice:
         raise NotImplementedError
 
     def validate_features(self, features: int) -> str | None:
-        """Return why ``features`` (a subset of the offer) is unacceptable, or None."""
-        return None
+        """Return why ``features`` (a subset of the offer) is unacceptable, or None.
+        Default: the :attr:`feature_depends` rules."""
+        return core_features.unmet_dependency(features, self.feature_depends,
+                                              self.feature_names)
 
     def on_features_ok(self) -> None:
         """Features are final (:attr:`driver_features`)."""

@@ -46,12 +46,15 @@ class DescriptorChain:
         )
 
 
-def gather(segments: Sequence[memoryview], limit: int | None = None) -> bytes:
+def gather(segments: Sequence[bytes | bytearray | memoryview], limit: int | None = None
+           ) -> bytes:
     """Concatenate segments into bytes, stopping after ``limit`` bytes if given."""
     if limit is None:
         if len(segments) == 1:
             return bytes(segments[0])
         return b"".join(segments)
+    if segments and len(segments[0]) >= limit:
+        return bytes(segments[0][:limit])  # a header in the first segment, or all there is
     out = bytearray()
     for seg in segments:
         need = limit - len(out)
@@ -103,3 +106,18 @@ def split_segments(segments: Sequence[memoryview], first: int
             rest.append(seg[remaining:])
             remaining = 0
     return head, rest
+
+
+def split_header(segments: list[memoryview], size: int
+                 ) -> tuple[memoryview | bytes, list[memoryview]]:
+    """Peel a fixed-size header (blk outhdr, net hdr) off segments holding at least ``size``
+    bytes: (a buffer that starts with the header, the segments after it). The header is a
+    view when the first segment holds it (the usual case), else a copy; the rest is never
+    copied."""
+    first = segments[0]
+    if len(first) == size:
+        return first, segments[1:]
+    if len(first) > size:
+        return first, [first[size:], *segments[1:]]
+    head, rest = split_segments(segments, size)
+    return b"".join(head), rest

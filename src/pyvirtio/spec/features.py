@@ -3,6 +3,10 @@
 Values are bit *numbers*; use ``1 << BIT`` for masks. Bits 0-23 and 50-127 are device-specific.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+
 NOTIFY_ON_EMPTY = 24  # legacy only
 ANY_LAYOUT = 27  # legacy only; implied by VERSION_1
 INDIRECT_DESC = 28
@@ -39,9 +43,23 @@ NAMES = {
 }
 
 
+def names_in(namespace: Mapping[str, object], prefix: str, strip: str | None = None
+             ) -> dict[int, str]:
+    """``{bit: name}`` for each ``<prefix>NAME = bit`` constant of a spec module (for logs),
+    each name without ``strip`` (default: the prefix); e.g.
+    ``names_in(vars(spec.blk), "VIRTIO_BLK_F_")``."""
+    cut = len(prefix if strip is None else strip)
+    return {v: k[cut:] for k, v in namespace.items() if k.startswith(prefix) and type(v) is int}
+
+
 def bit(n: int) -> int:
     """The mask of feature bit ``n``."""
     return 1 << n
+
+
+def mask(*bits: int) -> int:
+    """The mask of feature bits ``bits``."""
+    return sum(1 << n for n in set(bits))
 
 
 def has(features: int, n: int) -> bool:

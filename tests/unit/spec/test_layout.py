@@ -280,6 +280,16 @@ def test_feature_and_status_bits() -> None:
     assert ST.describe(3) == "ACKNOWLEDGE|DRIVER"
     assert F.bits(F.bit(F.VERSION_1) | F.bit(F.EVENT_IDX)) == [29, 32]
     assert F.has(1 << 32, F.VERSION_1) and not F.has(1 << 32, F.EVENT_IDX)
+    assert F.mask(F.VERSION_1, F.EVENT_IDX, F.EVENT_IDX) == (1 << 32) | (1 << 29)
+
+
+def test_device_feature_names_come_from_the_spec_constants() -> None:
+    names = F.names_in(vars(blk), "VIRTIO_BLK_F_")
+    assert names[blk.VIRTIO_BLK_F_FLUSH] == "FLUSH" and names[blk.VIRTIO_BLK_F_MQ] == "MQ"
+    assert len(names) == len({k for k in vars(blk) if k.startswith("VIRTIO_BLK_F_")})
+    assert F.names_in(vars(net), "VIRTIO_NET_F_")[net.VIRTIO_NET_F_HOST_TSO4] == "HOST_TSO4"
+    assert F.names_in(vars(console), "VIRTIO_CONSOLE_F_", strip="VIRTIO_") == {
+        0: "CONSOLE_F_SIZE", 1: "CONSOLE_F_MULTIPORT", 2: "CONSOLE_F_EMERG_WRITE"}
 
 
 def test_ring_flag_values() -> None:

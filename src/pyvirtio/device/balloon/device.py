@@ -34,6 +34,7 @@ from pyvirtio.device.balloon.discard import (
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.ring import DescriptorChain
 from pyvirtio.spec import balloon as B
+from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import status as S
 
@@ -78,14 +79,7 @@ class BalloonDevice(VirtioDevice):
     """
 
     device_id = ids.BALLOON
-    feature_names = {
-        B.VIRTIO_BALLOON_F_MUST_TELL_HOST: "MUST_TELL_HOST",
-        B.VIRTIO_BALLOON_F_STATS_VQ: "STATS_VQ",
-        B.VIRTIO_BALLOON_F_DEFLATE_ON_OOM: "DEFLATE_ON_OOM",
-        B.VIRTIO_BALLOON_F_FREE_PAGE_HINT: "FREE_PAGE_HINT",
-        B.VIRTIO_BALLOON_F_PAGE_POISON: "PAGE_POISON",
-        B.VIRTIO_BALLOON_F_REPORTING: "REPORTING",
-    }
+    feature_names = F.names_in(vars(B), "VIRTIO_BALLOON_F_")
 
     def __init__(self, target: int = 0, *, features: int = DEFAULT_FEATURES,
                  **kwargs: object) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from pyvirtio.errors import PeerError
 from pyvirtio.ring import DescriptorChain, DeviceRing
-from pyvirtio.ring.chain import gather, split_segments
+from pyvirtio.ring.chain import split_header
 from pyvirtio.spec import LE
 from pyvirtio.spec import blk as B
 
@@ -36,8 +36,6 @@ S_UNSUPP = B.VIRTIO_BLK_S_UNSUPP
 _READABLE_DATA_TYPES = frozenset(
     {T_OUT, T_DISCARD, T_WRITE_ZEROES, B.VIRTIO_BLK_T_SECURE_ERASE}
 )
-
-
 
 _ZEROS = bytes(64 << 10)
 
@@ -94,7 +92,6 @@ class BlkRequest:
         self.ranges: list[tuple[int, int, bool]] | None = None
         self.sync = False
         self.ring: DeviceRing | None = None
-        self.error: OSError | None = None
 
     def __repr__(self) -> str:
         return (f"BlkRequest(queue={self.queue}, head={self.chain.head}, type={self.type}, "
@@ -111,25 +108,17 @@ def parse_request(queue: int, chain: DescriptorChain) -> BlkRequest:
             f"chain {chain.head} has no writable status byte "
             f"({chain.readable_len} readable bytes, 0 writable)"
         )
-    readable = chain.readable
-    first = readable[0] if readable else None
-    if first is not None and len(first) >= _OUTHDR_SIZE:
-        rtype, _ioprio, sector = _OUTHDR.unpack_from(first)
-    elif chain.readable_len >= _OUTHDR_SIZE:
-        rtype, _ioprio, sector = _OUTHDR.unpack(gather(readable, _OUTHDR_SIZE))
-    else:
+    if chain.readable_len < _OUTHDR_SIZE:
         raise BlkFramingError(
             f"chain {chain.head} has a {chain.readable_len}-byte request header, shorter "
             f"than the {_OUTHDR_SIZE}-byte virtio_blk_outhdr"
         )
+    header, rest = split_header(chain.readable, _OUTHDR_SIZE)
+    rtype, _ioprio, sector = _OUTHDR.unpack_from(header)
     last = writable[-1]
     status_view = last if len(last) == 1 else last[-1:]
     if rtype in _READABLE_DATA_TYPES:
-        # Data follows the header in the readable part.
-        if first is not None and len(first) == _OUTHDR_SIZE:
-            data = readable[1:]
-        else:
-            _, data = split_segments(readable, _OUTHDR_SIZE)
+        data = rest  # the data follows the header in the readable part
         data_len = chain.readable_len - _OUTHDR_SIZE
         pad = _before_status(writable, last) if chain.writable_len > 1 else None
     else:
@@ -251,7 +240,6 @@ class BlkBackend:
                 self.flush()
             return S_OK
         except OSError as exc:
-            req.error = exc
             log.warning("blk back-end: %s of %s failed: %s", _type_name(req.type), req, exc)
             return S_IOERR
 

@@ -34,6 +34,7 @@ from pyvirtio.ring import DescriptorChain, DeviceRing
 from pyvirtio.ring.chain import gather, scatter
 from pyvirtio.spec import LE, ids
 from pyvirtio.spec import blk as B
+from pyvirtio.spec import features as F
 
 # QEMU's defaults: a request of up to 2^22 - 1 sectors (just under 2 GiB).
 DEFAULT_MAX_DISCARD_SECTORS = (1 << 22) - 1
@@ -42,23 +43,6 @@ DEFAULT_MAX_DISCARD_SEG = 32
 DEFAULT_MAX_WRITE_ZEROES_SEG = 32
 DEFAULT_SIZE_MAX = 1 << 20
 DEFAULT_SERIAL = "pyvirtio-blk"
-
-FEATURE_NAMES = {
-    B.VIRTIO_BLK_F_SIZE_MAX: "SIZE_MAX",
-    B.VIRTIO_BLK_F_SEG_MAX: "SEG_MAX",
-    B.VIRTIO_BLK_F_GEOMETRY: "GEOMETRY",
-    B.VIRTIO_BLK_F_RO: "RO",
-    B.VIRTIO_BLK_F_BLK_SIZE: "BLK_SIZE",
-    B.VIRTIO_BLK_F_FLUSH: "FLUSH",
-    B.VIRTIO_BLK_F_TOPOLOGY: "TOPOLOGY",
-    B.VIRTIO_BLK_F_CONFIG_WCE: "CONFIG_WCE",
-    B.VIRTIO_BLK_F_MQ: "MQ",
-    B.VIRTIO_BLK_F_DISCARD: "DISCARD",
-    B.VIRTIO_BLK_F_WRITE_ZEROES: "WRITE_ZEROES",
-}
-
-
-# ---- the device -------------------------------------------------------------------------
 
 
 @dataclass
@@ -78,25 +62,19 @@ class BlkStats:
 
 
 class BlkDevice(VirtioDevice):
-    """virtio-blk over a :class:`BlkBackend` (or the path of a raw image file).
-
-    Given a path, the device opens it as a raw image
-    (:class:`~pyvirtio.device.blk.file.FileBackend`, with ``read_only`` and ``direct`` for
-    O_DIRECT) and closes it in :meth:`close`.
-    ``num_queues`` > 1 offers MQ; every queue is served independently by the same back-end.
-    ``writeback`` is the cache mode after reset when the driver negotiates CONFIG_WCE (it
-    may change it through the config byte). ``read_only`` forces RO even on a writable
-    back-end. ``flush=False`` offers no FLUSH (and then no CONFIG_WCE): writes are never
-    synced, fast and unsafe. ``blk_size`` raises the logical block size (never below the
-    back-end's). The discard and write-zeroes limits are published in config space and
-    enforced: a request beyond them gets IOERR. ``batch_interval`` (seconds; needs a
-    reactor) lets a queue that is kept busy switch from kicks to looking at its ring every
-    ``batch_interval`` (batch mode, see :mod:`pyvirtio.device.engine`). Every argument
-    is JSON-friendly, so the device can be built in a child process (``ProcessDevicePair``).
+    """virtio-blk over a :class:`BlkBackend`, or over the raw image at a path (a
+    :class:`~pyvirtio.device.blk.file.FileBackend` with ``read_only``, ``direct`` (O_DIRECT)
+    and ``mmap_reads``, closed by :meth:`close`). ``num_queues`` > 1 offers MQ, one back-end
+    serving all. ``writeback``: the cache mode after reset under CONFIG_WCE (the driver may
+    change it). ``read_only`` forces RO. ``flush=False`` (with ``config_wce=False``) never
+    syncs. ``blk_size`` raises the logical block size above the back-end's. The discard and
+    write-zeroes limits are published in config space and enforced (IOERR beyond them).
+    ``batch_interval``: batch mode (:mod:`pyvirtio.device.engine`; needs a reactor). Every
+    argument is JSON-friendly, so the device can be built in a child process.
     """
 
     device_id = ids.BLOCK
-    feature_names = FEATURE_NAMES
+    feature_names = F.names_in(vars(B), "VIRTIO_BLK_F_")
     #: serve common reads and writes through :class:`BlkFastLane` (off: every request goes
     #: through :meth:`handle`, the reference behaviour the fast path is tested against)
     fast_path = True
@@ -152,16 +130,14 @@ class BlkDevice(VirtioDevice):
         offer_discard = discard and not self.read_only
         offer_wz = write_zeroes and not self.read_only
         features = (
-            _bit(B.VIRTIO_BLK_F_SEG_MAX)
-            | _bit(B.VIRTIO_BLK_F_BLK_SIZE)
-            | _bit(B.VIRTIO_BLK_F_TOPOLOGY)
-            | (_bit(B.VIRTIO_BLK_F_SIZE_MAX) if size_max else 0)
-            | (_bit(B.VIRTIO_BLK_F_FLUSH) if flush else 0)
-            | (_bit(B.VIRTIO_BLK_F_CONFIG_WCE) if config_wce else 0)
-            | (_bit(B.VIRTIO_BLK_F_RO) if self.read_only else 0)
-            | (_bit(B.VIRTIO_BLK_F_MQ) if num_queues > 1 else 0)
-            | (_bit(B.VIRTIO_BLK_F_DISCARD) if offer_discard else 0)
-            | (_bit(B.VIRTIO_BLK_F_WRITE_ZEROES) if offer_wz else 0)
+            F.mask(B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_TOPOLOGY)
+            | (F.bit(B.VIRTIO_BLK_F_SIZE_MAX) if size_max else 0)
+            | (F.bit(B.VIRTIO_BLK_F_FLUSH) if flush else 0)
+            | (F.bit(B.VIRTIO_BLK_F_CONFIG_WCE) if config_wce else 0)
+            | (F.bit(B.VIRTIO_BLK_F_RO) if self.read_only else 0)
+            | (F.bit(B.VIRTIO_BLK_F_MQ) if num_queues > 1 else 0)
+            | (F.bit(B.VIRTIO_BLK_F_DISCARD) if offer_discard else 0)
+            | (F.bit(B.VIRTIO_BLK_F_WRITE_ZEROES) if offer_wz else 0)
         )
         super().__init__(num_queues, features, config_size=B.CONFIG_SIZE,
                          **kwargs)  # type: ignore[arg-type]
@@ -177,7 +153,6 @@ class BlkDevice(VirtioDevice):
         self._size = 0
         self._writethrough = True  # until features are known, the safe mode
         self.stats = BlkStats()
-        self._lanes: list[BlkFastLane | None] = [None] * num_queues
         # What the fast lanes read at every kick, rebuilt after anything in it changed.
         self._lane_config: LaneConfig | None = None
         B.config_struct(LE).pack_into(
@@ -267,7 +242,6 @@ class BlkDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         self._lane_config = None
-        self._lanes = [None] * len(self.queues)
         self.backend.drain()
         self.config[B.CFG_WRITEBACK] = 1 if self.default_writeback else 0
         self._writethrough = True
@@ -287,10 +261,7 @@ class BlkDevice(VirtioDevice):
         back-end, every chain goes through :meth:`handle`."""
         if not self.fast_path or self.backend.asynchronous:
             return None
-        lane = self._lanes[index]
-        if lane is None or lane.ring is not ring:
-            lane = self._lanes[index] = BlkFastLane(self, index, ring)
-        return lane.serve
+        return BlkFastLane(self).serve
 
     def lane_config(self) -> LaneConfig:
         """The settings the fast lanes need, as one tuple (cached until one changes)."""
@@ -301,9 +272,6 @@ class BlkDevice(VirtioDevice):
                 be.fast_fd, be.read_map, self._size, self._lbs_mask,
                 self._sector_mask, not self.read_only and not self._writethrough, be)
         return config
-
-    def on_queue_stopped(self, index: int, ring: DeviceRing) -> None:
-        self._lanes[index] = None
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -433,7 +401,3 @@ class BlkDevice(VirtioDevice):
                           self.name, req)
             return
         self.complete(req.queue, req.chain, self.finish(req, status))
-
-
-def _bit(n: int) -> int:
-    return 1 << n

@@ -1,31 +1,18 @@
 """The virtio-blk data path for the requests Linux sends all day, with nothing in between.
 
-A Linux guest's 4 KiB read or write is one chain of exactly three descriptors: the 16-byte
-request header (readable), the data (writable for a read, readable for a write) and the
-one-byte status (writable), usually as an indirect table of three. :class:`BlkFastLane`
-serves such chains straight from the ring memory: one ``struct`` unpack for the three
-descriptors, bounds checks against the guest memory region at hand, one ``os.preadv`` /
-``os.pwritev`` between the image and guest memory, the status byte and the used element
-written in place, one used->idx store per batch. No chain, request or list object per
-request; on a vhost-user back-end at queue depth 1 this roughly halves the Python work per
-request, which is what the benchmark against qemu-storage-daemon measures.
+A Linux guest's read or write is a chain of exactly three descriptors (usually an indirect
+table): the 16-byte header, the data and the status byte. :class:`BlkFastLane` serves such
+chains straight from the ring memory the ring's batch pop describes: one ``struct`` unpack,
+one ``os.preadv`` / ``os.pwritev`` between the image and guest memory, the status byte and
+the used element written in place; no chain, request or list object per request. At queue
+depth 1 over vhost-user that halves the Python work per request (what the benchmark against
+qemu-storage-daemon measures).
 
-Anything else is handed, unchanged, to the general path: the ring's own
-:meth:`~pyvirtio.ring.split.DeviceQueue.pop` (which applies every ring rule and breaks the
-queue with a reason) and :meth:`BlkDevice.handle` (every blk rule, errors, other request
-types). The lane never decides that something is *wrong*; it only decides that something
-is *ordinary*, checking everything it relies on: the head index, that the head is not
-already in flight, the exact descriptor flags and links, every address against the guest
-memory region, and the request's range, alignment and type. A chain that fails any check
-takes the general path, which gives the verdict. So the lane adds speed, not rules.
-
-It keeps the ring's state consistent (``last_avail_idx``, ``used_idx``, the in-flight
-marks) and publishes its pending completions before it hands over, so that the general
-path always sees a ring exactly as if it had done everything itself.
-
-The lane is the device's :meth:`~pyvirtio.device.base.VirtioDevice.fast_lane`: the
-serving engine (:mod:`pyvirtio.device.engine`) calls it in its drain, publishes what it
-completed with the rest, and owns kick suppression, request tracking and batch mode.
+The lane adds speed, not rules: it only decides that a chain is *ordinary* (length, range,
+alignment, type), never that it is wrong; the first chain it does not take is un-popped and
+everything from there goes to the ring's own pop and :meth:`BlkDevice.handle`, which give
+the verdicts. It is the device's :meth:`~pyvirtio.device.base.VirtioDevice.fast_lane`: the
+serving engine publishes what it completed and owns notification, tracking and batch mode.
 """
 
 from __future__ import annotations
@@ -54,24 +41,13 @@ LaneConfig = tuple[int, "memoryview | None", int, int, int, bool, Any]
 
 
 class BlkFastLane:
-    """The fast path of one running queue of a :class:`BlkDevice` (see the module doc).
+    """The fast path of a :class:`BlkDevice` (see the module doc); only for synchronous
+    back-ends."""
 
-    Made per ring (a restarted queue gets a new lane) by :meth:`BlkDevice.fast_lane`,
-    only for synchronous back-ends.
-    """
+    __slots__ = ("device",)
 
-    __slots__ = ("device", "index", "ring")
-
-    def __init__(self, device: BlkDevice, index: int, ring: DeviceRing) -> None:
+    def __init__(self, device: BlkDevice) -> None:
         self.device = device
-        self.index = index
-        self.ring = ring
-
-    @property
-    def batching(self) -> bool:
-        """Whether the queue is in batch mode (see :mod:`pyvirtio.device.engine`)."""
-        engine = self.device.queues[self.index].engine
-        return engine is not None and engine.ring is self.ring and engine.batching
 
     def serve(self, ring: DeviceRing, done: list[Completion],
               tracker: RequestTracker | None) -> bool:

@@ -1,22 +1,15 @@
 """A raw disk image (or a host block device) as virtio-blk storage.
 
-Data moves with ``os.preadv`` / ``os.pwritev`` straight between the file and the request's
-memoryviews, which are guest memory: no copy in Python. Short transfers are continued until
-done; chains with more segments than the kernel's IOV_MAX are sent in slices.
+Data moves with ``os.preadv`` / ``os.pwritev`` straight between the file and guest memory;
+short transfers are continued, chains longer than IOV_MAX sent in slices. ``direct=True``
+opens the image O_DIRECT: the alignment the file system needs is probed at open and
+published as :attr:`~FileBackend.block_size` (the device refuses requests not aligned to
+it), but guest buffers can sit anywhere, so a request with an unaligned segment goes through
+an aligned bounce buffer (one copy, counted in :attr:`FileBackend.bounced`).
 
-``direct=True`` opens the image with ``O_DIRECT`` (bypassing the host page cache). O_DIRECT
-needs every buffer address, buffer length and file offset aligned to the file system's
-direct-I/O alignment, which is probed at open and published as the back-end's
-:attr:`~FileBackend.block_size` (the device then refuses requests whose offset or length is
-not aligned, and Linux guests never send them). Guest buffers, though, can sit anywhere in
-guest memory: a request whose segments are not all aligned goes through an aligned bounce
-buffer (one copy; :attr:`FileBackend.bounced` counts them). Aligned requests stay zero-copy.
-
-Discard punches a hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)``); write-zeroes punches a hole
-when the driver allows unmapping, else uses ``FALLOC_FL_ZERO_RANGE``, and falls back to
-writing zeroes where the file system supports neither. ``KEEP_SIZE`` everywhere: the image
-never grows. Python's ``os`` module has no ``fallocate`` with a mode (``posix_fallocate`` only
-allocates), so the libc function is called through ctypes (:mod:`pyvirtio.memory.host`).
+Discard punches a hole; write-zeroes punches one when the driver allows unmapping, else
+uses ZERO_RANGE, else writes zeroes; always KEEP_SIZE, so the image never grows. ``os`` has
+no ``fallocate`` with a mode, hence :mod:`pyvirtio.memory.host`'s ctypes one.
 """
 
 from __future__ import annotations
@@ -38,6 +31,7 @@ from pyvirtio.memory.host import (
     buffer_address,
     fallocate,
 )
+from pyvirtio.ring.chain import gather, scatter, split_segments
 
 log = logging.getLogger("pyvirtio.device.blk.file")
 
@@ -51,6 +45,8 @@ if IOV_MAX <= 0:
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
 _ZERO_CHUNK = 1 << 20
 _BOUNCE_KEEP = 4 << 20  # keep a bounce buffer up to this size for reuse
+_Op = Callable[[int, Sequence[memoryview], int], int]  # os.preadv or os.pwritev
+
 
 class FileBackend(BlkBackend):
     """A raw image file or block device at ``path``.
@@ -78,14 +74,10 @@ class FileBackend(BlkBackend):
             raise
         try:
             st = os.fstat(self.fd)
-            if stat.S_ISREG(st.st_mode):
-                self._raw_size = st.st_size
-                self.can_discard = not read_only
-            elif stat.S_ISBLK(st.st_mode):
-                self._raw_size = os.lseek(self.fd, 0, os.SEEK_END)
-                self.can_discard = not read_only
-            else:
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise LocalError(f"{self.path} is neither a regular file nor a block device")
+            self._raw_size = os.lseek(self.fd, 0, os.SEEK_END)  # a file's or a device's size
+            self.can_discard = not read_only
             pbs = st.st_blksize if st.st_blksize and not st.st_blksize & (st.st_blksize - 1) \
                 else SECTOR_SIZE
             self.physical_block_size = min(max(pbs, SECTOR_SIZE), 64 << 10)
@@ -99,7 +91,7 @@ class FileBackend(BlkBackend):
             os.close(self.fd)
             raise
         self._zero_range_ok = True
-        self._bounce: mmap.mmap | None = None
+        self._bounce_buf: mmap.mmap | None = None
         self._zero_block: mmap.mmap | None = None
         self.syncs = 0
         self.bounced = 0
@@ -124,8 +116,7 @@ class FileBackend(BlkBackend):
 
     def refresh_size(self) -> int:
         """Re-read the file's size (after the image was resized); returns :attr:`size`."""
-        st = os.fstat(self.fd)
-        raw = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, os.SEEK_END)
+        raw = os.lseek(self.fd, 0, os.SEEK_END)
         if raw != self._raw_size:
             self._raw_size = raw
             self._map_image()
@@ -151,35 +142,32 @@ class FileBackend(BlkBackend):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        for buf in (self._bounce, self._zero_block):
+        for buf in (self._bounce_buf, self._zero_block):
             if buf is not None:
                 buf.close()
-        self._bounce = self._zero_block = None
+        self._bounce_buf = self._zero_block = None
 
     # ---- data ---------------------------------------------------------------------------
 
     def readv(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         image = self.read_map
         if image is not None and offset + length <= len(image):
-            for view in views:
-                n = len(view)
-                view[:] = image[offset : offset + n]
-                offset += n
+            scatter(views, image[offset : offset + length])
             return
         if self.direct and not self._aligned(views):
-            self._bounce_read(offset, views, length)
+            self._bounce(os.preadv, offset, views, length)
             return
         done = os.preadv(self.fd, views, offset) if len(views) <= IOV_MAX else 0
         if done != length:
-            _continue(os.preadv, self.fd, views, offset, length, done, "read")
+            _continue(os.preadv, self.fd, views, offset, length, done)
 
     def writev(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         if self.direct and not self._aligned(views):
-            self._bounce_write(offset, views, length)
+            self._bounce(os.pwritev, offset, views, length)
             return
         done = os.pwritev(self.fd, views, offset) if len(views) <= IOV_MAX else 0
         if done != length:
-            _continue(os.pwritev, self.fd, views, offset, length, done, "write")
+            _continue(os.pwritev, self.fd, views, offset, length, done)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -215,89 +203,58 @@ class FileBackend(BlkBackend):
                 return False
         return True
 
-    def _bounce_buffer(self, length: int) -> mmap.mmap:
-        # Anonymous mmaps are page-aligned, which satisfies any O_DIRECT alignment.
-        buf = self._bounce
-        if buf is not None and len(buf) >= length:
-            return buf
-        new = mmap.mmap(-1, max(length, mmap.PAGESIZE))
-        if length <= _BOUNCE_KEEP:
-            if buf is not None:
+    def _bounce(self, op: _Op, offset: int, views: Sequence[memoryview], length: int) -> None:
+        """Move a request with unaligned guest buffers through an aligned bounce buffer."""
+        self.bounced += 1
+        buf = self._bounce_buf
+        if buf is None or len(buf) < length:
+            # Anonymous mmaps are page-aligned, which satisfies any O_DIRECT alignment.
+            buf = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+            if length <= _BOUNCE_KEEP:  # kept for reuse
+                if self._bounce_buf is not None:
+                    self._bounce_buf.close()
+                self._bounce_buf = buf
+        try:
+            with memoryview(buf) as mv, mv[:length] as area:
+                if op is os.pwritev:
+                    area[:] = gather(views)
+                _continue(op, self.fd, [area], offset, length, 0)
+                if op is os.preadv:
+                    scatter(views, area)
+        finally:
+            if buf is not self._bounce_buf:
                 buf.close()
-            self._bounce = new
-        return new
-
-    def _release_bounce(self, buf: mmap.mmap) -> None:
-        if buf is not self._bounce:
-            buf.close()
-
-    def _bounce_read(self, offset: int, views: Sequence[memoryview], length: int) -> None:
-        self.bounced += 1
-        buf = self._bounce_buffer(length)
-        try:
-            with memoryview(buf) as mv:
-                area = mv[:length]
-                _continue(os.preadv, self.fd, [area], offset, length, 0, "read")
-                pos = 0
-                for view in views:
-                    n = len(view)
-                    view[:] = area[pos : pos + n]
-                    pos += n
-                area.release()
-        finally:
-            self._release_bounce(buf)
-
-    def _bounce_write(self, offset: int, views: Sequence[memoryview], length: int) -> None:
-        self.bounced += 1
-        buf = self._bounce_buffer(length)
-        try:
-            with memoryview(buf) as mv:
-                pos = 0
-                for view in views:
-                    n = len(view)
-                    mv[pos : pos + n] = view
-                    pos += n
-                area = mv[:length]
-                _continue(os.pwritev, self.fd, [area], offset, length, 0, "write")
-                area.release()
-        finally:
-            self._release_bounce(buf)
 
     # ---- discard and write zeroes -------------------------------------------------------
 
-    def discard(self, offset: int, length: int) -> None:
-        if not self.can_discard or length == 0:
-            return
+    def _fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate(mode | KEEP_SIZE); False if the file system does not support it."""
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
         except OSError as exc:
             if exc.errno not in _NOT_SUPPORTED:
                 raise
+            return False
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.can_discard and length and not self._fallocate(FALLOC_FL_PUNCH_HOLE,
+                                                               offset, length):
             # Discard is advisory: without hole punching it becomes a no-op.
-            log.info("%s: hole punching not supported (%s); discards are no-ops",
-                     self.path, exc)
+            log.info("%s: hole punching not supported; discards are no-ops", self.path)
             self.can_discard = False
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if length == 0:
             return
         if unmap and self.can_discard:
-            try:
-                # A punched hole reads back as zeroes.
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in _NOT_SUPPORTED:
-                    raise
-                self.can_discard = False
+            if self._fallocate(FALLOC_FL_PUNCH_HOLE, offset, length):
+                return  # a punched hole reads back as zeroes
+            self.can_discard = False
         if self._zero_range_ok:
-            try:
-                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            if self._fallocate(FALLOC_FL_ZERO_RANGE, offset, length):
                 return
-            except OSError as exc:
-                if exc.errno not in _NOT_SUPPORTED:
-                    raise
-                self._zero_range_ok = False
+            self._zero_range_ok = False
         self._write_zero_bytes(offset, length)
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
@@ -308,44 +265,20 @@ class FileBackend(BlkBackend):
             while offset < end:
                 n = min(_ZERO_CHUNK, end - offset)
                 chunk = zeros[:n]
-                _continue(os.pwritev, self.fd, [chunk], offset, n, 0, "write")
+                _continue(os.pwritev, self.fd, [chunk], offset, n, 0)
                 chunk.release()
                 offset += n
 
 
-def _continue(op: Callable[[int, Sequence[memoryview], int], int], fd: int,
-              views: Sequence[memoryview], offset: int, length: int, done: int,
-              what: str) -> None:
-    """Finish a transfer of ``length`` bytes of which ``done`` already moved: skip what is
-    done, then issue the rest in slices of at most IOV_MAX segments, looping on short
-    transfers. A transfer that makes no progress is an I/O error (the image ended early)."""
-    rest: list[memoryview] = []
-    skip = done
-    for view in views:
-        n = len(view)
-        if skip >= n:
-            skip -= n
-            continue
-        rest.append(view[skip:] if skip else view)
-        skip = 0
-    pos = offset + done
-    remaining = length - done
-    while remaining > 0:
-        batch = rest[:IOV_MAX]
-        n = op(fd, batch, pos)
+def _continue(op: _Op, fd: int, views: Sequence[memoryview], offset: int, length: int,
+              done: int) -> None:
+    """Finish a transfer of ``length`` bytes of which ``done`` already moved, in slices of
+    at most IOV_MAX segments. A transfer that makes no progress is an I/O error (the image
+    ended early)."""
+    while done < length:
+        n = op(fd, split_segments(views, done)[1][:IOV_MAX], offset + done)
         if n <= 0:
-            raise OSError(errno.EIO, f"{what} at offset {pos} made no progress "
-                                     f"({remaining} bytes left): the image ended early")
-        pos += n
-        remaining -= n
-        # Drop the segments that were fully transferred, trim a partial one.
-        i = 0
-        while n > 0:
-            seg = len(rest[i])
-            if n >= seg:
-                n -= seg
-                i += 1
-            else:
-                rest[i] = rest[i][n:]
-                n = 0
-        del rest[:i]
+            what = "read" if op is os.preadv else "write"
+            raise OSError(errno.EIO, f"{what} at offset {offset + done} made no progress "
+                                     f"({length - done} bytes left): the image ended early")
+        done += n

@@ -62,7 +62,7 @@ from pyvirtio.errors import LocalError
 from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 from pyvirtio.spec import console as C
 from pyvirtio.spec import ids
-from pyvirtio.spec.features import bit
+from pyvirtio.spec.features import bit, names_in
 
 EVENT_NAMES = {
     C.VIRTIO_CONSOLE_DEVICE_READY: "DEVICE_READY",
@@ -163,11 +163,7 @@ class ConsoleDevice(VirtioDevice):
     """
 
     device_id = ids.CONSOLE
-    feature_names = {
-        C.VIRTIO_CONSOLE_F_SIZE: "CONSOLE_F_SIZE",
-        C.VIRTIO_CONSOLE_F_MULTIPORT: "CONSOLE_F_MULTIPORT",
-        C.VIRTIO_CONSOLE_F_EMERG_WRITE: "CONSOLE_F_EMERG_WRITE",
-    }
+    feature_names = names_in(vars(C), "VIRTIO_CONSOLE_F_", strip="VIRTIO_")
 
     def __init__(
         self,

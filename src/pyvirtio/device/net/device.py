@@ -1,33 +1,21 @@
 """The network device (virtio-net, VIRTIO 1.x §5.1).
 
-Queues: receiveq/transmitq pairs (``2*i`` receives, ``2*i + 1`` transmits), then the control
-queue (index 2 without MQ, ``2 * max_queue_pairs`` with it), as Linux ``virtio_net.c`` lays
-them out.
+Queues as Linux ``virtio_net.c`` lays them out: receiveq ``2*i``, transmitq ``2*i + 1``,
+then the control queue (2 without MQ, ``2 * max_queue_pairs`` with it). The device is a
+:class:`~pyvirtio.device.net.endpoint.NetEndpoint` linked to a peer (a tap, a switch port,
+another device).
 
-The device is a :class:`~pyvirtio.device.net.endpoint.NetEndpoint`: it is linked to a peer
-(a tap, a switch port, another device) and exchanges frames with it through ``receive``
-(answering DELIVERED, BUSY or DROPPED) and ``peer_ready``.
+Transmit (the engine's drain): each chain's header is checked and its frame handed to the
+peer zero-copy (views of guest memory, valid during the call); a BUSY peer puts the chain
+back until ``peer_ready``: backpressure, not loss. Receive: a frame is copied into buffers
+the device holds from the receive queue (several, ``num_buffers`` in the header, with
+MRG_RXBUF), each used length exactly the bytes written; ``flush=False`` batches the used
+entries until :meth:`NetDevice.flush_rx`. A frame carrying an offload this guest did not
+negotiate is finished in software (:mod:`.offload`), so every endpoint may send any valid
+frame, and CSUM/HOST_TSO can be offered whatever the peer.
 
-Transmit: on a kick the device drains the transmit queue with kicks disabled, parses and
-checks each chain's virtio-net header, hands the frame to the peer *zero-copy* (memoryviews
-straight into guest memory, valid only during the call) and returns the chains in batches
-with one used-index update and at most one interrupt per batch, only if the driver wants it
-(EVENT_IDX / NO_INTERRUPT: the suppression of the paper). If the peer answers BUSY the
-chain is un-popped and the queue waits for ``peer_ready``: backpressure, not loss.
-
-Receive: a frame is copied straight from the sender's buffers into receive buffers popped
-from the guest's receive queue; with MRG_RXBUF it may span several, ``num_buffers`` in the
-first header. Used entries are batched: :meth:`NetDevice.receive` with ``flush=False`` only
-queues them, :meth:`NetDevice.flush_rx` publishes the batch with one index update and one
-interrupt. The used length of each buffer is exactly the bytes we wrote into it. Frames
-carrying offloads this guest did not negotiate (partial checksum, TSO) are completed or
-segmented in software (:mod:`pyvirtio.device.net.offload`), so any endpoint may send any
-valid frame to any device: this is why CSUM/HOST_TSO4/HOST_TSO6 can be offered whatever the
-peer is (the tap's kernel and the switch both accept them; the final receiver converts).
-
-Hostile guests: a transmit chain with a truncated header, an invalid offload request or an
-oversized frame is dropped and counted (``stats.tx_errors``); a malformed ring (descriptor
-outside guest memory...) breaks that queue and sets DEVICE_NEEDS_RESET, nothing else.
+Hostile guests: a malformed transmit chain (header, offload, size) is dropped and counted
+(``stats.tx_errors``); a malformed ring breaks its queue and sets DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ import logging
 import struct
 import zlib
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from pyvirtio.device.base import VirtioDevice
 from pyvirtio.device.engine import RETRY, Completion, QueueEngine
@@ -56,8 +44,8 @@ from pyvirtio.device.net.endpoint import (
 )
 from pyvirtio.device.net.offload import OffloadError, complete_checksum, segment_tcp
 from pyvirtio.errors import LocalError
-from pyvirtio.ring import DescriptorChain, DeviceRing, RingError, gather, scatter
-from pyvirtio.ring.chain import split_segments
+from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
+from pyvirtio.ring.chain import split_header
 from pyvirtio.spec import features as F
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
@@ -77,6 +65,15 @@ DEFAULT_TX_BUDGET = 256
 #: transmit completions published together (one used-index update)
 TX_PUSH_BATCH = 64
 
+#: CTRL_RX commands and the RxFilter flag each sets (the second table needs CTRL_RX_EXTRA)
+_RX_MODES = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc", N.VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
+_RX_EXTRA_MODES = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni", N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
+                   N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni", N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
+
+#: the GSO types pyvirtio handles (ECN, UFO, USO: never offered), each with the offload a
+#: receiving driver must accept and the feature a transmitting driver must have negotiated
+_GSO = {N.VIRTIO_NET_HDR_GSO_TCPV4: (Offload.TSO4, N.VIRTIO_NET_F_HOST_TSO4),
+        N.VIRTIO_NET_HDR_GSO_TCPV6: (Offload.TSO6, N.VIRTIO_NET_F_HOST_TSO6)}
 _HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -98,9 +95,6 @@ class NetStats:
     rx_busy: int = 0  # times we answered BUSY (no receive buffers)
     rx_converted: int = 0  # frames checksummed or segmented in software for this guest
     rx_bad_buffers: int = 0  # receive buffers too small to hold even a header: returned empty
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -136,37 +130,6 @@ class RxFilter:
         return (self.alluni or self.uni_overflow or dst == own_mac or dst in self.unicast)
 
 
-class _Source:
-    """A read cursor over a frame's segments for copying into receive buffers."""
-
-    __slots__ = ("i", "left", "off", "segs")
-
-    def __init__(self, segs: Frame, length: int) -> None:
-        self.segs = segs
-        self.i = 0
-        self.off = 0
-        self.left = length
-
-    def copy_into(self, dst: memoryview) -> int:
-        """Fill ``dst`` from the cursor; returns the bytes copied."""
-        room = len(dst)
-        done = 0
-        segs = self.segs
-        while done < room and self.left:
-            seg = segs[self.i]
-            avail = len(seg) - self.off
-            if avail <= 0:
-                self.i += 1
-                self.off = 0
-                continue
-            take = min(avail, room - done, self.left)
-            dst[done : done + take] = seg[self.off : self.off + take]
-            done += take
-            self.off += take
-            self.left -= take
-        return done
-
-
 class NetDevice(VirtioDevice, NetEndpoint):
     """virtio-net.
 
@@ -179,17 +142,8 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     device_id = ids.NET
     push_batch = TX_PUSH_BATCH
-    feature_names = {
-        N.VIRTIO_NET_F_CSUM: "CSUM", N.VIRTIO_NET_F_GUEST_CSUM: "GUEST_CSUM",
-        N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS: "CTRL_GUEST_OFFLOADS", N.VIRTIO_NET_F_MTU: "MTU",
-        N.VIRTIO_NET_F_MAC: "MAC", N.VIRTIO_NET_F_GUEST_TSO4: "GUEST_TSO4",
-        N.VIRTIO_NET_F_GUEST_TSO6: "GUEST_TSO6", N.VIRTIO_NET_F_HOST_TSO4: "HOST_TSO4",
-        N.VIRTIO_NET_F_HOST_TSO6: "HOST_TSO6", N.VIRTIO_NET_F_MRG_RXBUF: "MRG_RXBUF",
-        N.VIRTIO_NET_F_STATUS: "STATUS", N.VIRTIO_NET_F_CTRL_VQ: "CTRL_VQ",
-        N.VIRTIO_NET_F_CTRL_RX: "CTRL_RX", N.VIRTIO_NET_F_CTRL_RX_EXTRA: "CTRL_RX_EXTRA",
-        N.VIRTIO_NET_F_GUEST_ANNOUNCE: "GUEST_ANNOUNCE", N.VIRTIO_NET_F_MQ: "MQ",
-        N.VIRTIO_NET_F_CTRL_MAC_ADDR: "CTRL_MAC_ADDR",
-    }
+    _ctrl_index: int | None  # the control queue's index, once negotiated
+    feature_names = F.names_in(vars(N), "VIRTIO_NET_F_")
 
     def __init__(
         self,
@@ -209,19 +163,17 @@ class NetDevice(VirtioDevice, NetEndpoint):
             raise LocalError(f"queue_pairs must be in 1..32768, not {queue_pairs}")
         if queue_pairs > 1 and not ctrl:
             raise LocalError("multiqueue needs the control queue (ctrl=True)")
-        feats = F.bit(N.VIRTIO_NET_F_MAC) | F.bit(N.VIRTIO_NET_F_STATUS)
+        feats = F.mask(N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_STATUS)
         if mrg_rxbuf:
             feats |= F.bit(N.VIRTIO_NET_F_MRG_RXBUF)
         if offloads:
-            for b in (N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
-                      N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6,
-                      N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6):
-                feats |= F.bit(b)
+            feats |= F.mask(N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
+                            N.VIRTIO_NET_F_HOST_TSO4, N.VIRTIO_NET_F_HOST_TSO6,
+                            N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_TSO6)
         if ctrl:
-            for b in (N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX,
-                      N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_GUEST_ANNOUNCE,
-                      N.VIRTIO_NET_F_CTRL_MAC_ADDR):
-                feats |= F.bit(b)
+            feats |= F.mask(N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX,
+                            N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_GUEST_ANNOUNCE,
+                            N.VIRTIO_NET_F_CTRL_MAC_ADDR)
             if offloads:
                 feats |= F.bit(N.VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
             if queue_pairs > 1:
@@ -240,15 +192,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self.stats = NetStats()
         self.last_error: str | None = None  # the newest dropped-frame reason, for humans
         self._link_up = link_up
-        self._announce = False
-        self._hdr_len = N.NET_HDR_SIZE
-        self._mrg = False
-        self._ctrl_index: int | None = None
-        self._active_pairs = 1
-        self._guest_offloads = Offload.NONE
-        self._host_csum = self._host_tso4 = self._host_tso6 = False
-        self.rx_filter = RxFilter()
-        self._fill_config()
+        self.on_reset()  # the negotiated state, as after a reset
 
     # ---- config space -------------------------------------------------------------------
 
@@ -305,7 +249,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
 
     # ---- negotiation --------------------------------------------------------------------
 
-    _DEPENDS = (
+    feature_depends = (  # §5.1.3.1
         (N.VIRTIO_NET_F_GUEST_TSO4, N.VIRTIO_NET_F_GUEST_CSUM),
         (N.VIRTIO_NET_F_GUEST_TSO6, N.VIRTIO_NET_F_GUEST_CSUM),
         (N.VIRTIO_NET_F_GUEST_UFO, N.VIRTIO_NET_F_GUEST_CSUM),
@@ -322,22 +266,10 @@ class NetDevice(VirtioDevice, NetEndpoint):
         (N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_CTRL_RX),
     )
 
-    def validate_features(self, features: int) -> str | None:
-        """Feature dependencies of §5.1.3.1."""
-        for feat, needs in self._DEPENDS:
-            if F.has(features, feat) and not F.has(features, needs):
-                names = self.feature_names
-                return (f"{names.get(feat, feat)} requires {names.get(needs, needs)}, "
-                        "which was not acknowledged")
-        return None
-
     def on_features_ok(self) -> None:
         feats = self.driver_features
         self._mrg = F.has(feats, N.VIRTIO_NET_F_MRG_RXBUF)
         self._hdr_len = N.net_hdr_size(F.has(feats, F.VERSION_1), self._mrg)
-        self._host_csum = F.has(feats, N.VIRTIO_NET_F_CSUM)
-        self._host_tso4 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO4)
-        self._host_tso6 = F.has(feats, N.VIRTIO_NET_F_HOST_TSO6)
         self._guest_offloads = Offload.from_guest_features(feats)
         if F.has(feats, N.VIRTIO_NET_F_CTRL_VQ):
             pairs = self.max_queue_pairs if F.has(feats, N.VIRTIO_NET_F_MQ) else 1
@@ -360,7 +292,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
         self._ctrl_index = None
         self._active_pairs = 1
         self._guest_offloads = Offload.NONE
-        self._host_csum = self._host_tso4 = self._host_tso6 = False
         self.rx_filter = RxFilter()
         self._fill_config()
         if self.peer is not None:
@@ -385,8 +316,10 @@ class NetDevice(VirtioDevice, NetEndpoint):
             self.peer.peer_ready()
 
     def process_queue(self, index: int, ring: DeviceRing) -> None:
-        if self._is_rx(index):
-            self._rx_kick(index, ring)
+        if self._is_rx(index):  # receive buffers posted: we asked only when we ran out
+            engine = self.queues[index].engine
+            if engine is not None and engine.buffers_posted() and self.peer is not None:
+                self.peer.peer_ready()
             return
         super().process_queue(index, ring)  # transmit and control: the engine's drain
         if self.peer is not None:
@@ -414,21 +347,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _control(self, cls: int, cmd: int, data: bytes) -> int:
         ok, err = N.VIRTIO_NET_OK, N.VIRTIO_NET_ERR
         if cls == N.VIRTIO_NET_CTRL_RX and self.has_feature(N.VIRTIO_NET_F_CTRL_RX):
-            if len(data) != 1:
-                return err
-            on = bool(data[0])
-            basic = {N.VIRTIO_NET_CTRL_RX_PROMISC: "promisc",
-                     N.VIRTIO_NET_CTRL_RX_ALLMULTI: "allmulti"}
-            extra = {N.VIRTIO_NET_CTRL_RX_ALLUNI: "alluni",
-                     N.VIRTIO_NET_CTRL_RX_NOMULTI: "nomulti",
-                     N.VIRTIO_NET_CTRL_RX_NOUNI: "nouni",
-                     N.VIRTIO_NET_CTRL_RX_NOBCAST: "nobcast"}
-            attr = basic.get(cmd)
+            attr = _RX_MODES.get(cmd)
             if attr is None and self.has_feature(N.VIRTIO_NET_F_CTRL_RX_EXTRA):
-                attr = extra.get(cmd)
-            if attr is None:
+                attr = _RX_EXTRA_MODES.get(cmd)
+            if attr is None or len(data) != 1:
                 return err
-            setattr(self.rx_filter, attr, on)
+            setattr(self.rx_filter, attr, bool(data[0]))
             return ok
         if cls == N.VIRTIO_NET_CTRL_MAC:
             if cmd == N.VIRTIO_NET_CTRL_MAC_TABLE_SET and self.has_feature(
@@ -463,9 +387,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
             if len(data) != 8:
                 return err
             wanted = _U64.unpack(data)[0]
-            guest_bits = (F.bit(N.VIRTIO_NET_F_GUEST_CSUM) | F.bit(N.VIRTIO_NET_F_GUEST_TSO4)
-                          | F.bit(N.VIRTIO_NET_F_GUEST_TSO6) | F.bit(N.VIRTIO_NET_F_GUEST_ECN)
-                          | F.bit(N.VIRTIO_NET_F_GUEST_UFO))
+            guest_bits = F.mask(N.VIRTIO_NET_F_GUEST_CSUM, N.VIRTIO_NET_F_GUEST_TSO4,
+                                N.VIRTIO_NET_F_GUEST_TSO6, N.VIRTIO_NET_F_GUEST_ECN,
+                                N.VIRTIO_NET_F_GUEST_UFO)
             if wanted & ~(self.driver_features & guest_bits):
                 return err  # only negotiated receive offloads may be (re-)enabled
             self._guest_offloads = Offload.from_guest_features(wanted)
@@ -510,7 +434,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
         if length > MAX_FRAME_LEN:
             return f"frame of {length} bytes exceeds {MAX_FRAME_LEN}"
         if hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-            if not self._host_csum:
+            if not self.driver_features >> N.VIRTIO_NET_F_CSUM & 1:
                 return "NEEDS_CSUM set but VIRTIO_NET_F_CSUM was not negotiated"
             if (hdr.csum_start < ETH_HLEN
                     or hdr.csum_start + hdr.csum_offset + 2 > length):
@@ -518,13 +442,7 @@ class NetDevice(VirtioDevice, NetEndpoint):
                         f"outside the {length}-byte frame")
         gso = hdr.gso_type
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            if gso == N.VIRTIO_NET_HDR_GSO_TCPV4:
-                allowed = self._host_tso4
-            elif gso == N.VIRTIO_NET_HDR_GSO_TCPV6:
-                allowed = self._host_tso6
-            else:
-                allowed = False  # ECN, UFO, USO: never offered
-            if not allowed:
+            if gso not in _GSO or not self.driver_features >> _GSO[gso][1] & 1:
                 return f"GSO type 0x{gso:x} was not negotiated"
             if hdr.gso_size == 0:
                 return "GSO frame with gso_size 0"
@@ -535,22 +453,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def _transmit(self, chain: DescriptorChain) -> Delivery:
         """Hand one transmit chain's frame to the peer (zero-copy)."""
         hlen = self._hdr_len
-        segs = chain.readable
         if chain.readable_len < hlen:
             self._tx_error(f"transmit chain {chain.head} has {chain.readable_len} readable "
                            f"bytes, less than the {hlen}-byte virtio-net header")
             return Delivery.DROPPED
-        first = segs[0]
-        if len(first) >= hlen:
-            fields_ = _HDR.unpack_from(first, 0)
-            if len(first) == hlen:
-                frame: list[memoryview] = segs[1:]
-            else:
-                frame = [first[hlen:], *segs[1:]]
-        else:
-            fields_ = _HDR.unpack_from(gather(segs, hlen), 0)
-            frame = split_segments(segs, hlen)[1]
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = fields_
+        header, frame = split_header(chain.readable, hlen)
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _HDR.unpack_from(header)
         # Drivers set only NEEDS_CSUM on transmit (§5.1.6.2); other bits mean nothing here.
         hdr = NetHdr(flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size,
                      csum_start, csum_offset)
@@ -589,12 +497,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def rx_offloads(self) -> Offload:
         return self._guest_offloads
 
-    def _rx_kick(self, index: int, ring: DeviceRing) -> None:
-        """The driver posted receive buffers. We only asked for this kick when we ran out."""
-        engine = self.queues[index].engine
-        if engine is not None and engine.buffers_posted() and self.peer is not None:
-            self.peer.peer_ready()
-
     def _rx_drop(self, reason: str) -> Delivery:
         self.stats.rx_dropped += 1
         self.last_error = f"{self.name}: {reason}"
@@ -610,18 +512,14 @@ class NetDevice(VirtioDevice, NetEndpoint):
             return Delivery.BUSY  # on_driver_ok calls peer_ready
         if length < ETH_HLEN or length > MAX_FRAME_LEN:
             return self._rx_drop(f"frame of {length} bytes")
-        first = frame[0]
-        dst = bytes(first[:ETH_ALEN]) if len(first) >= ETH_ALEN else frame_bytes(frame, ETH_ALEN)
-        if not self.rx_filter.accepts(dst, self._mac):
+        if not self.rx_filter.accepts(frame_bytes(frame, ETH_ALEN), self._mac):
             self.stats.rx_filtered += 1
             return Delivery.DROPPED
         guest = self._guest_offloads
         gso = hdr.gso_type
         needs_csum = bool(hdr.flags & N.VIRTIO_NET_HDR_F_NEEDS_CSUM)
         if gso != N.VIRTIO_NET_HDR_GSO_NONE:
-            wanted = (Offload.TSO4 if gso == N.VIRTIO_NET_HDR_GSO_TCPV4
-                      else Offload.TSO6 if gso == N.VIRTIO_NET_HDR_GSO_TCPV6 else None)
-            if wanted is None or not guest & wanted:
+            if gso not in _GSO or not guest & _GSO[gso][0]:
                 return self._receive_converted(hdr, frame, length, flush)
         elif needs_csum and not guest & Offload.CSUM:
             return self._receive_converted(hdr, frame, length, flush)
@@ -659,8 +557,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
             while not self._fits(engine, needs):
                 if len(engine.held) >= min(engine.ring.size, 0xFFFF):
                     break  # the ring can never hold them all at once: place what fits
-                if not self._out_of_buffers(engine):
-                    return Delivery.BUSY
+                self.stats.rx_busy += 1
+                if not engine.out_of_buffers():
+                    return Delivery.BUSY  # the kick calls the peer's peer_ready
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")
@@ -696,20 +595,13 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 capacity += chain.writable_len
         return True
 
-    def _out_of_buffers(self, engine: QueueEngine) -> bool:
-        """No room for a frame (see :meth:`QueueEngine.out_of_buffers`). False: answer BUSY,
-        and the kick will call the peer's ``peer_ready``."""
-        self.stats.rx_busy += 1
-        return engine.out_of_buffers()
-
     def _select_rx(self, frame: Frame) -> int:
         """The receive queue for a frame: by flow (addresses and ports) so one flow is
         never reordered across queues."""
         pairs = self._active_pairs
         if pairs == 1:
             return 0
-        first = frame[0]
-        head = first[:58] if len(first) >= 58 else frame_bytes(frame, 58)
+        head = frame_bytes(frame, 58)
         ethertype = head[12:14]
         if ethertype == b"\x08\x00" and len(head) >= 34:
             ihl = (head[14] & 0x0F) * 4
@@ -768,8 +660,9 @@ class NetDevice(VirtioDevice, NetEndpoint):
                     return self._rx_drop(
                         f"frame of {length} bytes does not fit all {len(spare)} receive "
                         "buffers posted")
-                if not self._out_of_buffers(engine):
-                    return Delivery.BUSY
+                self.stats.rx_busy += 1
+                if not engine.out_of_buffers():
+                    return Delivery.BUSY  # the kick calls the peer's peer_ready
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")
@@ -783,39 +676,34 @@ class NetDevice(VirtioDevice, NetEndpoint):
         return Delivery.DELIVERED
 
     def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
-              spare: deque[DescriptorChain], pending: list[Completion]
-              ) -> None:
-        """Write header and frame into the first ``count`` spare chains; queue their used
-        entries with exactly the bytes written into each."""
-        hlen = self._hdr_len
-        src = _Source(frame, length)
-        for k in range(count):
+              spare: deque[DescriptorChain], pending: list[Completion]) -> None:
+        """Write the header (``num_buffers`` = ``count``) and the frame across the first
+        ``count`` held buffers; queue each one's used entry with the bytes written into it."""
+        raw = _HDR.pack(*hdr)
+        if self._hdr_len == N.NET_HDR_SIZE:
+            raw += _U16.pack(count)
+        src = [raw, *frame]
+        left = len(raw) + length
+        i = off = 0  # where the copy is in src: segment, offset
+        for _ in range(count):
             chain = spare.popleft()
-            segs = chain.writable
-            if k == 0:
-                head = segs[0]
-                if len(head) >= hlen:
-                    _HDR.pack_into(head, 0, *hdr)
-                    if hlen == N.NET_HDR_SIZE:
-                        _U16.pack_into(head, N.NET_HDR_SIZE_LEGACY, count)
-                else:
-                    raw = _HDR.pack(*hdr) + (_U16.pack(count) if hlen == N.NET_HDR_SIZE
-                                             else b"")
-                    scatter(segs, raw)
-                skip = hlen
-                written = hlen
-            else:
-                skip = 0
-                written = 0
-            for seg in segs:
-                if src.left == 0:
+            written = 0
+            for dst in chain.writable:
+                room = len(dst)
+                pos = 0
+                while pos < room and left:
+                    seg = src[i]
+                    take = min(len(seg) - off, room - pos, left)
+                    dst[pos : pos + take] = seg[off : off + take]
+                    pos += take
+                    off += take
+                    left -= take
+                    if off >= len(seg):
+                        i += 1
+                        off = 0
+                written += pos
+                if not left:
                     break
-                n = len(seg)
-                if skip >= n:
-                    skip -= n
-                    continue
-                written += src.copy_into(seg[skip:] if skip else seg)
-                skip = 0
             pending.append((chain, written))
 
     def flush_rx(self) -> None:

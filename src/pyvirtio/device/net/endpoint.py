@@ -1,20 +1,14 @@
 """Endpoints that carry Ethernet frames with their virtio-net header, and how they talk.
 
-A :class:`NetEndpoint` is anything frames flow in and out of: a virtio-net device (its
-guest's queues), a tap (the host kernel), a switch port. Two endpoints are joined with
-:func:`link`; each hands frames to its peer with :meth:`NetEndpoint.receive`, which answers
-with a :class:`Delivery`:
-
-* ``DELIVERED`` - taken (copied out: the caller may reuse its buffers at once),
-* ``BUSY`` - no room now; the receiver will call :meth:`NetEndpoint.peer_ready` on the
-  sender when it has room again (a guest posted receive buffers, a socket became writable),
-* ``DROPPED`` - refused for good (filtered, malformed, too big); counted by the receiver.
-
-Frames are sequences of buffers (zero-copy views into a guest's transmit buffers, or bytes)
-plus a :class:`~pyvirtio.spec.net.NetHdr`. Every receiver accepts every *valid* offload
-(partial checksum, TCP segmentation) and completes in software what its own consumer cannot
-take; :meth:`NetEndpoint.rx_offloads` only tells senders that can choose (the kernel behind a
-tap) what is cheapest.
+A :class:`NetEndpoint` is anything frames flow in and out of: a virtio-net device, a tap, a
+switch port. :func:`link` joins two; each hands frames to its peer with
+:meth:`NetEndpoint.receive`, which answers a :class:`Delivery`: DELIVERED (copied out: the
+caller may reuse its buffers), BUSY (no room; the receiver calls the sender's
+:meth:`~NetEndpoint.peer_ready` when it has room again) or DROPPED (refused for good and
+counted by the receiver). A frame is a list of segments (views into a guest's transmit
+buffers, or bytes) with a :class:`~pyvirtio.spec.net.NetHdr`. Every receiver takes every
+*valid* offload and completes in software what its own consumer cannot;
+:meth:`NetEndpoint.rx_offloads` tells senders that can choose (a tap's kernel) what is cheapest.
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pyvirtio.errors import LocalError
+from pyvirtio.ring.chain import gather
 from pyvirtio.spec import features as F
 from pyvirtio.spec import net as N
 from pyvirtio.spec.net import NetHdr
@@ -56,15 +51,12 @@ class Offload(enum.IntFlag):
 
     @classmethod
     def from_guest_features(cls, features: int) -> Offload:
-        """The offloads a driver accepts in received frames, from its GUEST_* bits."""
-        out = cls.NONE
-        if F.has(features, N.VIRTIO_NET_F_GUEST_CSUM):
-            out |= cls.CSUM
-            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO4):
-                out |= cls.TSO4
-            if F.has(features, N.VIRTIO_NET_F_GUEST_TSO6):
-                out |= cls.TSO6
-        return out
+        """The offloads a driver accepts in received frames, from its GUEST_* bits (TSO only
+        together with the checksum offload)."""
+        if not F.has(features, N.VIRTIO_NET_F_GUEST_CSUM):
+            return cls.NONE
+        return (cls.CSUM | (cls.TSO4 if F.has(features, N.VIRTIO_NET_F_GUEST_TSO4) else cls.NONE)
+                | (cls.TSO6 if F.has(features, N.VIRTIO_NET_F_GUEST_TSO6) else cls.NONE))
 
 
 ALL_OFFLOADS = Offload.CSUM | Offload.TSO4 | Offload.TSO6
@@ -115,21 +107,8 @@ class NetEndpoint:
         """The peer's :meth:`rx_offloads` changed."""
 
 
-def frame_bytes(frame: Frame, limit: int | None = None) -> bytes:
-    """Copy a frame's segments into one bytes object (up to ``limit`` bytes)."""
-    if len(frame) == 1:
-        seg = frame[0]
-        return bytes(seg if limit is None else seg[:limit])
-    out = bytearray()
-    for seg in frame:
-        if limit is not None:
-            need = limit - len(out)
-            if need <= 0:
-                break
-            out += seg[:need]
-        else:
-            out += seg
-    return bytes(out)
+#: a frame's bytes in one object, up to a limit (frames are segment lists like chains)
+frame_bytes = gather
 
 
 def link(a: NetEndpoint, b: NetEndpoint) -> None:

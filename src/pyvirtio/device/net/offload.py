@@ -1,25 +1,18 @@
-"""Software fallbacks for virtio-net offloads: what a receiver does with a frame whose sender
-used an offload the receiver did not negotiate.
-
-A guest that negotiated VIRTIO_NET_F_CSUM may transmit frames with a *partial* checksum
-(``VIRTIO_NET_HDR_F_NEEDS_CSUM``: the transport checksum field holds only the pseudo-header
-sum); one that negotiated HOST_TSO4/6 may transmit one large TCP frame (``gso_type``) to be
-cut into ``gso_size`` segments. When such a frame is headed for a receiver that did not
-negotiate GUEST_CSUM / GUEST_TSO4/6, the device finishes the job in software here, exactly as
-Linux's ``skb_checksum_help`` and GSO segmentation would.
-
-Frames come from guests, so every field is untrusted: malformed input raises
-:class:`OffloadError` (a :class:`~pyvirtio.errors.PeerError`) and the caller drops the frame.
+"""Software fallbacks for virtio-net offloads, for a frame whose sender used an offload its
+receiver did not negotiate: a partial checksum (NEEDS_CSUM: the field holds only the
+pseudo-header sum) is completed, a TSO frame (``gso_type``) cut into ``gso_size`` segments,
+as Linux's ``skb_checksum_help`` and GSO would. Frames come from guests: malformed input
+raises :class:`OffloadError` (a :class:`~pyvirtio.errors.PeerError`); the frame is dropped.
 """
 
 from __future__ import annotations
 
 import struct
 
+from pyvirtio.device.net.endpoint import ETH_HLEN
 from pyvirtio.errors import PeerError
 from pyvirtio.spec import net as N
 
-ETH_HLEN = 14
 VLAN_HLEN = 4
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -45,12 +38,8 @@ class OffloadError(PeerError):
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
     """The 16-bit ones' complement sum of ``data`` (big-endian words, odd tail padded),
-    reduced modulo 0xFFFF.
-
-    Since 2**16 == 1 (mod 0xFFFF), the sum of the 16-bit words of a big-endian number is
-    congruent to the number itself: one bignum conversion and one single-digit modulo do the
-    whole sum in C. The result is in 0..0xFFFE; 0 stands for ones' complement zero (either
-    sign), which :func:`fold_checksum` handles.
+    modulo 0xFFFF, in C: as 2**16 == 1 (mod 0xFFFF), a big-endian number is congruent to
+    the sum of its 16-bit words. 0 stands for ones' complement zero (:func:`fold_checksum`).
     """
     if len(data) & 1:
         data = bytes(data) + b"\0"

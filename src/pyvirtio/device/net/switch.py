@@ -284,8 +284,7 @@ class Switch:
         if length < 12:
             ingress.stats.refused += 1
             return
-        first = frame[0]
-        head = bytes(first[:12]) if len(first) >= 12 else frame_bytes(frame, 12)
+        head = frame_bytes(frame, 12)
         dst = head[:6]
         src = head[6:12]
         now = self.clock()

@@ -1,6 +1,6 @@
 """virtio-blk batch mode (BlkDevice.batch_interval): kicks off, the ring looked at on a timer.
 
-The lane's thresholds are patched so that the first drain starts a trial and the judging
+The engine's thresholds are patched so that the first drain starts a trial and the judging
 never ends it: the tests decide when the ring is looked at by firing the timer themselves.
 Every test asserts on what the driver saw: kicks it sent, interrupts it got, requests done.
 """
@@ -16,7 +16,7 @@ from helpers.blk import SECTOR, GuardedImage, blk_pair, features
 from helpers.reactor import ManualReactor
 from pyvirtio.device import engine  # batch mode lives in the engine
 from pyvirtio.device.blk import BlkDevice
-from pyvirtio.device.blk.fastpath import BlkFastLane
+from pyvirtio.device.engine import QueueEngine
 from pyvirtio.driver.blk import BlkDriver
 from pyvirtio.testing.pair import DevicePair
 
@@ -49,8 +49,9 @@ def rig(request: pytest.FixtureRequest, image: GuardedImage, eager: None) -> Ite
         yield pair, device, drv, reactor
 
 
-def lane(device: BlkDevice) -> BlkFastLane:
-    found = device._lanes[0]
+def queue_engine(device: BlkDevice) -> QueueEngine:
+    """The engine serving queue 0 (it runs the device's fast lane)."""
+    found = device.engine(0)
     assert found is not None
     return found
 
@@ -62,7 +63,7 @@ def into_batch_mode(rig: Rig) -> None:
         io = drv.submit_read(sector, 8)
         drv.wait(io)
         assert io.ok
-    assert lane(device).batching
+    assert queue_engine(device).batching
     assert reactor.armed() == 1
 
 
@@ -80,14 +81,14 @@ def test_in_batch_mode_the_driver_stops_kicking_and_a_tick_serves_what_it_added(
     assert pair.transport.interrupts == interrupts + 1  # one interrupt for the batch
     for i, io in enumerate(ios):
         assert io.ok and io.data == bytes(image.content[16 * i * SECTOR : (16 * i + 8) * SECTOR])
-    assert lane(device).batching and reactor.armed() == 1
+    assert queue_engine(device).batching and reactor.armed() == 1
 
 
 def test_an_idle_tick_ends_batch_mode_and_the_driver_kicks_again(rig: Rig) -> None:
     pair, device, drv, reactor = rig
     into_batch_mode(rig)
     reactor.fire()  # nothing arrived
-    assert not lane(device).batching
+    assert not queue_engine(device).batching
     assert reactor.armed() == 0
     kicks = pair.transport.kicks
     io = drv.submit_read(0, 8)
@@ -108,7 +109,7 @@ def test_a_request_waiting_when_batch_mode_ends_is_served_and_interrupts_the_dri
     drv.kick()
     assert io.status is None
     reactor.fire()
-    assert not lane(device).batching
+    assert not queue_engine(device).batching
     assert pair.transport.interrupts == interrupts + 1
     drv.wait(io, timeout=1.0)
     assert io.ok
@@ -117,9 +118,9 @@ def test_a_request_waiting_when_batch_mode_ends_is_served_and_interrupts_the_dri
 def test_a_tick_after_the_queue_restarted_does_nothing(rig: Rig) -> None:
     _, device, _, reactor = rig
     into_batch_mode(rig)
-    old = lane(device)
+    old = queue_engine(device)
     device.reset()
-    reactor.fire()  # the old lane's tick: no drain of a queue that no longer exists
+    reactor.fire()  # the old engine's tick: no drain of a queue that no longer exists
     assert not old.batching
     assert reactor.armed() == 0
 
@@ -128,14 +129,14 @@ def test_a_tick_after_the_queue_restarted_does_nothing(rig: Rig) -> None:
 def test_a_transport_that_holds_the_ring_back_gets_kicks_turned_on_again(
         rig: Rig, waiting: int) -> None:
     # vhost-user does not process a disabled vring: its poll_queue then does nothing, and
-    # the lane must not stay in batch mode with kicks off and no tick.
+    # the engine must not stay in batch mode with kicks off and no tick.
     pair, device, drv, reactor = rig
     into_batch_mode(rig)
     device.poll_queue = lambda index: None
     ios = [drv.submit_read(8 * i, 8) for i in range(waiting)]
     drv.kick()
     reactor.fire()
-    assert not lane(device).batching
+    assert not queue_engine(device).batching
     assert reactor.armed() == 0
     device.poll_queue = device.kick
     device.kick(0)  # enabled again: the transport looks at the ring (as vhost-user does)
@@ -156,5 +157,5 @@ def test_without_an_interval_the_device_stays_kick_driven(
             io = drv.submit_read(sector, 8)
             drv.wait(io)
             assert io.ok and pair.transport.kicks == kicks + 1
-        assert not lane(device).batching
+        assert not queue_engine(device).batching
         assert reactor.timers == []

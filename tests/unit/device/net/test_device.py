@@ -661,6 +661,7 @@ def test_features_missing_a_dependency_are_refused(make_pair: MakePair) -> None:
     pair = make_pair(1)
     with pytest.raises(DeviceRefusedFeatures):
         probe(pair, features=features_without(N.VIRTIO_NET_F_GUEST_CSUM))
+    assert any("GUEST_TSO4 requires GUEST_CSUM" in p for p in pair.device.problems)
 
 
 def test_reset_restores_promiscuous_receive_and_drops_batched_work(

@@ -81,6 +81,8 @@ class VirtioDevice:
     drain_budget: int = -1
     #: seconds between looks at a busy ring in batch mode (None: always kick-driven)
     batch_interval: float | None = None
+    #: multi-round negotiation: the round from which offers never carry MULTI_ROUND
+    max_rounds: int = core_features.MAX_ROUNDS
 
     def __init__(
         self,
@@ -107,7 +109,7 @@ class VirtioDevice:
             # Experimental and opt-in (docs/multi-round.md); it needs FEATURES_OK, so VERSION_1.
             self.offered_features |= F.bit(F.MULTI_ROUND)
         #: the multi-round negotiation since the last reset (one round without MULTI_ROUND)
-        self.rounds = core_features.Rounds()
+        self.rounds = core_features.Rounds(self.max_rounds)
         self._next_offer: int | None = None
         self.driver_features = 0
         self.status = 0
@@ -367,7 +369,7 @@ class VirtioDevice:
         self.driver_features = 0
         if self.rounds.answers and not core_features.is_final(self.rounds.answers[0][1]):
             self.offered_features = self.first_offer  # later rounds' offers are forgotten
-        self.rounds = core_features.Rounds()
+        self.rounds = core_features.Rounds(self.max_rounds)
         self._next_offer = None
         self._idle_kick_reported = False
         self.on_reset()

@@ -261,7 +261,7 @@ class VirtioDevice:
         if value & ~self.status & (S.FEATURES_OK | S.DRIVER_OK):
             problem = self._features_problem()
         t = core_status.judge(self.status, value, modern=modern, features_acceptable=problem,
-                              round_open=not core_features.is_final(self.driver_features))
+                              round_open=self.negotiating)
         if t.reset:
             self.reset()
             return
@@ -271,7 +271,7 @@ class VirtioDevice:
         if t.reopened:
             self._open_round()
             return
-        if t.features_ok and not core_features.is_final(self.driver_features):
+        if t.features_ok and self.negotiating:
             self._round_answered()
             return
         if t.features_ok:
@@ -291,9 +291,11 @@ class VirtioDevice:
 
     @property
     def negotiating(self) -> bool:
-        """Whether a multi-round negotiation is under way: the driver's answer holds
-        MULTI_ROUND, so the features are not final yet."""
-        return not core_features.is_final(self.driver_features)
+        """Whether a multi-round negotiation is under way: the device offered MULTI_ROUND in
+        its first round and the driver's answer holds it, so the features are not final yet
+        (never for a device that did not opt in, whatever bits a driver writes)."""
+        return (F.has(self.first_offer, F.MULTI_ROUND)
+                and not core_features.is_final(self.driver_features))
 
     def _round_answered(self) -> None:
         """FEATURES_OK was accepted for an answer that acks MULTI_ROUND: record the round and
@@ -312,8 +314,8 @@ class VirtioDevice:
 
     def _open_round(self) -> None:
         """The driver cleared FEATURES_OK after a non-final round: present the next offer."""
-        assert self._next_offer is not None
-        self.offered_features, self._next_offer = self._next_offer, None
+        if self._next_offer is not None:
+            self.offered_features, self._next_offer = self._next_offer, None
 
     @property
     def first_offer(self) -> int:

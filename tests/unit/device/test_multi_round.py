@@ -105,3 +105,11 @@ def test_a_device_that_asks_for_rounds_forever_is_cut_off_at_its_limit() -> None
         d.set_status(ACK | DRV)
     assert d.get_features() == V1 | 0b11  # round MAX_ROUNDS: final, whatever the hook says
     assert not d.problems
+
+
+def test_a_device_that_did_not_opt_in_treats_the_bit_as_any_bit_it_did_not_offer() -> None:
+    d = device(multi_round=False)
+    answer(d, V1 | MR | 0b01)
+    assert not d.status & FOK and not d.negotiating
+    assert any("not offered" in p and "MULTI_ROUND" in p for p in d.problems)
+    assert not any("multi-round" in p for p in d.problems)

@@ -5,6 +5,10 @@ The driver moves a device through ACKNOWLEDGE -> DRIVER -> FEATURES_OK -> DRIVER
 writing the status with one more bit each time; writing 0 resets; FAILED may be set at any
 time; DEVICE_NEEDS_RESET is set only by the device. A legacy driver (no VERSION_1) skips
 FEATURES_OK.
+
+Multi-round negotiation (experimental, docs/multi-round.md) adds one move: after a round
+whose answer acked MULTI_ROUND was accepted, the driver clears FEATURES_OK (and nothing else)
+to open the next round; DRIVER_OK waits for the final round.
 """
 
 from __future__ import annotations
@@ -31,15 +35,20 @@ class Transition:
     features_ok: bool = False  # FEATURES_OK newly accepted
     driver_ok: bool = False  # DRIVER_OK newly accepted
     failed: bool = False  # FAILED newly set
+    reopened: bool = False  # FEATURES_OK cleared to open the next multi-round round
     problems: tuple[str, ...] = ()
 
 
-def judge(old: int, new: int, *, modern: bool, features_acceptable: str | None) -> Transition:
+def judge(old: int, new: int, *, modern: bool, features_acceptable: str | None,
+          round_open: bool = False) -> Transition:
     """Decide what a device does when the driver writes ``new`` over ``old``.
 
     ``modern``: VERSION_1 was negotiated (FEATURES_OK is then mandatory before DRIVER_OK).
     ``features_acceptable``: None if the acked features are fine, else the reason they are
     not (FEATURES_OK is then refused).
+    ``round_open``: the acked features hold MULTI_ROUND, so they are not final: the driver
+    may clear FEATURES_OK alone (before DRIVER_OK) to open the next round, and DRIVER_OK is
+    refused.
     """
     if new == 0:
         return Transition(accepted=0, reset=True)
@@ -49,7 +58,9 @@ def judge(old: int, new: int, *, modern: bool, features_acceptable: str | None) 
     new &= ~S.DEVICE_NEEDS_RESET
     new |= old & S.DEVICE_NEEDS_RESET
     cleared = old & ~new & ~S.DEVICE_NEEDS_RESET
-    if cleared:
+    reopened = (round_open and cleared == S.FEATURES_OK and not (old | new) & S.DRIVER_OK
+                and not new & ~old)
+    if cleared and not reopened:
         problems.append(f"driver cleared {S.describe(cleared)} without a reset")
         new |= cleared
     accepted = new
@@ -70,6 +81,10 @@ def judge(old: int, new: int, *, modern: bool, features_acceptable: str | None) 
         if modern and not accepted & S.FEATURES_OK:
             problems.append("DRIVER_OK set before FEATURES_OK was accepted")
             accepted &= ~S.DRIVER_OK
+        elif round_open:
+            problems.append("DRIVER_OK set before multi-round feature negotiation ended "
+                            "(the accepted features still hold MULTI_ROUND)")
+            accepted &= ~S.DRIVER_OK
         elif not accepted & S.DRIVER:
             problems.append("DRIVER_OK set before DRIVER")
             accepted &= ~S.DRIVER_OK
@@ -83,5 +98,6 @@ def judge(old: int, new: int, *, modern: bool, features_acceptable: str | None) 
         features_ok=features_ok,
         driver_ok=driver_ok,
         failed=bool(added & S.FAILED),
+        reopened=reopened,
         problems=tuple(problems),
     )

@@ -82,6 +82,8 @@ class VirtioDevice:
     drain_budget: int = -1
     #: seconds between looks at a busy ring in batch mode (None: always kick-driven)
     batch_interval: float | None = None
+    #: multi-round negotiation: the round from which offers never carry MULTI_ROUND
+    max_rounds: int = core_features.MAX_ROUNDS
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class VirtioDevice:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         transport_features: int = DEFAULT_TRANSPORT_FEATURES,
         name: str | None = None,
+        multi_round: bool = False,
     ) -> None:
         self.name = name or ids.name(self.device_id)
         self.log = logging.getLogger(f"pyvirtio.device.{self.name}")
@@ -103,6 +106,12 @@ class VirtioDevice:
             self.log.warning("%s: not offering %s: not implemented", self.name,
                              core_features.describe(missing))
         self.offered_features = offered & ~missing
+        if multi_round and F.has(self.offered_features, F.VERSION_1):
+            # Experimental and opt-in (docs/multi-round.md); it needs FEATURES_OK, so VERSION_1.
+            self.offered_features |= F.bit(F.MULTI_ROUND)
+        #: the multi-round negotiation since the last reset (one round without MULTI_ROUND)
+        self.rounds = core_features.Rounds(self.max_rounds)
+        self._next_offer: int | None = None
         self.driver_features = 0
         self.status = 0
         self.config = bytearray(config_size)
@@ -136,6 +145,14 @@ class VirtioDevice:
         Default: the :attr:`feature_depends` rules."""
         return core_features.unmet_dependency(features, self.feature_depends,
                                               self.feature_names)
+
+    def next_offer(self, rounds: core_features.Rounds) -> int:
+        """Multi-round negotiation (opt-in with ``multi_round=True``): the offer of the next
+        round, given every offer and accepted answer so far (``rounds.answers``; the last
+        answer acked MULTI_ROUND). Keep MULTI_ROUND in it to ask for yet another round; the
+        framework drops it from round ``rounds.limit`` on, so negotiation always ends.
+        Default: the first offer without MULTI_ROUND, a final plain round."""
+        return rounds.answers[0][0] & ~F.bit(F.MULTI_ROUND)
 
     def on_features_ok(self) -> None:
         """Features are final (:attr:`driver_features`)."""
@@ -246,13 +263,22 @@ class VirtioDevice:
         problem = None
         if value & ~self.status & (S.FEATURES_OK | S.DRIVER_OK):
             problem = self._features_problem()
-        t = core_status.judge(self.status, value, modern=modern, features_acceptable=problem)
+        t = core_status.judge(self.status, value, modern=modern, features_acceptable=problem,
+                              round_open=self.negotiating)
         if t.reset:
             self.reset()
             return
         for p in t.problems:
             self._peer_problem(f"{self.name}: {p}")
         self.status = t.accepted
+        if t.reopened:
+            self._open_round()
+            return
+        if t.features_ok and self.negotiating:
+            self._round_answered()
+            return
+        if t.features_ok:
+            self.rounds.accepted(self.offered_features, self.driver_features)
         if t.features_ok or (t.driver_ok and not modern):
             self.log.info("%s: features %s", self.name,
                           core_features.describe(self.driver_features, self.feature_names))
@@ -265,6 +291,39 @@ class VirtioDevice:
 
     def get_status(self) -> int:
         return self.status
+
+    @property
+    def negotiating(self) -> bool:
+        """Whether a multi-round negotiation is under way: the device offered MULTI_ROUND in
+        its first round and the driver's answer holds it, so the features are not final yet
+        (never for a device that did not opt in, whatever bits a driver writes)."""
+        return (F.has(self.first_offer, F.MULTI_ROUND)
+                and not core_features.is_final(self.driver_features))
+
+    def _round_answered(self) -> None:
+        """FEATURES_OK was accepted for an answer that acks MULTI_ROUND: record the round and
+        prepare the offer the driver will find when it clears FEATURES_OK."""
+        self.rounds.accepted(self.offered_features, self.driver_features)
+        offer = self.next_offer(self.rounds)
+        missing = core_features.unimplemented(offer)
+        if missing:
+            self.log.warning("%s: round %d: not offering %s: not implemented", self.name,
+                             self.rounds.current, core_features.describe(missing))
+        self._next_offer = self.rounds.bounded(offer & ~missing)
+        self.log.info("%s: multi-round negotiation: round %d answered with %s; next offer %s",
+                      self.name, self.rounds.current - 1,
+                      core_features.describe(self.driver_features, self.feature_names),
+                      core_features.describe(self._next_offer, self.feature_names))
+
+    def _open_round(self) -> None:
+        """The driver cleared FEATURES_OK after a non-final round: present the next offer."""
+        if self._next_offer is not None:
+            self.offered_features, self._next_offer = self._next_offer, None
+
+    @property
+    def first_offer(self) -> int:
+        """The offer of the first round: what the device offers after every reset."""
+        return self.rounds.answers[0][0] if self.rounds.answers else self.offered_features
 
     def accept_features(self, features: int, *, tolerate: int = 0) -> str | None:
         """Take ``features`` as final in one step, as if the driver wrote them and then
@@ -281,7 +340,10 @@ class VirtioDevice:
         if self.status & S.FEATURES_OK and features == self.driver_features:
             return None
         problem: str | None
-        if any(q.ring is not None for q in self.queues):
+        if not core_features.is_final(features):
+            problem = (f"{self.name}: features {core_features.describe(features)} acked in one "
+                       "step: multi-round negotiation needs the status register")
+        elif any(q.ring is not None for q in self.queues):
             problem = (f"{self.name}: features {core_features.describe(features)} set while "
                        "queues are running")
         else:
@@ -310,6 +372,10 @@ class VirtioDevice:
             q.desc = q.avail = q.used = 0
         self.status = 0
         self.driver_features = 0
+        if self.rounds.answers and not core_features.is_final(self.rounds.answers[0][1]):
+            self.offered_features = self.first_offer  # later rounds' offers are forgotten
+        self.rounds = core_features.Rounds(self.max_rounds)
+        self._next_offer = None
         self._idle_kick_reported = False
         self.on_reset()
 
@@ -365,6 +431,10 @@ class VirtioDevice:
         if size > q.max_size:
             raise PeerError(f"{self.name}: queue {index} size {size} exceeds the maximum "
                             f"{q.max_size}")
+        if self.negotiating:
+            raise PeerError(f"{self.name}: queue {index} set up in round "
+                            f"{self.rounds.current} of multi-round feature negotiation, "
+                            "before the features are final")
         ring = self._make_ring(index, size, desc, avail, used, last_avail_idx, used_idx)
         q.size, q.desc, q.avail, q.used = size, desc, avail, used
         q.ring = ring

@@ -238,6 +238,9 @@ class Device:
         self.config_changed_callback: Callable[[], None] | None = None
         #: set when the device announced DEVICE_NEEDS_RESET, until :meth:`reset`
         self.needs_reset = False
+        #: the rounds of the last feature negotiation (one unless both sides used
+        #: multi-round negotiation)
+        self.rounds = core_features.Rounds()
         transport.bind_config(self.config_changed)
 
     def config_changed(self) -> None:
@@ -305,13 +308,54 @@ class Device:
 
     def finalize_features(self, driver_supported: int) -> int:
         """Acknowledge the common subset; on a modern device set FEATURES_OK and check the
-        device kept it (§3.1.1 step 5-6)."""
-        offered = self.transport.get_features()
+        device kept it (§3.1.1 step 5-6).
+
+        A driver whose wish list holds MULTI_ROUND (experimental, docs/multi-round.md)
+        follows the device's rounds: each round it answers the offer with the common subset,
+        sets FEATURES_OK, and while its answer acked MULTI_ROUND clears FEATURES_OK again to
+        read the next offer, until an offer without the bit; a device still offering it in
+        round :data:`~pyvirtio.core.features.MAX_ROUNDS` is refused
+        (:class:`~pyvirtio.core.features.RoundsExceeded`)."""
         wanted = driver_supported | self.transport.transport_features
         if self.transport.legacy:
             wanted &= 0xFFFFFFFF & ~F.bit(F.VERSION_1)
         unimplemented = core_features.unimplemented(wanted)
-        acked = core_features.negotiate(offered, wanted & ~unimplemented)
+        self.rounds = core_features.Rounds()
+        name = ids.name(self.device_id)
+        while True:
+            offer = self.transport.get_features()
+            try:
+                self.rounds.check_offer(offer, f"{name} device")
+            except core_features.RoundsExceeded:
+                self.add_status(S.FAILED)
+                raise
+            acked = core_features.negotiate(offer, wanted & ~unimplemented)
+            if self.rounds.current == 1:
+                self._log_dropped(wanted, acked, unimplemented)
+            self.transport.set_features(acked)
+            self.features = acked
+            if not core_features.is_modern(acked):
+                return acked
+            self.add_status(S.FEATURES_OK)
+            status = self.transport.get_status()
+            if not status & S.FEATURES_OK:
+                self.add_status(S.FAILED)
+                where = (f" in round {self.rounds.current} of multi-round negotiation"
+                         if self.rounds.current > 1 or not core_features.is_final(acked)
+                         else "")
+                raise DeviceRefusedFeatures(
+                    f"device refused FEATURES_OK for {core_features.describe(acked)}{where}"
+                )
+            if self.rounds.accepted(offer, acked):
+                return acked
+            # Not final: clear FEATURES_OK to open the next round.
+            self.transport.set_status(status & ~S.FEATURES_OK)
+            if self.transport.get_status() & S.FEATURES_OK:
+                self.add_status(S.FAILED)
+                raise PeerError(f"{name} device: kept FEATURES_OK set when the driver opened "
+                                f"round {self.rounds.current} of multi-round negotiation")
+
+    def _log_dropped(self, wanted: int, acked: int, unimplemented: int) -> None:
         dropped = wanted & ~acked & ~F.bit(F.VHOST_USER_PROTOCOL_FEATURES)
         if dropped:
             reasons = []
@@ -321,16 +365,6 @@ class Device:
                 reasons.append(f"{core_features.describe(dropped & ~unimplemented)}: "
                                "not offered by the device")
             log.info("%s: not acknowledging %s", ids.name(self.device_id), "; ".join(reasons))
-        self.transport.set_features(acked)
-        self.features = acked
-        if core_features.is_modern(acked):
-            self.add_status(S.FEATURES_OK)
-            if not self.transport.get_status() & S.FEATURES_OK:
-                self.add_status(S.FAILED)
-                raise DeviceRefusedFeatures(
-                    f"device refused FEATURES_OK for {core_features.describe(acked)}"
-                )
-        return acked
 
     def read_config(self, offset: int, length: int) -> bytes:
         """Read config bytes consistently: retry while the generation changes (§2.5.1)."""

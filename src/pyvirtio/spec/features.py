@@ -1,6 +1,8 @@
 """Device-independent feature bits (VIRTIO 1.x §6) and legacy transport bits.
 
-Values are bit *numbers*; use ``1 << BIT`` for masks. Bits 0-23 and 50-127 are device-specific.
+Values are bit *numbers*; use ``1 << BIT`` for masks. Bits 0-23, 41, 42 and 50-127 are
+device-specific (VIRTIO 1.4 §2.2; 41 and 42 were reserved before 1.4), 24-40 and 43 extend the
+queue and feature negotiation mechanisms, 44-49 are reserved for future extensions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ NOTIFICATION_DATA = 38
 NOTIF_CONFIG_DATA = 39
 RING_RESET = 40
 
+#: EXPERIMENTAL, pyvirtio's own, not a VIRTIO bit: multi-round feature negotiation
+#: (docs/multi-round.md). Bit 49 is in 44-49, which VIRTIO 1.4 reserves for future extensions
+#: and no specification or Linux header allocates; the top of that range, farthest from where
+#: the specification allocates next (41, 42 and 43 were taken in turn). Never offered unless a
+#: device opts in; never acknowledged unless a driver asks for it.
+VIRTIO_F_PYVIRTIO_MULTI_ROUND = 49
+MULTI_ROUND = VIRTIO_F_PYVIRTIO_MULTI_ROUND
+
 TRANSPORT_FEATURES_START = 28
 TRANSPORT_FEATURES_END = 41  # exclusive
 
@@ -40,6 +50,7 @@ NAMES = {
     NOTIFICATION_DATA: "NOTIFICATION_DATA",
     NOTIF_CONFIG_DATA: "NOTIF_CONFIG_DATA",
     RING_RESET: "RING_RESET",
+    MULTI_ROUND: "MULTI_ROUND(experimental)",
 }
 
 

@@ -362,7 +362,10 @@ class BackendProtocol:
     # ---- features and ownership -----------------------------------------------------------
 
     def _get_features(self, msg: Message) -> Message:
-        return C.reply(msg, C.u64(self.device.get_features() | PROTOCOL_FEATURES_BIT))
+        # Multi-round negotiation (docs/multi-round.md) is not carried over vhost-user yet:
+        # a front-end is offered the first round's features without the bit (one plain round).
+        offer = self.device.get_features() & ~F.bit(F.MULTI_ROUND)
+        return C.reply(msg, C.u64(offer | PROTOCOL_FEATURES_BIT))
 
     def _set_features(self, msg: Message) -> None:
         value = C.parse_u64(msg.payload)

@@ -134,6 +134,25 @@ def test_features_offer_the_device_bits_plus_protocol_features(front: Front) -> 
     with_config.close()
 
 
+def test_multi_round_negotiation_is_not_carried_over_vhost_user() -> None:
+    # docs/multi-round.md: the back-end offers a multi-round device's first round without the
+    # experimental bit, refuses an answer holding it, and negotiates plainly.
+    f = Front(RngDevice(multi_round=True))
+    try:
+        assert f.device.get_features() & F.bit(F.MULTI_ROUND)
+        offered = f.u64(R.GET_FEATURES)
+        assert offered == f.device.get_features() & ~F.bit(F.MULTI_ROUND) | F.bit(30)
+        f.send(R.SET_PROTOCOL_FEATURES, C.u64(DEFAULT_PROTOCOL_FEATURES), need_reply=False)
+        problem = f.nack(R.SET_FEATURES, C.u64(F.bit(F.VERSION_1) | F.bit(F.MULTI_ROUND)))
+        assert "multi-round negotiation needs the status register" in problem
+        assert not f.device.status & S.FEATURES_OK
+        f.negotiate()
+        assert f.device.status & S.FEATURES_OK
+        assert f.device.driver_features == offered & ~F.bit(F.RING_PACKED) & ~F.bit(30)
+    finally:
+        f.close()
+
+
 def test_set_features_is_final_without_the_status_protocol_feature(front: Front) -> None:
     front.negotiate(protocol=V.protocol_mask(PF.REPLY_ACK))
     assert front.device.status == S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK

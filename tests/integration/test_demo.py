@@ -49,10 +49,12 @@ def test_the_demo_boots_both_guests_and_ends_with_the_success_summary() -> None:
     checks = [line for line in said if line.startswith("  \u2713 ")]
     assert len(checks) == 13 and not [line for line in said if "\u2717" in line], said
     # Each act says which ring format the guest's driver negotiated: UML's virtio_console
-    # and QEMU's virtio_rng (attached with packed=on) on the packed ring pyvirtio offers.
+    # and virtio_balloon, and QEMU's virtio_rng (attached with packed=on), all on the packed
+    # ring pyvirtio offers.
     formats = [line for line in said if "driver negotiated" in line]
-    assert len(formats) == 2 and "virtio_rng" in formats[1], formats
-    assert formats[1].endswith("(packed ring)"), formats
+    assert [f.split()[1] for f in formats] == ["virtio_console", "virtio_rng",
+                                               "virtio_balloon"], formats
+    assert all(f.endswith("(packed ring)") for f in formats), formats
     # The guests' own kernels speak, indented under the narration.
     assert "   uml kernel |     virtio0: DRIVER=virtio_console" in done.stdout
     assert "  qemu kernel |     virtio0: DRIVER=virtio_rng" in done.stdout

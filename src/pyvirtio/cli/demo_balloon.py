@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pyvirtio.cli.demo import STEP_TIMEOUT, DemoFailure, booted, expect, mark, say, serving
+from pyvirtio.core.features import describe, ring_format
 from pyvirtio.device.balloon import DEFAULT_FEATURES, BalloonDevice
 from pyvirtio.guest import UmlGuest, VhostUserDevice, uml_args
 from pyvirtio.io.balloon_control import ControlServer, request
@@ -50,6 +51,10 @@ def balloon_part(workdir: Path, checks: list[tuple[str, bool]]) -> None:
                              devices=[VhostUserDevice(vu, ids.BALLOON)])
             with booted(guest):
                 expect(guest, r"PYVIRTIO-RESULT touched=")
+                features = device.driver_features
+                say(f"its virtio_balloon driver negotiated "
+                    f"{describe(features, BalloonDevice.feature_names)} "
+                    f"({ring_format(features)})")
                 before = request(ctl, "stats")
                 say(f"the guest wrote {TOUCH_MIB} MiB and freed it: its memory file holds "
                     f"{before['host_allocated'] / MIB:.0f} MiB of host memory")

@@ -141,10 +141,11 @@ class PyvirtioPath:
     from this checkout, or from the checkout ``src``."""
 
     def __init__(self, workdir: Path, profile: str | None, name: str = "pyvirtio",
-                 src: Path = ROOT) -> None:
+                 src: Path = ROOT, extra: Sequence[str] = ()) -> None:
         self.name = name
         self.socks = [str(workdir / f"{name}-vm{i}.sock") for i in range(2)]
-        args = ["serve", "net", "-q", *(a for s in self.socks for a in ("--socket", s))]
+        args = ["serve", "net", "-q", *(a for s in self.socks for a in ("--socket", s)),
+                *extra]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "pyvirtio", *args]
         else:
@@ -224,8 +225,14 @@ def paths(workdir: Path, transport: str, profile: str | None, sources: dict[str,
           ) -> Iterator[list[tuple[str, PyvirtioPath | BridgePath]]]:
     with contextlib.ExitStack() as stack:
         found: list[tuple[str, PyvirtioPath | BridgePath]] = []
-        for name, src in [("pyvirtio", ROOT), *sources.items()]:
-            path = PyvirtioPath(workdir, profile if name == "pyvirtio" else None, name, src)
+        # pyvirtio offers the packed ring, which the UML guests take; pyvirtio-split is the
+        # same switch with --no-packed (the ring format a --src checkout from before the
+        # packed ring runs)
+        ours: list[tuple[str, Path, tuple[str, ...]]] = [
+            ("pyvirtio", ROOT, ()), ("pyvirtio-split", ROOT, ("--no-packed",))]
+        for name, src, extra in [*ours, *((n, d, ()) for n, d in sources.items())]:
+            path = PyvirtioPath(workdir, profile if name == "pyvirtio" else None, name, src,
+                                extra)
             stack.callback(path.close)
             found.append((name, path))
         bridge = BridgePath(transport)
@@ -277,14 +284,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{args.rounds} rounds, {args.seconds} s iperf3, one TCP stream, UML <-> UML; "
           f"Mbit/s min / median / max:")
     labels = {"pyvirtio": "pyvirtio switch (vhost-user)",
+              "pyvirtio-split": "pyvirtio switch, --no-packed",
               "bridge": f"Linux bridge ({args.transport} taps)"}
     for name in names:
         label = labels.get(name, f"pyvirtio switch from {name}")
         print(f"  {label:36s} {Spread.of(mbits[name]).show():>24}")
-    for name in names[1:]:
-        ratio = Ratio.of(mbits["pyvirtio"], mbits[name])
-        print(f"  {'ratio pyvirtio / ' + name + ' [rounds]':36s} {ratio.show():>24} "
-              f"{ratio.verdict()}")
+    for ours in ("pyvirtio", "pyvirtio-split"):
+        for name in names:
+            if name in ("pyvirtio", ours):
+                continue
+            ratio = Ratio.of(mbits[ours], mbits[name])
+            print(f"  {'ratio ' + ours + ' / ' + name + ' [rounds]':36s} {ratio.show():>24} "
+                  f"{ratio.verdict()}")
     if args.profile:
         print_profile(args.profile)
     return 0

@@ -119,10 +119,12 @@ def run_pair(sender: Guest, receiver: Guest, sender_ip: str, receiver_ip: str) -
     return PairRun(r_sender, r_receiver, sender_ip, receiver_ip)
 
 
-def check_pair(run: PairRun) -> None:
+def check_pair(run: PairRun, lan: Lan) -> None:
     s, r = run.sender, run.receiver
-    assert s.ok, s.describe()
-    assert r.ok, r.describe()
+    # The switch's own log goes with a failure: what it saw of the guests' rings.
+    switch = f"\n--- switch log ---\n{lan.proc.tail(40)}"
+    assert s.ok, s.describe() + switch
+    assert r.ok, r.describe() + switch
     assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail()
     assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail()
     assert s.results["nc_send"] == "0"
@@ -142,7 +144,7 @@ def uml_pair(lan: Lan) -> PairRun:
 
 def test_two_uml_guests_ping_each_other_and_stream_16_mib_intact(uml_pair: PairRun,
                                                                  lan: Lan) -> None:
-    check_pair(uml_pair)
+    check_pair(uml_pair, lan)
     # The guests use the MACs the CLI assigned (--mac base, incremented per socket).
     assert uml_pair.sender.results["mac"] == MACS[0]
     assert uml_pair.receiver.results["mac"] == MACS[1]
@@ -160,7 +162,7 @@ def test_a_uml_and_a_qemu_guest_ping_each_other_and_stream_16_mib_intact(
                   devices=[VhostUserNet(lan.sock(2), mac=MACS[2])]),
         UmlGuest(receiver_script("10.0.0.1", "10.0.0.3"), timeout=180,
                  devices=[VhostUserDevice(lan.sock(0), ids.NET)]),
-        "10.0.0.3", "10.0.0.1"))
+        "10.0.0.3", "10.0.0.1"), lan)
     stats = lan.proc.stats()
     # vm0 sent the first stream and received the second (counters outlive its guests).
     for port, column in (("vm2", "tx_bytes"), ("vm0", "rx_bytes"), ("vm0", "tx_bytes")):

@@ -88,39 +88,42 @@ def memory_pattern_shell(tag: str) -> str:
 
     Why not ``yes | head -c``: every system call of a UML guest costs a round trip through
     ptrace (about 0.15-0.25 ms here), and busybox's ``yes`` and ``head`` move 4 KiB or less
-    per call: 150 MiB took 40 s on an idle machine, over a minute under load. Here eight
-    different MiB are made once and one ``cat`` copies them in turn with large calls (a
-    process costs about 70 ms to start in UML, so one per MiB would be slow too): 150 MiB in
-    under a second. Reading back is the dear part (``md5sum`` reads 4 KiB at a time, about
-    6 s for 150 MiB), so the guest reads once and the host knows the answer.
+    per call: 150 MiB took 40 s on an idle machine, over a minute under load. Here four
+    different 256 KiB units are made once and one ``cat`` copies them in turn with large
+    calls (a process costs about 70 ms to start in UML, so one per unit would be slow too):
+    150 MiB in about a second. The units are small because the guest's memory is nearly
+    all spoken for (the balloon tests fill 200 MiB of 245: eight 1 MiB units on top of that
+    made the OOM killer panic UML under load). Reading back is the dear part (``md5sum``
+    reads 4 KiB at a time, about 6 s for 150 MiB), so the guest reads once and the host
+    knows the answer.
     """
     return f"""\
 mount -o remount,size=240M /dev/shm
 fill() {{
-    u=0; while [ $u -lt {_PATTERN_UNITS} ]; do
-        yes {tag}-$1-$u | head -c 1048576 > /tmp/pattern-$1-$u; u=$((u+1))
+    u=0; while [ $u -lt {_UNITS} ]; do
+        yes {tag}-$1-$u | head -c {_UNIT} > /tmp/pattern-$1-$u; u=$((u+1))
     done
-    cat $(i=0; while [ $i -lt $2 ]; do
-        echo /tmp/pattern-$1-$((i % {_PATTERN_UNITS})); i=$((i+1)); done) > /dev/shm/$1
+    cat $(i=0; while [ $i -lt $(($2 * {MIB // _UNIT})) ]; do
+        echo /tmp/pattern-$1-$((i % {_UNITS})); i=$((i+1)); done) > /dev/shm/$1
     rm -f /tmp/pattern-$1-*
 }}
 digest() {{ md5sum < /dev/shm/$1 | cut -d' ' -f1; }}
 """
 
 
-_PATTERN_UNITS = 8
+_UNITS, _UNIT = 4, 256 << 10
 
 
 def memory_pattern_md5(tag: str, name: str, mib: int) -> str:
     """The md5 (hex) of what ``fill NAME MIB`` of :func:`memory_pattern_shell` writes:
-    MiB ``i`` is ``TAG-NAME-u`` lines, cut at 1 MiB, with ``u = i % 8``."""
+    256 KiB unit ``k`` is ``TAG-NAME-u`` lines cut at 256 KiB, with ``u = k % 4``."""
     units = []
-    for u in range(_PATTERN_UNITS):
+    for u in range(_UNITS):
         line = f"{tag}-{name}-{u}\n".encode()
-        units.append((line * (MIB // len(line) + 1))[:MIB])
+        units.append((line * (_UNIT // len(line) + 1))[:_UNIT])
     digest = hashlib.md5()
-    for i in range(mib):
-        digest.update(units[i % _PATTERN_UNITS])
+    for k in range(mib * (MIB // _UNIT)):
+        digest.update(units[k % _UNITS])
     return digest.hexdigest()
 
 

@@ -39,14 +39,19 @@ def start(device: RngDevice, memory: GuestMemory) -> None:
     device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
 
 
-def test_a_restarted_rng_back_end_resubmits_what_its_predecessor_held() -> None:
-    memory = GuestMemory.anonymous(1 << 20)
+def driver_ring(memory: GuestMemory) -> tuple[DriverQueue, Allocator, tuple[int, int, int]]:
+    """A split driver ring (EVENT_IDX, INDIRECT) at the bottom of ``memory``."""
     alloc = Allocator(0, 1 << 20)
     rings = (alloc.alloc(SP.desc_table_size(QSIZE), 4096),
              alloc.alloc(SP.avail_size(QSIZE), 4096),
              alloc.alloc(SP.used_size(QSIZE), 4096))
-    driver = DriverQueue(memory, QSIZE, *rings, event_idx=True, indirect=True,
-                         allocator=alloc)
+    return (DriverQueue(memory, QSIZE, *rings, event_idx=True, indirect=True,
+                        allocator=alloc), alloc, rings)
+
+
+def test_a_restarted_rng_back_end_resubmits_what_its_predecessor_held() -> None:
+    memory = GuestMemory.anonymous(1 << 20)
+    driver, alloc, rings = driver_ring(memory)
     buffers = [alloc.alloc(4096, 4096) for _ in range(3)]
     for i, addr in enumerate(buffers):
         driver.add_buf([], [(addr, 4096)], i)
@@ -88,12 +93,7 @@ def test_a_restarted_rng_back_end_resubmits_what_its_predecessor_held() -> None:
 # ---- lost notifications ----------------------------------------------------------------------
 
 def rng_with_ring(memory: GuestMemory) -> tuple[RngDevice, DriverQueue, Allocator]:
-    alloc = Allocator(0, 1 << 20)
-    rings = (alloc.alloc(SP.desc_table_size(QSIZE), 4096),
-             alloc.alloc(SP.avail_size(QSIZE), 4096),
-             alloc.alloc(SP.used_size(QSIZE), 4096))
-    driver = DriverQueue(memory, QSIZE, *rings, event_idx=True, indirect=True,
-                         allocator=alloc)
+    driver, alloc, rings = driver_ring(memory)
     device = RngDevice(queue_size=QSIZE)
     start(device, memory)
     device.start_queue(0, QSIZE, *rings)

@@ -9,6 +9,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra user-mode-linux linux-image-cloud-amd64
   busybox-static fio iperf3 e2fsprogs iproute2 tcpdump python3-venv
   gcc libc6-dev dpdk-dev
+  nbdkit python3-libnbd ceph-mon ceph-mgr ceph-osd python3-rbd
 )
 
 missing=()
@@ -36,3 +37,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# libnbd's and librbd's Python bindings exist only as Debian packages (not on PyPI). The venv
+# sees exactly those modules through a .pth directory of symlinks, not the whole of
+# dist-packages (which would shadow the venv's own pinned packages).
+bindings=.venv/system-bindings
+mkdir -p "$bindings"
+for m in nbd libnbdmod rbd rados; do
+  for f in /usr/lib/python3/dist-packages/"$m".py /usr/lib/python3/dist-packages/"$m".cpython-*.so; do
+    if [ -e "$f" ]; then ln -sf "$f" "$bindings/"; fi
+  done
+done
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(pwd)/$bindings" > "$site/pyvirtio-system-bindings.pth"

@@ -213,7 +213,7 @@ mgr initial modules =
 
 [client]
 log file = {d}/log/$name.$pid.log
-admin socket = {d}/run/$name.$pid.asok
+admin socket = {d}/run/$name.$pid.$cctid.asok
 rados osd op timeout = 60
 rados mon op timeout = 60
 """
@@ -229,7 +229,7 @@ rados mon op timeout = 60
                             f"{self._log_tail(argv)}")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        out = open(self.dir / "log" / f"{name}.out", "wb")  # noqa: SIM115 - the child's
+        out = open(self.dir / "log" / f"{name}.out", "wb")
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=self.dir,

@@ -28,6 +28,7 @@ from helpers.ceph import image_name
 from peers import require_guest
 from pyvirtio.device.blk.rbd import RbdBackend
 from pyvirtio.driver.blk import BlkDriver, BlkIO
+from pyvirtio.errors import LocalError
 from pyvirtio.guest import UmlGuest
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.spec import blk as B
@@ -288,3 +289,19 @@ def test_uml_guest_runs_fio_verify_and_a_file_system_on_rbd(
         check = subprocess.run([e2fsck, "-fn", str(fs)], capture_output=True, text=True,
                                timeout=60)
         assert check.returncode == 0, f"e2fsck:\n{check.stdout}\n{check.stderr}"
+
+
+def test_a_target_that_cannot_be_opened_is_refused_naming_it(ceph_cluster: CephCluster,
+                                                             tmp_path: Path) -> None:
+    loop = EventLoop()
+    try:
+        for target, why in [
+            (ceph_cluster.target("no-such-image"), "RBD image not found"),
+            (ceph_cluster.target("x", pool="no-such-pool"), "error opening pool"),
+            (f"rbd:rbd/x@{tmp_path / 'missing.conf'}", "cannot reach the Ceph cluster"),
+        ]:
+            with pytest.raises(LocalError, match=why) as exc:
+                RbdBackend.from_target(target, reactor=loop)
+            assert target.split("@")[0] in str(exc.value)
+    finally:
+        loop.close()

@@ -140,8 +140,8 @@ class RbdBackend(BlkBackend):
         self.submitted = 0  # guest requests handed to librbd
         self.flushes = 0  # aio_flush calls (guest flushes and writethrough flushes)
         try:
-            self._cluster = rados.Rados(conffile=conf or "")
             try:
+                self._cluster = rados.Rados(conffile=conf or "")
                 self._cluster.connect(timeout=int(connect_timeout))
             except rados.Error as exc:
                 raise LocalError(f"rbd:{self.name}: cannot reach the Ceph cluster"

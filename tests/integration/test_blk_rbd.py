@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -132,6 +133,41 @@ def test_many_requests_in_flight_store_what_the_guest_wrote(disk: RbdDisk) -> No
         assert disk.peer_read(sector * SECTOR, len(data)) == data
     assert disk.device.stats.ioerr == 0
     assert disk.backend.errors == []
+
+
+def test_completions_reach_the_device_on_the_loop_thread_only(disk: RbdDisk) -> None:
+    """librbd completes on its own threads; the device (rings, guest memory) must only
+    ever hear of it on the thread that runs the event loop."""
+    threads: set[int] = set()
+    complete = disk.device._complete_async
+
+    def on_loop_thread(req: Any, status: int) -> None:
+        threads.add(threading.get_ident())
+        complete(req, status)
+
+    disk.device._complete_async = on_loop_thread  # type: ignore[method-assign]
+    data = os.urandom(16 << 10)
+    ios = disk.run([disk.driver.submit_write(i * 32, data) for i in range(16)]
+                   + [disk.driver.submit_flush()])
+    ios += disk.run([disk.driver.submit_read(i * 32, 32) for i in range(16)])
+    assert all(io.ok for io in ios) and all(io.data == data for io in ios[17:])
+    assert threads == {threading.get_ident()}
+
+
+def test_a_guest_changing_its_buffer_during_a_write_cannot_change_what_is_stored(
+        disk: RbdDisk) -> None:
+    """The data is copied out of guest memory when the request is submitted: librbd
+    never reads guest memory, so a driver that scribbles over an in-flight buffer (a
+    hostile or buggy guest) changes nothing that is stored."""
+    data = os.urandom(64 << 10)
+    io = disk.driver.submit_write(2048, data)
+    disk.driver.kick()
+    assert disk.backend.in_flight == 1 and io.data_addr is not None
+    disk.pair.memory.write(io.data_addr, bytes(len(data)))  # before librbd completes
+    disk.run([io])
+    assert io.ok
+    assert disk.peer_read(2048 * SECTOR, len(data)) == data
+    assert disk.read(2048, len(data) // SECTOR) == data
 
 
 def test_discard_and_write_zeroes_make_ranges_read_as_zeroes(disk: RbdDisk) -> None:

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring ceph-start ceph-stop clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -30,6 +30,16 @@ bench-net: deps
 
 bench-ring: deps
 	$(PY) benchmarks/ring_split_vs_packed.py
+
+# A single-node Ceph cluster on loopback for development (pyvirtio.testing.ceph; the tests
+# start their own): `make ceph-start` prints its ceph.conf, then
+# `pyvirtio serve blk rbd:rbd/IMAGE@$(CEPH_DIR)/ceph.conf ...`.
+CEPH_DIR ?= .ceph
+ceph-start: deps
+	$(PY) -m pyvirtio.testing.ceph start $(CEPH_DIR)
+
+ceph-stop:
+	$(PY) -m pyvirtio.testing.ceph stop $(CEPH_DIR)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,5 +1,6 @@
 """``pyvirtio serve blk IMAGE``: a raw image as a virtio-blk disk (QEMU: vhost-user-blk-pci,
-UML: ``virtio_uml.device=SOCKET:2``).
+UML: ``virtio_uml.device=SOCKET:2``). ``pyvirtio serve blk rbd:POOL/IMAGE[@CONF]`` serves a
+Ceph RBD image instead, through librbd (:mod:`pyvirtio.device.blk.rbd`).
 
 The device outlives its front-ends: a guest that goes away (even killed) leaves the device
 reset and the next one may connect. With the INFLIGHT_SHMFD protocol feature (on unless
@@ -25,7 +26,9 @@ import time
 from typing import Any
 
 from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
-from pyvirtio.device.blk import BlkDevice
+from pyvirtio.device.blk import BlkBackend, BlkDevice
+from pyvirtio.device.blk.rbd import PREFIX as RBD_PREFIX
+from pyvirtio.device.blk.rbd import RbdBackend
 from pyvirtio.errors import LocalError
 from pyvirtio.io.inflight import inflight_extensions
 from pyvirtio.io.loop import EventLoop
@@ -42,7 +45,9 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
         "Reads and writes go with preadv/pwritev straight between the image and guest "
         "memory; discard and write-zeroes punch holes in the image.",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    p.add_argument("image", metavar="IMAGE",
+                   help="raw image file or block device, or a Ceph RBD image: "
+                   "rbd:POOL/IMAGE[@CEPH_CONF] (through librbd, python3-rbd)")
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     p.add_argument("--readonly", action="store_true",
                    help="offer VIRTIO_BLK_F_RO and refuse every modification (IOERR)")
@@ -125,26 +130,48 @@ def write_stats(path: str, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def open_backend(args: argparse.Namespace, loop: EventLoop) -> BlkBackend | None:
+    """The back-end a network target names (``rbd:POOL/IMAGE[@CONF]``), completing on
+    ``loop``; None for a local image (the device opens the path itself)."""
+    if args.image.startswith(RBD_PREFIX):
+        if args.direct or args.mmap_reads:
+            raise LocalError("--direct and --mmap-reads apply to local images only")
+        return RbdBackend.from_target(args.image, read_only=args.readonly, reactor=loop)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.queues < 1:
         raise SystemExit(f"pyvirtio serve blk: --queues must be at least 1, not {args.queues}")
     if args.batch_interval < 0:
         raise SystemExit("pyvirtio serve blk: --batch-interval must not be negative")
-    try:
-        device = BlkDevice(args.image, **device_kwargs(args))
-    except (LocalError, OSError) as exc:
-        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
     loop = EventLoop()
+    backend: BlkBackend | None = None
+    try:
+        storage = backend = open_backend(args, loop)
+        device = BlkDevice(storage if storage is not None else args.image,
+                           **device_kwargs(args))
+    except (LocalError, OSError) as exc:
+        if backend is not None:
+            backend.close()
+        loop.close()
+        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
+
+    def close_device() -> None:
+        device.close()
+        if backend is not None:
+            backend.close()  # a back-end the command opened itself (the device does not)
+
     try:
         server = VhostUserServer(
             args.socket, lambda: device, loop,
             extensions=None if args.no_inflight else inflight_extensions,
         )
     except BaseException:
-        device.close()
+        close_device()
         loop.close()
         raise
 
@@ -166,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.warning("flushing %s at exit failed: %s", args.image, exc)
         dump_stats()
-        device.close()
+        close_device()
 
     mode = "read-only" if device.read_only else "read-write"
     extra = f",num-queues={args.queues}" if args.queues > 1 else ""

@@ -7,6 +7,8 @@
 * :class:`BlkServer`: ``python -m pyvirtio serve blk IMAGE ...`` as a child process (the real
   command line), its banner parsed, its log in a file; SIGTERM (clean) or SIGKILL (crash),
   always stopped.
+* What a real guest runs on its disk: :data:`FS_SCRIPT` (a file system written and read
+  back) and :data:`FIO` (the host's fio through hostfs, crc32c-verified).
 * :class:`SlowBlkDevice`: a BlkDevice whose writes take ``delay`` seconds each and say so in
   the log, so a test can SIGKILL the server while a request is certainly in flight (server
   child processes import it as ``helpers.blk:SlowBlkDevice`` with ``tests/`` on PYTHONPATH).
@@ -124,6 +126,43 @@ class GuardedImage:
 def block_pattern(i: int) -> bytes:
     """What the crash test's guest writes into block ``i`` (``printf '%-4096s'``)."""
     return f"pyvirtio block {i}".ljust(BLOCK).encode()
+
+
+# ---- what a real guest runs on its disk ------------------------------------------------------
+
+FS_BLOCKS = 8192  # the ext2 file system: 8192 blocks of 4 KiB (32 MiB) at the start
+
+#: busybox makes an ext2 file system, writes files, syncs, unmounts, drops the caches,
+#: mounts it again and reports the checksums before (``fs_before``) and after (``fs_after``)
+FS_SCRIPT = """
+mkdir -p /mnt
+mke2fs -q -b 4096 {dev} {fs_blocks} || exit 1
+mount -t ext2 {dev} /mnt || exit 1
+mkdir -p /mnt/dir/sub
+dd if=/dev/urandom of=/mnt/a bs=1k count=300 2>/dev/null
+dd if=/dev/urandom of=/mnt/dir/b bs=4k count=1000 2>/dev/null
+dd if=/dev/urandom of=/mnt/dir/sub/c bs=1 count=12345 2>/dev/null
+echo hello > /mnt/dir/hello.txt
+sums() {{ cd /mnt && sha256sum a dir/b dir/sub/c dir/hello.txt | sha256sum | cut -d' ' -f1; cd /; }}
+result fs_before $(sums)
+sync
+umount /mnt || exit 1
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 {dev} /mnt || exit 1
+result fs_after $(sums)
+result fs_hello $(cat /mnt/dir/hello.txt)
+umount /mnt || exit 1
+"""
+
+# fio writes every 4 KiB block of the range once (random order, queue depth 16), then
+# reads everything back checking each block's crc32c. terse v3 fields: 5 error, 6 read
+# KiB, 47 write KiB.
+FIO = ("host_run /usr/bin/fio --name=verify --filename={dev} --rw=randwrite --bs=4k "
+       "--iodepth=16 --ioengine=libaio --direct=1 --offset={offset} --size=64M "
+       "--verify=crc32c --verify_fatal=1 --output-format=terse --terse-version=3 "
+       "> /tmp/fio-{name}.out 2>&1\n"
+       "result fio_{name}_status $?\n"
+       "result fio_{name} $(tail -1 /tmp/fio-{name}.out | cut -d';' -f5,6,47)\n")
 
 
 # ---- in memory: a device probed by our driver -----------------------------------------------

@@ -1,5 +1,9 @@
-"""``pyvirtio serve blk IMAGE``: a raw image as a virtio-blk disk (QEMU: vhost-user-blk-pci,
-UML: ``virtio_uml.device=SOCKET:2``).
+"""``pyvirtio serve blk TARGET``: a raw image, or an NBD export, as a virtio-blk disk (QEMU:
+vhost-user-blk-pci, UML: ``virtio_uml.device=SOCKET:2``).
+
+TARGET is a file path, or a URI naming remote storage (:func:`open_target` maps one to a
+back-end): ``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH`` through
+libnbd (:mod:`pyvirtio.device.blk.nbd`).
 
 The device outlives its front-ends: a guest that goes away (even killed) leaves the device
 reset and the next one may connect. With the INFLIGHT_SHMFD protocol feature (on unless
@@ -25,7 +29,9 @@ import time
 from typing import Any
 
 from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
-from pyvirtio.device.blk import BlkDevice
+from pyvirtio.core.reactor import Reactor
+from pyvirtio.device.blk import BlkBackend, BlkDevice
+from pyvirtio.device.blk.nbd import NbdBackend, is_nbd_target
 from pyvirtio.errors import LocalError
 from pyvirtio.io.inflight import inflight_extensions
 from pyvirtio.io.loop import EventLoop
@@ -37,12 +43,24 @@ log = logging.getLogger("pyvirtio.cli.serve_blk")
 
 def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p = kinds.add_parser(
-        "blk", parents=[common], help="block device (virtio-blk) on a raw image",
-        description="Serve a raw image file (or a host block device) as a virtio-blk disk. "
-        "Reads and writes go with preadv/pwritev straight between the image and guest "
-        "memory; discard and write-zeroes punch holes in the image.",
+        "blk", parents=[common], help="block device (virtio-blk) on a raw image or NBD",
+        description="Serve a raw image file (or a host block device), or an NBD export, as "
+        "a virtio-blk disk. For a file, reads and writes go with preadv/pwritev straight "
+        "between the image and guest memory; discard and write-zeroes punch holes in the "
+        "image. For NBD, libnbd moves the data straight between the server and guest "
+        "memory, many requests in flight; FLUSH, DISCARD and WRITE_ZEROES are offered only "
+        "if the export supports them, a read-only export is served read-only, and a lost "
+        "connection is re-established while requests wait (see --reconnect-timeout).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="TARGET forms:\n"
+        "  PATH                              a raw image file or a host block device\n"
+        "  nbd://HOST[:PORT]/EXPORT          an NBD export over TCP (default port 10809)\n"
+        "  nbd+unix:///EXPORT?socket=PATH    an NBD export over a unix socket\n"
+        "  (nbds:// and nbds+unix:// are the same with TLS; an empty EXPORT is the\n"
+        "  server's default export)",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    p.add_argument("image", metavar="TARGET",
+                   help="raw image file or block device, or an NBD URI (forms below)")
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     p.add_argument("--readonly", action="store_true",
                    help="offer VIRTIO_BLK_F_RO and refuse every modification (IOERR)")
@@ -74,6 +92,10 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
                    "instead of waiting for a kick per request (fewer notifications and "
                    "wake-ups for both sides; only kept while it serves at least as fast; "
                    "0: always kick-driven; default %(default)s)")
+    p.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="NBD: how long requests wait for a lost connection to come back "
+                   "before they fail with an I/O error (reconnecting goes on; default "
+                   "%(default)s)")
     p.add_argument("--stats-file", metavar="PATH",
                    help="write request/notification counters as JSON here at exit and on "
                    "SIGUSR1")
@@ -100,6 +122,17 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def open_target(target: str, args: argparse.Namespace, reactor: Reactor) -> BlkBackend | str:
+    """The storage TARGET names: an NBD URI becomes an :class:`NbdBackend` on ``reactor``;
+    anything else is a file path, which :class:`BlkDevice` opens itself."""
+    if is_nbd_target(target):
+        if args.direct or args.mmap_reads:
+            raise LocalError("--direct and --mmap-reads apply to image files only")
+        return NbdBackend(target, reactor, connections=args.queues, read_only=args.readonly,
+                          reconnect_timeout=args.reconnect_timeout)
+    return target
+
+
 def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
     """Counters for the benchmark: requests by type, kicks received, calls sent."""
     s = device.stats
@@ -115,6 +148,7 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
         "kicks": server.kicks, "calls": server.calls,
         "connections": server.accepted,
         "features": device.driver_features,  # what the last driver negotiated (ring format)
+        "backend": dict(getattr(device.backend, "counters", dict)()),
     }
 
 
@@ -130,11 +164,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pyvirtio serve blk: --queues must be at least 1, not {args.queues}")
     if args.batch_interval < 0:
         raise SystemExit("pyvirtio serve blk: --batch-interval must not be negative")
-    try:
-        device = BlkDevice(args.image, **device_kwargs(args))
-    except (LocalError, OSError) as exc:
-        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
+    if args.reconnect_timeout <= 0:
+        raise SystemExit("pyvirtio serve blk: --reconnect-timeout must be positive")
     loop = EventLoop()
+    backend: BlkBackend | str | None = None
+    try:
+        backend = open_target(args.image, args, loop)
+        device = BlkDevice(backend, **device_kwargs(args))
+    except (LocalError, OSError) as exc:
+        if isinstance(backend, BlkBackend):
+            backend.close()
+        loop.close()
+        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
@@ -145,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except BaseException:
         device.close()
+        if isinstance(backend, BlkBackend):
+            backend.close()
         loop.close()
         raise
 
@@ -167,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
             log.warning("flushing %s at exit failed: %s", args.image, exc)
         dump_stats()
         device.close()
+        if isinstance(backend, BlkBackend):
+            backend.close()  # a back-end made here (the device closes only what it opened)
 
     mode = "read-only" if device.read_only else "read-write"
     extra = f",num-queues={args.queues}" if args.queues > 1 else ""

@@ -16,10 +16,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -275,14 +278,17 @@ def segments(*segs: tuple[int, int, int]) -> bytes:
 
 
 class BlkServer(ServeProcess):
-    """``python -m pyvirtio [-v] serve blk IMAGE --socket SOCK ARGS`` in a child process,
-    stderr to ``log_path``; returns once the banner is complete (the socket listens).
-    :meth:`stop` is the clean shutdown, :meth:`kill` a crash."""
+    """``python -m pyvirtio [-v] serve blk TARGET --socket SOCK ARGS`` in a child process
+    (inside network namespace ``netns`` if given: its socket is still a path any guest
+    reaches), stderr to ``log_path``; returns once the banner is complete (the socket
+    listens). :meth:`stop` is the clean shutdown, :meth:`kill` a crash, :meth:`stats` the
+    counters of ``--stats-file`` now."""
 
-    def __init__(self, image: Path, sock: Path, args: Sequence[str] = (), *,
-                 log_path: Path, verbose: bool = True, timeout: float = 30.0) -> None:
+    def __init__(self, image: Path | str, sock: Path, args: Sequence[str] = (), *,
+                 log_path: Path, verbose: bool = True, timeout: float = 30.0,
+                 netns: str | None = None) -> None:
         super().__init__("blk", [str(image), "--socket", str(sock), *args], log_path=log_path,
-                         global_args=["-v"] if verbose else [])
+                         global_args=["-v"] if verbose else [], netns=netns)
         self.sock = sock
         try:
             self.wait_for(r"^pyvirtio: virtio-blk on ", timeout)
@@ -290,6 +296,21 @@ class BlkServer(ServeProcess):
         except BaseException:
             self.close()
             raise
+
+    def stats(self, path: Path, timeout: float = 10.0) -> dict[str, Any]:
+        """Ask for the counters (SIGUSR1) and return them once ``path`` holds the new ones
+        (the server must run with ``--stats-file PATH``)."""
+        seq = json.loads(path.read_text())["seq"] if path.exists() else -1
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                data: dict[str, Any] = json.loads(path.read_text())
+                if data["seq"] > seq:
+                    return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no new counters in {path} after {timeout} s")
+            time.sleep(0.02)
 
     def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
         """The first match of ``pattern`` in the log from character ``start``."""

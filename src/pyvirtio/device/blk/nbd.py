@@ -63,6 +63,7 @@ from pyvirtio.device.blk.backend import (
     Completion,
 )
 from pyvirtio.errors import LocalError
+from pyvirtio.ring.chain import gather, scatter
 
 nbd: Any
 try:  # Debian's python3-libnbd (untyped; make deps links it into the project's environment)
@@ -112,7 +113,7 @@ class _Op:
     """One virtio-blk request in progress: its NBD commands (parts) and its outcome.
     ``done(req, status)`` is called once, when every part is answered."""
 
-    __slots__ = ("done", "flush_after", "pending", "req", "status")
+    __slots__ = ("bounce", "done", "flush_after", "pending", "req", "status")
 
     def __init__(self, req: Any, done: Callable[[Any, int], None]) -> None:
         self.req = req
@@ -120,6 +121,7 @@ class _Op:
         self.pending = 0
         self.status = S_OK
         self.flush_after = False
+        self.bounce: bytearray | None = None  # the data, when the segments cannot be sent
 
 
 class _Part:
@@ -159,6 +161,7 @@ class _Connection:
         self.timer: TimerHandle | None = None
         self.expiry: TimerHandle | None = None
         self.name = f"{backend.uri} [connection {index}]"
+        self.last_error: str | None = None
 
     # ---- connecting ---------------------------------------------------------------------
 
@@ -193,15 +196,12 @@ class _Connection:
             self.close()
             raise LocalError(f"cannot connect to {self.backend.uri}: {reason}")
 
-    last_error: str | None = None
-
     def _attempt_failed(self, reason: str | None) -> None:
         self.last_error = reason
+        if self.state != _CLOSED:
+            self.state = _DOWN
         self._drop_handle()
-        if self.state == _CLOSED:
-            return
-        self.state = _DOWN
-        if self.backend.started:
+        if self.state != _CLOSED and self.backend.started:
             self._schedule_retry(reason)
 
     def _schedule_retry(self, reason: str | None) -> None:
@@ -239,13 +239,14 @@ class _Connection:
 
     def lost(self, reason: str) -> None:
         """The connection broke: keep its commands for the next one and reconnect."""
-        self._drop_handle()
         if self.state == _CLOSED:
+            self._drop_handle()
             return
+        self.state = _DOWN  # first: what completes meanwhile issues nothing on this handle
+        self._drop_handle()
         # libnbd reported the aborted commands (ENOTCONN); any still here go back too.
         self.waiting.extend(self.in_flight)
         self.in_flight.clear()
-        self.state = _DOWN
         if self.down_since is None:
             self.down_since = time.monotonic()
             log.warning("%s: connection lost (%s); %d command(s) wait for the next one",
@@ -369,7 +370,7 @@ class _Connection:
 
     def issue(self, part: _Part) -> None:
         """Send one command, or keep it until the connection is back."""
-        if self.state != _READY:
+        if self.state != _READY or self.h is None:
             if self.failing:
                 self.backend.part_done(part, errno.ETIMEDOUT)
             else:
@@ -498,6 +499,8 @@ class NbdBackend(BlkBackend):
             self.can_fua = bool(h.can_fua())
             self.multi_conn = bool(h.can_multi_conn())
             minimum = h.get_block_size(nbd.SIZE_MINIMUM)
+            #: what the server requires of every command's offset and length (1: nothing)
+            self.block_minimum = max(minimum, 1)
             preferred = h.get_block_size(nbd.SIZE_PREFERRED)
             maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
             self.block_size = _power_of_two_at_least(max(minimum, SECTOR_SIZE), "minimum",
@@ -557,10 +560,19 @@ class NbdBackend(BlkBackend):
         rtype = req.type
         sync = req.sync
         fua = nbd.CMD_FLAG_FUA if sync and self.can_fua else 0
-        if rtype == T_IN:
-            self._split(op, _READ, req.offset, req.data, 0, parts)
-        elif rtype == T_OUT:
-            self._split(op, _WRITE, req.offset, req.data, fua, parts)
+        if rtype == T_IN or rtype == T_OUT:
+            views = req.data
+            align = self.block_minimum
+            if align > 1 and any(len(v) % align for v in views):
+                # A server with a minimum block size refuses the guest's odd segments as
+                # commands of their own: the data goes through one buffer (one copy).
+                op.bounce = bytearray(gather(views)) if rtype == T_OUT else \
+                    bytearray(req.length)
+                views = [memoryview(op.bounce)]
+            if rtype == T_IN:
+                self._split(op, _READ, req.offset, views, 0, parts)
+            else:
+                self._split(op, _WRITE, req.offset, views, fua, parts)
         elif rtype == T_FLUSH:
             if self.supports_flush:
                 parts.append(_Part(op, _FLUSH, 0, 0))
@@ -628,6 +640,10 @@ class NbdBackend(BlkBackend):
             self._finish(op)
 
     def _finish(self, op: _Op) -> None:
+        if op.bounce is not None:
+            if op.status == S_OK and op.req.type == T_IN:
+                scatter(op.req.data, op.bounce)
+            op.bounce = None
         op.done(op.req, op.status)
 
     # ---- the synchronous interface ------------------------------------------------------

@@ -51,6 +51,8 @@ class Nbdkit:
             self.pidfile.unlink()
         argv = ["nbdkit", "--foreground", "--exit-with-parent", "-P", str(self.pidfile)]
         if unix is not None:
+            with contextlib.suppress(FileNotFoundError):
+                unix.unlink()  # a killed server's socket (it never removes it)
             argv += ["--unix", str(unix)]
             self.uri = f"nbd+unix:///?socket={unix}"
         else:

@@ -210,7 +210,7 @@ def test_a_killed_and_restarted_server_loses_no_acknowledged_write(remote: Remot
     assert remote.nbdkit is not None and remote.blk is not None
     # The writes of this server take 30 ms each: while the guest writes, some are in flight.
     remote.nbdkit.kill()
-    remote.start_nbdkit("delay-write=0.03", filters=("error", "delay"))
+    remote.start_nbdkit("delay-write=30ms", filters=("error", "delay"))
     mark = len(remote.blk.log())
     remote.blk.wait_log(r"reconnected after", timeout=30, start=mark)
     before = remote.stats()

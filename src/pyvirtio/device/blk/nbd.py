@@ -206,7 +206,9 @@ class _Connection:
 
     def _schedule_retry(self, reason: str | None) -> None:
         delay = RETRY_DELAYS[min(self.attempts, len(RETRY_DELAYS) - 1)]
-        if self.attempts in (1, 2) or self.attempts % 30 == 0:
+        if self.attempts == 0:
+            log.info("%s: reconnecting in %.2f s", self.name, delay)
+        elif self.attempts <= 2 or self.attempts % 30 == 0:
             log.info("%s: reconnecting in %.2f s (attempt %d failed: %s)", self.name, delay,
                      self.attempts, reason)
         self.timer = self.backend.reactor.call_later(delay, self.start_connect)

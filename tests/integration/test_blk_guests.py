@@ -24,6 +24,7 @@ import pytest
 
 from helpers.blk import (
     FIO,
+    FS_BLOCKS,
     FS_SCRIPT,
     BlkServer,
     GuardedImage,
@@ -36,8 +37,6 @@ from pyvirtio.spec import features as F
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MiB = 1 << 20
-FS_BLOCKS = 8192  # the ext2 file system: 8192 blocks of 4 KiB (32 MiB) at the start
-
 TRIM_SCRIPT = """
 dd if=/dev/urandom of={dev} bs=1M seek={seek} count=16 oflag=direct 2>/dev/null
 sync

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers.blk import FIO, FS_SCRIPT, BlkServer, blk_pair
+from helpers.blk import FIO, FS_BLOCKS, FS_SCRIPT, BlkServer, blk_pair
 from helpers.ceph import image_name
 from peers import require_guest
 from pyvirtio.device.blk.rbd import RbdBackend
@@ -290,7 +290,7 @@ def test_uml_guest_runs_fio_verify_and_a_file_system_on_rbd(
                            ["--stats-file", str(stats)], log_path=tmp_path / "server.log")
         script = (
             "result vda_sectors $(cat /sys/block/vda/size)\n"
-            + FS_SCRIPT.format(dev="/dev/vda", fs_blocks=8192)  # 32 MiB of ext2
+            + FS_SCRIPT.format(dev="/dev/vda", fs_blocks=FS_BLOCKS)
             + FIO.format(dev="/dev/vda", offset="32M", name="vda")
         )
         with UmlGuest(script, kernel_args=server.banner_args("uml"), timeout=200) as guest:

@@ -50,12 +50,12 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
         description="Serve a raw image file (or a host block device), an NBD export or a "
         "Ceph RBD image as a virtio-blk disk. For a file, reads and writes go with "
         "preadv/pwritev straight between the image and guest memory; discard and "
-        "write-zeroes punch holes in the image. For NBD, libnbd moves the data straight between the server and guest "
-        "memory, many requests in flight; FLUSH, DISCARD and WRITE_ZEROES are offered only "
-        "if the export supports them, a read-only export is served read-only, and a lost "
-        "connection is re-established while requests wait (see --reconnect-timeout). For RBD, "
-        "librbd's asynchronous calls serve many requests at once, their completions handed "
-        "to the event loop.",
+        "write-zeroes punch holes in the image. For NBD, libnbd moves the data straight "
+        "between the server and guest memory, many requests in flight; FLUSH, DISCARD and "
+        "WRITE_ZEROES are offered only if the export supports them, a read-only export is "
+        "served read-only, and a lost connection is re-established while requests wait "
+        "(see --reconnect-timeout). For RBD, librbd's asynchronous calls serve many "
+        "requests at once, their completions handed to the event loop.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="TARGET forms:\n"
         "  PATH                              a raw image file or a host block device\n"

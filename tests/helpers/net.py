@@ -22,6 +22,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dpkt
 
@@ -29,6 +30,7 @@ from helpers.serve_process import ServeProcess
 from pyvirtio.driver import base as driver_base
 from pyvirtio.driver.base import Driver, Virtqueue
 from pyvirtio.driver.net import NetDriver
+from pyvirtio.guest import Guest, GuestResult
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec import features as F
@@ -219,6 +221,20 @@ class SwitchProcess(ServeProcess):
             values = line.split()
             table[values[0]] = dict(zip(columns, values, strict=True))
         return table
+
+
+class JoinProcess(ServeProcess):
+    """``pyvirtio -v join KIND ARGS`` in a child process, stderr joined to stdout; waits
+    until every socket listens (the banner's last UML line names the last socket)."""
+
+    def __init__(self, kind: str, args: Sequence[str], *, ready_timeout: float = 20.0) -> None:
+        super().__init__(kind, args, global_args=VERBOSE, command="join")
+        try:
+            last = SwitchProcess._last_socket(args)
+            self.wait_for(r"virtio_uml\.device=" + re.escape(last), ready_timeout)
+        except BaseException:
+            self.close()
+            raise
 
 
 # ---- namespaces ----------------------------------------------------------------------------
@@ -453,3 +469,71 @@ def eth_frame(dst: bytes, src: bytes, size: int, fill: int = 0x42) -> bytes:
     """An Ethernet frame of ``size`` bytes with the local experimental ethertype 0x88b5
     (guests' stacks ignore it)."""
     return eth(dst, src, ETH_P_EXPERIMENTAL, bytes([fill]) * (size - 14))
+
+
+# ---- two guests streaming to each other ----------------------------------------------------
+
+PAYLOAD_MIB = 16
+PORT = 5001
+
+
+def receiver_script(ip: str, peer: str) -> str:
+    return net_setup(ip) + f"""
+# busybox nc quits as soon as either input ends, and a background job's stdin is
+# /dev/null: hand the connection to a program that reads it to the sender's end instead.
+printf '#!/bin/sh\\nexec cat > /tmp/recv\\n' > /tmp/save
+chmod +x /tmp/save
+nc -l -p {PORT} -e /tmp/save &
+ncpid=$!
+until netstat -ltn 2>/dev/null | grep -q ':{PORT} '; do usleep 50000; done
+echo NET-LISTENING
+{ping_until(peer)}
+wait $ncpid
+result nc_listen $?
+result recv_size $(stat -c %s /tmp/recv)
+result recv_sha $(sha256sum /tmp/recv | cut -d' ' -f1)
+"""
+
+
+def sender_script(ip: str, peer: str) -> str:
+    return net_setup(ip) + f"""
+dd if=/dev/urandom of=/tmp/data bs=1M count={PAYLOAD_MIB} 2>/dev/null
+result sent_sha $(sha256sum /tmp/data | cut -d' ' -f1)
+{ping_until(peer)}
+echo NET-WAITING-FOR-GO
+read go
+nc {peer} {PORT} < /tmp/data
+result nc_send $?
+"""
+
+
+@dataclass
+class PairRun:
+    sender: GuestResult
+    receiver: GuestResult
+    sender_ip: str
+    receiver_ip: str
+
+
+def run_pair(sender: Guest, receiver: Guest, sender_ip: str, receiver_ip: str) -> PairRun:
+    """Boot both guests at once; start the sender's stream once the receiver listens."""
+    with receiver, sender:
+        receiver.wait_for("NET-LISTENING", timeout=120)
+        sender.wait_for("NET-WAITING-FOR-GO", timeout=120)
+        sender.write("go\n")
+        r_sender = sender.wait(timeout=120)
+        r_receiver = receiver.wait(timeout=60)
+    return PairRun(r_sender, r_receiver, sender_ip, receiver_ip)
+
+
+def check_guest_pair(run: PairRun, context: str = "") -> None:
+    """Both guests pinged each other and the receiver got the sender's 16 MiB intact;
+    ``context`` (e.g. the server's log) goes with a failure."""
+    s, r = run.sender, run.receiver
+    assert s.ok, s.describe() + context
+    assert r.ok, r.describe() + context
+    assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail() + context
+    assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail() + context
+    assert s.results["nc_send"] == "0", s.tail() + context
+    assert r.results["recv_size"] == str(PAYLOAD_MIB << 20), r.tail() + context
+    assert r.results["recv_sha"] == s.results["sent_sha"], context

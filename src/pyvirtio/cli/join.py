@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
 from pyvirtio.device.base import DEFAULT_QUEUE_SIZE, VirtioDevice
@@ -57,7 +58,7 @@ hostile guests:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: Any) -> None:
     p = sub.add_parser("join", help="join two guests' virtqueues (no switch, no device)",
                        description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

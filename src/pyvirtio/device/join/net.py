@@ -37,7 +37,7 @@ class JoinNetSide(Joined, NetDevice):
                  **kwargs: object) -> None:
         self.side = side
         kwargs.setdefault("ctrl", False)
-        super().__init__(mac, **kwargs)
+        super().__init__(mac, **kwargs)  # type: ignore[arg-type]
 
     def receive(self, hdr: NetHdr, frame: Frame, length: int, *,
                 flush: bool = True) -> Delivery:

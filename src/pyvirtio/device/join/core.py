@@ -118,8 +118,9 @@ class Route:
                 done.append((buf, n))
                 if n == 0:
                     stats.bad_buffers += 1
-                    dst.problem(f"{dst.name} queue {self.dst_queue}: buffer {buf.head} has no "
-                                "writable bytes: returned empty")
+                    if stats.bad_buffers <= 10:  # a hostile guest must not flood the log
+                        dst.problem(f"{dst.name} queue {self.dst_queue}: buffer {buf.head} "
+                                    "has no writable bytes: returned empty")
                     continue
                 offset += n
                 stats.bytes += n

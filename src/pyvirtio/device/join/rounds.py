@@ -78,9 +78,12 @@ class RoundBroker:
             me = self._sides[side]
             me.round, me.latest, me.final = k, answer, False
             self._cond.notify_all()
-            others = [s for i, s in enumerate(self._sides) if i != side]
             deadline = time.monotonic() + self.wait
-            while not all(o.final or o.round >= k for o in others):
+            while True:
+                # Looked up again each time: a side's reset replaces its state.
+                others = [s for i, s in enumerate(self._sides) if i != side]
+                if all(o.final or o.round >= k for o in others):
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.timeouts += 1

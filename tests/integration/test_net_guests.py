@@ -38,7 +38,7 @@ from helpers.net import (
 )
 from helpers.paths import SRC
 from peers import require_guest
-from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
+from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 

@@ -36,8 +36,16 @@ from pyvirtio.spec import ids
 KINDS = ("net", "console")
 CONSOLE_FEATURE_NAMES = F.names_in(vars(C), "VIRTIO_CONSOLE_F_", strip="VIRTIO_")
 
-__all__ = ["KINDS", "Join", "JoinNetSide", "JoinSide", "Mapping", "Route", "RoundBroker",
-           "parse_features"]
+__all__ = [
+    "KINDS",
+    "Join",
+    "JoinNetSide",
+    "JoinSide",
+    "Mapping",
+    "RoundBroker",
+    "Route",
+    "parse_features",
+]
 
 
 def parse_features(text: str, names: dict[int, str]) -> int:
@@ -94,7 +102,9 @@ class Join:
         else:
             consoles = [JoinSide(ids.CONSOLE, 2, 0, config=bytes(C.CONFIG_SIZE), side=i,
                                  name=f"side{i}", feature_names=CONSOLE_FEATURE_NAMES,
-                                 multi_round=multi_round, **kwargs) for i in range(sides)]
+                                 multi_round=multi_round,
+                                 **kwargs)  # type: ignore[arg-type]
+                        for i in range(sides)]
             self.routes = connect_routes(
                 consoles, list(mappings) if mappings else crosswise(sides, tx=1, rx=0))
             self.sides.extend(consoles)

@@ -121,9 +121,12 @@ n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 400 ]; do sleep 0.05; n=$((n+1)); done
 exec 3<>/dev/hvc0
 stty raw -echo <&3
+echo SHELL-READY
+read go
+# Started only once the other guest's hvc0 is raw and silent: an interactive shell prints a
+# prompt at once, which a tty still echoing would send straight back as input.
 sh <&3 >&3 2>&3 &
 shpid=$!
-echo SHELL-READY
 wait $shpid
 result shell_exit $?
 """
@@ -141,7 +144,7 @@ printf 'echo JOINED-$((6 * 7)) $(cat /proc/sys/kernel/hostname); exit 3\\n' >&3
 n=0
 until grep -q JOINED-42 /tmp/out || [ $n -ge 200 ]; do sleep 0.1; n=$((n+1)); done
 kill $catpid
-result answer "$(grep JOINED /tmp/out | tr -d '\\r')"
+result answer "$(grep JOINED-42 /tmp/out | tail -n 1 | tr -d '\\r')"
 """
 
 
@@ -155,6 +158,7 @@ def test_a_shell_in_one_guest_is_driven_from_the_other_through_hvc0(tmp_path: Pa
         with shell, driver:
             shell.wait_for("SHELL-READY", timeout=90)
             driver.wait_for("DRIVER-WAITING", timeout=90)
+            shell.write("go\n")
             driver.write("go\n")
             r_driver = driver.wait(timeout=60)
             r_shell = shell.wait(timeout=60)

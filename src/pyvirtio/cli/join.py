@@ -145,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
         extra = ",vectors=0"
     banner = [f"pyvirtio: joining {len(sockets)} guests' virtio-{args.kind} queues",
               join.describe(),
-              attach_instructions(servers, device_id, qemu_extra=extra, packed=args.packed)]
+              attach_instructions(servers, device_id, qemu_extra=extra, packed=args.packed,
+                                  qemu=args.kind == "net")]
     if args.kind == "net":
         banner.append("(QEMU keeps its own copy of the MAC: add ,mac= "
                       + " / ".join(format_mac(s.mac) for s in join.sides  # type: ignore[union-attr]

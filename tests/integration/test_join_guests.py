@@ -63,6 +63,14 @@ def joiner(kind: str, workdir: Path, *extra: str) -> Iterator[JoinProcess]:
         proc.close()
 
 
+def join_log(proc: JoinProcess) -> str:
+    """For a failure: every warning the join logged (what it saw of the guests' rings,
+    lost notifications made up for) and its last lines."""
+    warnings = [x for x in proc.output().splitlines() if "WARNING" in x or "served" in x]
+    return ("\n--- join warnings ---\n" + "\n".join(warnings[-30:])
+            + f"\n--- join log ---\n{proc.tail(20)}")
+
+
 def negotiated(proc: JoinProcess, side: str) -> str:
     """The features the join logged for ``side``'s driver (the last negotiation)."""
     found = re.findall(rf"{side}: features (\S+)", proc.output())
@@ -88,7 +96,7 @@ def test_two_uml_guests_joined_over_virtio_net_ping_and_stream_16_mib(tmp_path: 
     require_guest("uml")
     with joiner("net", tmp_path) as proc:
         run = uml_net_pair(tmp_path)
-        check_guest_pair(run, f"\n--- join log ---\n{proc.tail(40)}")
+        check_guest_pair(run, join_log(proc))
         for side in ("side0", "side1"):
             feats = negotiated(proc, side)
             assert "MRG_RXBUF" in feats and "HOST_TSO4" in feats and "GUEST_TSO4" in feats
@@ -103,7 +111,7 @@ def test_a_guest_that_took_tso_streams_to_one_that_refused_it(tmp_path: Path) ->
     require_guest("uml")
     with joiner("net", tmp_path, "--withhold", "1:guest_csum,guest_tso4,guest_tso6") as proc:
         run = uml_net_pair(tmp_path)  # side 0 sends, side 1 receives
-        check_guest_pair(run, f"\n--- join log ---\n{proc.tail(40)}")
+        check_guest_pair(run, join_log(proc))
         sender, receiver = negotiated(proc, "side0"), negotiated(proc, "side1")
         assert "HOST_TSO4" in sender.split("|") and "CSUM" in sender.split("|")
         assert "GUEST_TSO4" not in receiver.split("|")

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring ceph-start ceph-stop clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-join bench-ring ceph-start ceph-stop clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -27,6 +27,9 @@ bench-blk: deps
 
 bench-net: deps
 	$(PY) benchmarks/net_vs_bridge.py
+
+bench-join: deps
+	$(PY) benchmarks/net_join.py
 
 bench-ring: deps
 	$(PY) benchmarks/ring_split_vs_packed.py

@@ -137,15 +137,16 @@ def run_pair(server_guest: UmlGuest, client_guest: UmlGuest, path: str,
 
 
 class PyvirtioPath:
-    """``pyvirtio serve net`` with two sockets, kept for every round (guests reconnect);
-    from this checkout, or from the checkout ``src``."""
+    """``pyvirtio serve net`` (or another ``command``: ``("join", "net")``) with two sockets,
+    kept for every round (guests reconnect); from this checkout, or from the checkout
+    ``src``."""
 
     def __init__(self, workdir: Path, profile: str | None, name: str = "pyvirtio",
-                 src: Path = ROOT, extra: Sequence[str] = ()) -> None:
+                 src: Path = ROOT, extra: Sequence[str] = (),
+                 command: Sequence[str] = ("serve", "net")) -> None:
         self.name = name
         self.socks = [str(workdir / f"{name}-vm{i}.sock") for i in range(2)]
-        args = ["serve", "net", "-q", *(a for s in self.socks for a in ("--socket", s)),
-                *extra]
+        args = [*command, "-q", *(a for s in self.socks for a in ("--socket", s)), *extra]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "pyvirtio", *args]
         else:
@@ -158,7 +159,8 @@ class PyvirtioPath:
         deadline = time.monotonic() + 20
         while not all(os.path.exists(s) for s in self.socks):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pyvirtio serve net did not start: {self.log.name}")
+                raise RuntimeError(f"pyvirtio {' '.join(command)} did not start: "
+                                   f"{self.log.name}")
             time.sleep(0.05)
 
     def guests(self, seconds: int) -> tuple[UmlGuest, UmlGuest]:

@@ -225,6 +225,20 @@ class SwitchProcess(ServeProcess):
         return table
 
 
+class JoinProcess(ServeProcess):
+    """``pyvirtio -v join KIND ARGS`` in a child process, stderr joined to stdout; waits
+    until every socket listens (the banner's last UML line names the last socket)."""
+
+    def __init__(self, kind: str, args: Sequence[str], *, ready_timeout: float = 20.0) -> None:
+        super().__init__(kind, args, global_args=VERBOSE, command="join")
+        try:
+            last = SwitchProcess._last_socket(args)
+            self.wait_for(r"virtio_uml\.device=" + re.escape(last), ready_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+
 # ---- namespaces ----------------------------------------------------------------------------
 
 class Netns:
@@ -443,17 +457,9 @@ def run_pair(sender: Guest, receiver: Guest, sender_ip: str, receiver_ip: str) -
 
 
 def check_pair(run: PairRun, *switches: ServeProcess) -> None:
-    """Both guests pinged each other and the stream arrived whole (a failure shows the
-    switches' logs too: what they saw of the guests' rings)."""
-    s, r = run.sender, run.receiver
-    logs = "".join(f"\n--- switch log ---\n{p.tail(40)}" for p in switches)
-    assert s.ok, s.describe() + logs
-    assert r.ok, r.describe() + logs
-    assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail() + logs
-    assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail() + logs
-    assert s.results["nc_send"] == "0"
-    assert r.results["recv_size"] == str(PAYLOAD_MIB << 20)
-    assert r.results["recv_sha"] == s.results["sent_sha"]
+    """:func:`check_guest_pair` with the switches' logs going with a failure (what they saw
+    of the guests' rings)."""
+    check_guest_pair(run, "".join(f"\n--- switch log ---\n{p.tail(40)}" for p in switches))
 
 
 # ---- a raw virtio-net front-end ------------------------------------------------------------
@@ -548,3 +554,16 @@ def eth_frame(dst: bytes, src: bytes, size: int, fill: int = 0x42) -> bytes:
     """An Ethernet frame of ``size`` bytes with the local experimental ethertype 0x88b5
     (guests' stacks ignore it)."""
     return eth(dst, src, ETH_P_EXPERIMENTAL, bytes([fill]) * (size - 14))
+
+
+def check_guest_pair(run: PairRun, context: str = "") -> None:
+    """Both guests pinged each other and the receiver got the sender's 16 MiB intact;
+    ``context`` (e.g. the server's log) goes with a failure."""
+    s, r = run.sender, run.receiver
+    assert s.ok, s.describe() + context
+    assert r.ok, r.describe() + context
+    assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail() + context
+    assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail() + context
+    assert s.results["nc_send"] == "0", s.tail() + context
+    assert r.results["recv_size"] == str(PAYLOAD_MIB << 20), r.tail() + context
+    assert r.results["recv_sha"] == s.results["sent_sha"], context

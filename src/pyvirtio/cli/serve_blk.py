@@ -24,7 +24,12 @@ import signal
 import time
 from typing import Any
 
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    attach_instructions,
+    make_hostile,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.device.blk import BlkDevice
 from pyvirtio.errors import LocalError
 from pyvirtio.io.inflight import inflight_extensions
@@ -138,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
+    make_hostile(device, args)
     try:
         server = VhostUserServer(
             args.socket, lambda: device, loop,

@@ -560,6 +560,27 @@ class PackedDeviceQueue(_PackedRing):
             self._publish_in_order()  # one pass: runs span the whole call
         return n
 
+    def forge_used(self, buf_id: int, written: int, *, skip: int = 0,
+                   wrong_wrap: bool = False, retire: bool = False) -> None:
+        """Hostile-device testing only (:mod:`pyvirtio.device.chaos`): write the used
+        descriptor ``(buf_id, written)`` unchecked at the used position, its flags carrying
+        the opposite wrap counter if ``wrong_wrap``, and move past it (the descriptors of
+        ``buf_id`` if ``retire`` and it is in flight, which the device then stops
+        tracking; one otherwise). ``skip`` is for the split ring (a packed ring has no used
+        index to jump)."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        ndescs = 1
+        if retire and 0 <= buf_id < self.size and self._ndescs[buf_id]:
+            ndescs = self._ndescs[buf_id]
+            self._ndescs[buf_id] = 0
+            self._popped.pop(buf_id, None)
+        off, flags = self._write_used(buf_id & 0xFFFF, written & 0xFFFFFFFF, ndescs,
+                                      publish=False)
+        if wrong_wrap:
+            flags ^= _AVAIL_USED
+        self._u16.pack_into(self._desc, off, flags)
+
     def in_flight(self) -> list[int]:
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)

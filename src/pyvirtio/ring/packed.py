@@ -976,8 +976,19 @@ class PackedDriverQueue(_PackedRing):
         return bool(flags & _AVAIL) == bool(wrap) and bool(flags & _USED) == bool(wrap)
 
     def has_used(self) -> bool:
-        """Whether get_buf would return something (virtqueue_poll)."""
-        return bool(self._ready) or self._used_at(self._used_pos, self._used_wrap)
+        """Whether get_buf would return something (virtqueue_poll), or raise: a used
+        descriptor with the wrong wrap counter is news too."""
+        pos, wrap = self._used_pos, self._used_wrap
+        return (bool(self._ready) or self._used_at(pos, wrap)
+                or self._wrong_wrap(self._u16.unpack_from(self._desc, 16 * pos + 14)[0], wrap))
+
+    def _wrong_wrap(self, flags: int, wrap: int) -> bool:
+        """Whether ``flags``, read at the used position, mark a descriptor used with the
+        other wrap counter. While buffers are in flight the slot at the used position is one
+        we made available in this lap (AVAIL = wrap, USED = not wrap): a device can only
+        write it used (both = wrap); both = not wrap is a lap it never was in."""
+        return (self._num_free < self.size
+                and flags & _AVAIL_USED == (0 if wrap else _AVAIL_USED))
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as ``(token, bytes_written)``, or None.
@@ -994,6 +1005,12 @@ class PackedDriverQueue(_PackedRing):
         pos, wrap = self._used_pos, self._used_wrap
         flags = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
         if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
+            if self._wrong_wrap(flags, wrap):
+                raise self._break(
+                    f"used descriptor at slot {pos} (0x{self._slot_addr(pos):x}) has flags "
+                    f"0x{flags:04x}: marked used with the wrong wrap counter ({wrap ^ 1}, the "
+                    f"driver's is {wrap}) while buffers are in flight"
+                )
             return None
         written, buf_id = self._len_id.unpack_from(self._desc, 16 * pos + 8)
         where = f"used slot {pos} (0x{self._slot_addr(pos):x})"

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring chaos-report clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -30,6 +30,11 @@ bench-net: deps
 
 bench-ring: deps
 	$(PY) benchmarks/ring_split_vs_packed.py
+
+# Boots real Linux guests against every device type x fault class (tens of minutes):
+# writes docs/hardening.md.
+chaos-report: deps
+	$(PY) benchmarks/chaos_report.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -72,11 +72,13 @@ rx_dropped=$(cat $s/rx_dropped) tx_errors=$(cat $s/tx_errors)"
 done
 """,
     "console": """\
+(timeout 8 head -n 3 /dev/hvc0 > /tmp/in; echo $? > /tmp/in.rc) &
+reader=$!
 i=0
 while [ $i -lt 50 ]; do echo "guest line $i" > /dev/hvc0 || break; i=$((i+1)); done
 result io_written $i
-timeout 5 head -n 3 /dev/hvc0 > /tmp/in
-result io_read $?
+wait $reader
+result io_read "$(cat /tmp/in.rc)"
 result io_lines "$(wc -l < /tmp/in)"
 """,
     "rng": """\
@@ -269,10 +271,10 @@ def run_case(device: str, guest: str, fault: str, workdir: Path, *, seed: int = 
         if armed is None:
             out.verdict, out.note = "not armed", server.text()[-500:]
             return out
-        out.replay = " ".join(argv[2:-4]) + f" --chaos-after {armed.group(1)}"
+        out.replay = " ".join(argv[2:-3]) + f" --chaos-after {armed.group(1)}"
         g.write("go\n")
         if client is not None:
-            time.sleep(0.5)
+            time.sleep(1.0)  # the guest's reader has hvc0 open by now
             client.send(b"host line 1\nhost line 2\nhost line 3\n")
         try:
             g.wait_for(DONE, watchdog)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from paths import ROOT  # before pyvirtio: puts the checkout's src/ on sys.path
 from pyvirtio.device.chaos import FAULTS
-from pyvirtio.testing.chaos import DEVICE_GUESTS, Outcome, run_case
+from pyvirtio.testing.chaos import BASELINE, DEVICE_GUESTS, Outcome, run_case
 
 GUESTS = ("uml", "qemu")
 GUEST_NAMES = {"uml": "UML 6.1", "qemu": "QEMU 7.2 + Linux 6.1"}
@@ -73,7 +73,8 @@ def write_report(path: Path, outcomes: list[Outcome], seed: int, watchdog: float
         "read; rng: 8 KiB from /dev/hwrng). Verdicts: **detected** (a driver logged the "
         "fault: quoted), **I/O error**, **hung** (no end of the I/O within the "
         f"{watchdog:.0f} s watchdog; the guest is killed), **oops**, **silently accepted** "
-        "(none of these). Combined verdicts list everything seen.",
+        "(none of these). Combined verdicts list everything seen. The row `none` is the "
+        "baseline: the same run at rate 0, which must be **ok**.",
         "",
         f"Host: {platform.platform()}; {_version(['qemu-system-x86_64', '--version'])}. "
         f"Wall time: {(time.monotonic() - started) / 60:.1f} min.",
@@ -82,6 +83,21 @@ def write_report(path: Path, outcomes: list[Outcome], seed: int, watchdog: float
         "`--chaos-after N` in place of `--chaos-after signal` replays it without the signal.",
         "",
     ]
+    ran = [o for o in outcomes if o.verdict not in ("n/a", "boot failed", "not armed")
+           and o.fault != BASELINE]
+    lines += ["## Summary", "",
+              f"{len(ran)} cases ran ({len(outcomes) - len(ran)} could not: n/a or no boot)."]
+    for label, test in (
+            ("Detected by a kernel message", lambda v: "detected" in v),
+            ("I/O error", lambda v: "I/O error" in v),
+            ("Hung (watchdog)", lambda v: "hung" in v),
+            ("Oops / BUG / panic", lambda v: "oops" in v),
+            ("Silently accepted", lambda v: v == "silently accepted")):
+        hits = [o for o in ran if test(o.verdict)]
+        names = ", ".join(f"{o.device}/{o.guest}/{o.fault}" for o in hits)
+        lines.append(f"- {label}: {len(hits)}" + (f" ({names})" if hits and len(hits) <= 40
+                                                  else ""))
+    lines.append("")
     for device in DEVICE_GUESTS:
         rows = [o for o in outcomes if o.device == device]
         if not rows:
@@ -90,7 +106,7 @@ def write_report(path: Path, outcomes: list[Outcome], seed: int, watchdog: float
         lines += [f"## {device}", "",
                   "| fault | " + " | ".join(GUEST_NAMES[g] for g in guests) + " |",
                   "|---|" + "---|" * len(guests)]
-        for fault in FAULTS:
+        for fault in (BASELINE, *FAULTS):
             cells = []
             for g in guests:
                 found = [o for o in rows if o.guest == g and o.fault == fault]
@@ -112,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", default=",".join(DEVICE_GUESTS))
     parser.add_argument("--guests", default=",".join(GUESTS))
-    parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--faults", default=",".join((BASELINE, *FAULTS)),
+                        help=f"fault classes ('{BASELINE}': a baseline run at rate 0)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--watchdog", type=float, default=12.0,
                         help="seconds the guest's I/O may take once the device is armed")

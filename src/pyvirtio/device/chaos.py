@@ -165,7 +165,7 @@ class Chaos:
             if f in ENTRY_FAULTS or f in SPLIT_FAULTS or f in PACKED_FAULTS:
                 if in_order:
                     continue
-                if f in SPLIT_FAULTS and packed or f in PACKED_FAULTS and not packed:
+                if (f in SPLIT_FAULTS and packed) or (f in PACKED_FAULTS and not packed):
                     continue
             if f == "config-change" and not device.config:
                 continue

@@ -73,7 +73,7 @@ def layout_faults() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("layout", "fault"), layout_faults())
 def test_our_driver_breaks_the_queue_naming_every_ring_entry_fault(
         tmp_path: Path, layout: str, fault: str) -> None:
-    with hostile(tmp_path, layout, [fault]) as (pair, device, driver, chaos):
+    with hostile(tmp_path, layout, [fault]) as (_pair, _device, driver, chaos):
         with pytest.raises(RingError) as caught:
             driver.read(0, 8, timeout=5.0)
         assert re.search(BROKEN_BECAUSE[fault], str(caught.value)), str(caught.value)
@@ -140,7 +140,7 @@ def test_event_index_games_change_the_interrupts_not_the_data(
 
 
 def test_a_config_change_mid_request_reaches_the_driver(tmp_path: Path) -> None:
-    with hostile(tmp_path, "split", ["config-change"]) as (pair, device, driver, chaos):
+    with hostile(tmp_path, "split", ["config-change"]) as (_pair, device, driver, chaos):
         seen = driver.config_changes
         driver.read(0, 8, timeout=5.0)
         assert driver.config_changes == seen + 1
@@ -154,7 +154,7 @@ def test_a_config_change_mid_request_reaches_the_driver(tmp_path: Path) -> None:
 
 
 def test_config_generation_churn_is_refused_not_looped_on(tmp_path: Path) -> None:
-    with hostile(tmp_path, "split", ["config-gen"]) as (pair, device, driver, chaos):
+    with hostile(tmp_path, "split", ["config-gen"]) as (_pair, _device, driver, _chaos):
         driver.read(0, 8, timeout=5.0)
         assert driver.config_problem is not None
         assert "config generation kept changing" in driver.config_problem
@@ -164,7 +164,7 @@ def test_config_generation_churn_is_refused_not_looped_on(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_needs_reset_stops_our_driver_with_the_reason(tmp_path: Path, layout: str) -> None:
-    with hostile(tmp_path, layout, ["needs-reset"]) as (pair, device, driver, chaos):
+    with hostile(tmp_path, layout, ["needs-reset"]) as (_pair, _device, driver, chaos):
         driver.read(0, 8, timeout=5.0)  # returned, then the device gave up
         with pytest.raises(DeviceNeedsResetError, match="DEVICE_NEEDS_RESET"):
             driver.read(8, 8, timeout=5.0)
@@ -175,7 +175,7 @@ def test_needs_reset_stops_our_driver_with_the_reason(tmp_path: Path, layout: st
 def run_until_broken(tmp_path: Path, seed: int) -> tuple[list[str], str]:
     """Random faults of every class at 20%: read until the driver gives up."""
     with hostile(tmp_path, "split", list(FAULTS), seed=seed, rate=0.2) as (
-            pair, device, driver, chaos):
+            _pair, _device, driver, chaos):
         try:
             for i in range(200):
                 driver.read(i % 32 * 8, 8, timeout=2.0)
@@ -197,7 +197,7 @@ def test_the_same_seed_replays_the_same_faults(tmp_path: Path) -> None:
 
 
 def test_faults_wait_until_the_device_is_armed(tmp_path: Path) -> None:
-    with hostile(tmp_path, "split", ["bad-id"]) as (pair, device, driver, chaos):
+    with hostile(tmp_path, "split", ["bad-id"]) as (_pair, _device, driver, chaos):
         chaos.after = None  # --chaos-after signal
         for sector in range(0, 32, 8):
             driver.read(sector, 8, timeout=5.0)

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-join bench-ring ceph-start ceph-stop clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-join bench-ring ceph-start ceph-stop chaos-report clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -43,6 +43,11 @@ ceph-start: deps
 
 ceph-stop:
 	$(PY) -m pyvirtio.testing.ceph stop $(CEPH_DIR)
+
+# Boots real Linux guests against every device type x fault class (tens of minutes):
+# writes docs/hardening.md.
+chaos-report: deps
+	$(PY) benchmarks/chaos_report.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

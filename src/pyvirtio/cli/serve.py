@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pyvirtio.device.base import DEFAULT_QUEUE_SIZE, DEFAULT_TRANSPORT_FEATURES
+from pyvirtio.device.base import DEFAULT_QUEUE_SIZE, DEFAULT_TRANSPORT_FEATURES, VirtioDevice
+from pyvirtio.device.chaos import DEFAULT_RATE as DEFAULT_CHAOS_RATE
+from pyvirtio.device.chaos import FAULTS, Chaos, parse_faults, parse_spec
+from pyvirtio.errors import LocalError
 from pyvirtio.guest.qemu import qemu_args, qemu_memory_args
 from pyvirtio.guest.uml import uml_args
 from pyvirtio.io.loop import EventLoop
@@ -41,6 +45,21 @@ def register(sub: Any) -> None:
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more logging (-v: connections, negotiated features; "
                         "-vv: every vhost-user message)")
+    common.add_argument("--chaos", metavar="SEED[:RATE]", type=_checked(parse_spec),
+                        help="hostile-device mode for hardening drivers: inject faults into "
+                        "what the driver reads (bad used ids and lengths, double completions, "
+                        "used idx jumps, wrong wrap counters, interrupt and event-index games, "
+                        "config changes, NEEDS_RESET) into a fraction RATE of the requests "
+                        f"(default {DEFAULT_CHAOS_RATE}), chosen by a generator seeded with SEED; "
+                        "every fault is logged with the seed and the request number, and the "
+                        "same seed and requests replay the same faults")
+    common.add_argument("--chaos-faults", metavar="A,B,...", type=_checked(parse_faults),
+                        help="the fault classes --chaos may inject (default: all): "
+                        + ", ".join(FAULTS))
+    common.add_argument("--chaos-after", metavar="N|signal", type=_after, default=0,
+                        help="with --chaos: leave the first N requests alone; 'signal': leave "
+                        "every request alone until SIGUSR2 (a harness arms the device once "
+                        "its guest has booted; the log says N, which replays the run)")
     common.add_argument("-q", "--quiet", action="store_true",
                         help="do not print how to attach QEMU and UML")
     parser = sub.add_parser(
@@ -71,6 +90,53 @@ def transport_features(args: argparse.Namespace) -> int:
     if not args.packed:
         features &= ~F.bit(F.RING_PACKED)
     return features
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from a parser that raises LocalError."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except LocalError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _after(text: str) -> int | None:
+    if text == "signal":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a request count or 'signal', not {text!r}")
+    return value
+
+
+def make_hostile(device: VirtioDevice, args: argparse.Namespace) -> None:
+    """--chaos: give ``device`` its fault injector (:mod:`pyvirtio.device.chaos`)."""
+    spec = getattr(args, "chaos", None)
+    faults = getattr(args, "chaos_faults", None)
+    if spec is None:
+        if faults is not None:
+            raise SystemExit("pyvirtio serve: --chaos-faults needs --chaos SEED[:RATE]")
+        return
+    seed, rate = spec
+    after = getattr(args, "chaos_after", 0)
+    chaos = device.chaos = Chaos(seed, rate, faults, after=after)
+    if after is None:
+        previous = signal.getsignal(signal.SIGUSR2)
+
+        def arm(signum: int, frame: Any) -> None:
+            chaos.arm()
+            if callable(previous):
+                previous(signum, frame)  # every device of this server is armed
+
+        signal.signal(signal.SIGUSR2, arm)
+    print(f"pyvirtio: hostile-device mode: {device.name}: {chaos!r}", file=sys.stderr,
+          flush=True)
 
 
 def attach_instructions(servers: Sequence[VhostUserServer], device_id: int,

@@ -8,7 +8,12 @@ import sys
 from typing import Any
 
 from pyvirtio.cli.balloon import MIB, parse_size
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    attach_instructions,
+    make_hostile,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.device.balloon import DEFAULT_FEATURES, BalloonDevice
 from pyvirtio.io.balloon_control import ControlServer
 from pyvirtio.io.loop import EventLoop
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     device = BalloonDevice(args.target, features=features, queue_size=args.queue_size,
                            transport_features=transport_features(args))
     device.reactor = loop
+    make_hostile(device, args)
 
     def factory() -> BalloonDevice:
         return device  # one device: the target survives guests coming and going

@@ -29,7 +29,12 @@ import signal
 import time
 from typing import Any
 
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    attach_instructions,
+    make_hostile,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.core.reactor import Reactor
 from pyvirtio.device.blk import BlkBackend, BlkDevice
 from pyvirtio.device.blk.nbd import NbdBackend, is_nbd_target
@@ -192,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
+    make_hostile(device, args)
     try:
         server = VhostUserServer(
             args.socket, lambda: device, loop,

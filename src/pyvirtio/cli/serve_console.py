@@ -17,7 +17,12 @@ import os
 import sys
 from typing import Any
 
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    attach_instructions,
+    make_hostile,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.core.features import describe
 from pyvirtio.device.console import ConsoleDevice, Port
 from pyvirtio.device.console.ports import PtyPort, StdioPort, UnixSocketPort
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         # attach before any guest does; one device serves every front-end in turn (it is
         # reset between them) so the ports and their host peers outlive a guest.
         device.reactor = loop
+        make_hostile(device, args)
         server = VhostUserServer(args.socket, lambda: device, loop)
     except (LocalError, OSError) as exc:
         for port in ports:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvirtio.cli.serve import run_servers, transport_features
+from pyvirtio.cli.serve import make_hostile, run_servers, transport_features
 from pyvirtio.core.features import describe
 from pyvirtio.device.net import NetDevice
 from pyvirtio.device.net.endpoint import format_mac, parse_mac
@@ -254,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
                                queue_size=args.queue_size,
                                transport_features=transport_features(args))
             device.reactor = loop
+            make_hostile(device, args)
             port = switch.add_port(device, name, capture=capture_for(name))
             # One device per port for the server's lifetime: reset between front-ends, so
             # the switch port (and what it learned) outlives a guest's reboot.

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    attach_instructions,
+    make_hostile,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.io.loop import EventLoop
 from pyvirtio.io.vhost_user_server import VhostUserServer
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     def factory() -> RngDevice:
         device = RngDevice(**kwargs)
         device.reactor = loop
+        make_hostile(device, args)
         return device
 
     server = VhostUserServer(args.socket, factory, loop)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pyvirtio.core import features as core_features
 from pyvirtio.core import status as core_status
 from pyvirtio.core.reactor import Reactor
+from pyvirtio.device.chaos import Chaos
 from pyvirtio.device.engine import FastLane, QueueEngine, RequestTracker
 from pyvirtio.errors import LocalError, PeerError
 from pyvirtio.memory import GuestMemory
@@ -132,6 +133,8 @@ class VirtioDevice:
         self.lost_kicks = 0
         self.renotified = 0
         self._idle_kick_reported = False  # a kick before DRIVER_OK was recorded (once)
+        #: hostile-device mode (:mod:`pyvirtio.device.chaos`): faults injected on purpose
+        self.chaos: Chaos | None = None
 
     # ---- what subclasses implement ------------------------------------------------------
 
@@ -226,6 +229,11 @@ class VirtioDevice:
     def problem(self, message: str) -> None:
         """Record a peer misbehaviour that does not need a reset."""
         self._peer_problem(message)
+
+    def set_needs_reset(self, reason: str) -> None:
+        """Give up on the driver: set DEVICE_NEEDS_RESET (and raise the config interrupt)
+        for ``reason``, which is recorded with the problems."""
+        self._peer_problem(reason, needs_reset=True)
 
     def _peer_problem(self, message: str, *, needs_reset: bool = False) -> None:
         self.problems.append(message)
@@ -387,6 +395,8 @@ class VirtioDevice:
                 f"{self.name}: config read at offset {offset} +{length} is outside the "
                 f"{len(self.config)}-byte config space"
             )
+        if self.chaos is not None:
+            self.chaos.config_read(self)
         return bytes(self.config[offset : offset + length])
 
     def write_config(self, offset: int, data: bytes) -> None:

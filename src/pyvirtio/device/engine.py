@@ -159,14 +159,31 @@ class QueueEngine:
         done = self.done
         tracker = self.queue.tracker
         ring = self.ring
+        chaos = self.device.chaos
         if tracker is None:
-            ring.push_many(done)
+            if chaos is None:
+                ring.push_many(done)
+            else:
+                chaos.push_many(self, done)
         else:
             heads = [c if type(c) is int else c.head for c, _ in done]  # type: ignore[union-attr]
             tracker.completing(heads)
-            ring.push_many(done)
+            if chaos is None:
+                ring.push_many(done)
+            else:
+                chaos.push_many(self, done)
             tracker.completed(heads, ring.used_idx)
         done.clear()
+
+    def signal(self) -> None:
+        """Completions were published: interrupt the driver if it asked for one (a hostile
+        device, :mod:`pyvirtio.device.chaos`, may decide otherwise)."""
+        wanted = self.ring.needs_notification()
+        chaos = self.device.chaos
+        if chaos is not None:
+            wanted = chaos.signal(self, wanted)
+        if wanted:
+            self.device.notify_queue(self.index)
 
     def complete(self, completions: Iterable[Completion], notify: bool = True) -> None:
         """Return chains handled outside a drain (asynchronous back-ends, buffers a device
@@ -185,8 +202,8 @@ class QueueEngine:
             self.done.clear()
             self.device.queue_failed(self.index, self.ring, exc)
             return
-        if notify and self.ring.needs_notification():
-            self.device.notify_queue(self.index)
+        if notify:
+            self.signal()
 
     # ---- buffers the device fills when the host has data (net and console receive) -------
 
@@ -340,8 +357,8 @@ class QueueEngine:
             device.queue_failed(index, ring, exc)
         finally:
             self.running = False
-            if published and queue.engine is self and ring.needs_notification():
-                device.notify_queue(index)
+            if published and queue.engine is self:
+                self.signal()
             if self._batching and self._tick is None:
                 if interval and self.current():
                     self._tick = device.reactor.call_later(  # type: ignore[union-attr]

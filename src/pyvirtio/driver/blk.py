@@ -19,6 +19,7 @@ the caller's mistake, a :class:`~pyvirtio.errors.LocalError`, as in Linux's bloc
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -37,6 +38,8 @@ _DATA_ALIGN = 4096  # page-aligned data buffers: O_DIRECT back-ends take them as
 
 STATUS_NAMES = {B.VIRTIO_BLK_S_OK: "OK", B.VIRTIO_BLK_S_IOERR: "IOERR",
                 B.VIRTIO_BLK_S_UNSUPP: "UNSUPP"}
+
+log = logging.getLogger("pyvirtio.driver.blk")
 
 
 class BlkStatusError(PeerError):
@@ -123,6 +126,11 @@ class BlkDriver(Driver):
         | (1 << B.VIRTIO_BLK_F_WRITE_ZEROES)
     )
 
+    #: config-change interrupts handled since probe
+    config_changes = 0
+    #: why the config space last re-read on a config change was refused (None: it was fine)
+    config_problem: str | None = None
+
     # ---- probe / remove -----------------------------------------------------------------
 
     def probe(self) -> None:
@@ -148,6 +156,19 @@ class BlkDriver(Driver):
                     self._release(token)
             alloc.free(q.base)
         self._queues = []
+
+    def config_changed(self) -> None:
+        """The device changed its config (a resize, as Linux's virtblk_config_changed
+        handles): read it again. A config the driver cannot accept is recorded in
+        :attr:`config_problem` rather than raised into whoever delivered the interrupt."""
+        self.config_changes += 1
+        try:
+            self.read_config()
+        except PeerError as exc:
+            self.config_problem = str(exc)
+            log.warning("%s", exc)
+        else:
+            self.config_problem = None
 
     def read_config(self) -> None:
         """(Re)read config space: capacity and the limits the device published."""

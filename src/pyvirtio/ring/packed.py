@@ -560,6 +560,27 @@ class PackedDeviceQueue(_PackedRing):
             self._publish_in_order()  # one pass: runs span the whole call
         return n
 
+    def forge_used(self, buf_id: int, written: int, *, skip: int = 0,
+                   wrong_wrap: bool = False, retire: bool = False) -> None:
+        """Hostile-device testing only (:mod:`pyvirtio.device.chaos`): write the used
+        descriptor ``(buf_id, written)`` unchecked at the used position, its flags carrying
+        the opposite wrap counter if ``wrong_wrap``, and move past it (the descriptors of
+        ``buf_id`` if ``retire`` and it is in flight, which the device then stops
+        tracking; one otherwise). ``skip`` is for the split ring (a packed ring has no used
+        index to jump)."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        ndescs = 1
+        if retire and 0 <= buf_id < self.size and self._ndescs[buf_id]:
+            ndescs = self._ndescs[buf_id]
+            self._ndescs[buf_id] = 0
+            self._popped.pop(buf_id, None)
+        off, flags = self._write_used(buf_id & 0xFFFF, written & 0xFFFFFFFF, ndescs,
+                                      publish=False)
+        if wrong_wrap:
+            flags ^= _AVAIL_USED
+        self._u16.pack_into(self._desc, off, flags)
+
     def in_flight(self) -> list[int]:
         """Buffer ids popped and not yet pushed."""
         return sorted(self._popped)
@@ -955,8 +976,19 @@ class PackedDriverQueue(_PackedRing):
         return bool(flags & _AVAIL) == bool(wrap) and bool(flags & _USED) == bool(wrap)
 
     def has_used(self) -> bool:
-        """Whether get_buf would return something (virtqueue_poll)."""
-        return bool(self._ready) or self._used_at(self._used_pos, self._used_wrap)
+        """Whether get_buf would return something (virtqueue_poll), or raise: a used
+        descriptor with the wrong wrap counter is news too."""
+        pos, wrap = self._used_pos, self._used_wrap
+        return (bool(self._ready) or self._used_at(pos, wrap)
+                or self._wrong_wrap(self._u16.unpack_from(self._desc, 16 * pos + 14)[0], wrap))
+
+    def _wrong_wrap(self, flags: int, wrap: int) -> bool:
+        """Whether ``flags``, read at the used position, mark a descriptor used with the
+        other wrap counter. While buffers are in flight the slot at the used position is one
+        we made available in this lap (AVAIL = wrap, USED = not wrap): a device can only
+        write it used (both = wrap); both = not wrap is a lap it never was in."""
+        return (self._num_free < self.size
+                and flags & _AVAIL_USED == (0 if wrap else _AVAIL_USED))
 
     def get_buf(self) -> tuple[object, int] | None:
         """The next used buffer as ``(token, bytes_written)``, or None.
@@ -973,6 +1005,12 @@ class PackedDriverQueue(_PackedRing):
         pos, wrap = self._used_pos, self._used_wrap
         flags = self._u16.unpack_from(self._desc, 16 * pos + 14)[0]
         if bool(flags & _AVAIL) != bool(wrap) or bool(flags & _USED) != bool(wrap):
+            if self._wrong_wrap(flags, wrap):
+                raise self._break(
+                    f"used descriptor at slot {pos} (0x{self._slot_addr(pos):x}) has flags "
+                    f"0x{flags:04x}: marked used with the wrong wrap counter ({wrap ^ 1}, the "
+                    f"driver's is {wrap}) while buffers are in flight"
+                )
             return None
         written, buf_id = self._len_id.unpack_from(self._desc, 16 * pos + 8)
         where = f"used slot {pos} (0x{self._slot_addr(pos):x})"

@@ -58,6 +58,9 @@ class DeviceRing(Protocol):
         """Return several chains with one index update."""
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last call."""
+    def forge_used(self, buf_id: int, written: int, *, skip: int = 0,
+                   wrong_wrap: bool = False, retire: bool = False) -> None:
+        """Hostile-device testing: write a used entry unchecked (see the rings)."""
 
     # kick suppression
     def disable_notifications(self) -> None:

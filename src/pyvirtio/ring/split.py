@@ -501,6 +501,23 @@ class DeviceQueue(_SplitRing):
             raise QueueUsageError(f"{self.name}: chain {head} is not in flight")
         return head
 
+    def forge_used(self, buf_id: int, written: int, *, skip: int = 0,
+                   wrong_wrap: bool = False, retire: bool = False) -> None:
+        """Hostile-device testing only (:mod:`pyvirtio.device.chaos`): store the used
+        element ``(buf_id, written)`` unchecked and move used->idx past it and ``skip``
+        more slots that were never written. ``retire``: ``buf_id`` is an in-flight head
+        that this element returns (the device stops tracking it). ``wrong_wrap`` is for
+        the packed ring (a split ring has no wrap counter)."""
+        if self.broken is not None:
+            raise RingError(self.broken)
+        if retire and 0 <= buf_id < self.size:
+            self._inflight[buf_id] = 0
+        idx = self.used_idx
+        self._elem.pack_into(self._used, 4 + 8 * (idx & self._mask), buf_id & 0xFFFFFFFF,
+                             written & 0xFFFFFFFF)
+        self.used_idx = (idx + 1 + skip) & 0xFFFF
+        self._u16.pack_into(self._used, 2, self.used_idx)
+
     def _publish_in_order(self) -> None:
         """IN_ORDER: publish every run now complete in pop order as one used element (the
         run's last head) at the slot of its first buffer, moving used->idx by the run's

@@ -1,8 +1,10 @@
 # The two commands: `make demo` and `make test`. Both install what is missing first.
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# e.g. make bench-blk BENCH_ARGS="--rounds 1 --runtime 1" (a smoke run)
+BENCH_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-ring bench-driver clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -23,13 +25,16 @@ typecheck: deps
 	$(PY) -m mypy
 
 bench-blk: deps
-	$(PY) benchmarks/blk_vs_qsd.py
+	$(PY) benchmarks/blk_vs_qsd.py $(BENCH_ARGS)
 
 bench-net: deps
-	$(PY) benchmarks/net_vs_bridge.py
+	$(PY) benchmarks/net_vs_bridge.py $(BENCH_ARGS)
 
 bench-ring: deps
-	$(PY) benchmarks/ring_split_vs_packed.py
+	$(PY) benchmarks/ring_split_vs_packed.py $(BENCH_ARGS)
+
+bench-driver: deps
+	$(PY) benchmarks/driver_vs_linux.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

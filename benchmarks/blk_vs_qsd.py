@@ -1,15 +1,22 @@
 #!/usr/bin/env python3
 """virtio-blk: pyvirtio's vhost-user back-end against qemu-storage-daemon (``make bench-blk``).
 
-Both back-ends serve the same raw image with the same cache mode (host page cache, flushes
-honoured; ``--direct``: O_DIRECT for both, QSD's ``cache.direct=on``) to a User-Mode Linux
-guest, which runs the host's fio through hostfs against its own ``/dev/vda``: 4 KiB random
+Every back-end serves the same raw image with the same cache mode (host page cache,
+flushes honoured; ``--direct``: O_DIRECT for all, QSD's ``cache.direct=on``) to a User-Mode
+Linux guest, which runs the host's fio through hostfs against its own ``/dev/vda``: 4 KiB random
 reads and writes at queue depth 1 and 32, ``--runtime`` seconds each, libaio with O_DIRECT in
 the guest. Back-ends alternate (the order rotates every round) for ``--rounds`` rounds
 (default 5); the table shows min / median / max per cell, and the ratios with the range of
 their per-round values (``benchmarks/stats.py``: a ratio whose range straddles 1.0 is
 "undecided"). ``--src LABEL=DIR`` adds another pyvirtio checkout as one more back-end, to
 compare two versions of pyvirtio in the same rounds.
+
+QSD runs in each of its file configurations, each one a back-end of its own: ``qsd``
+(``driver=file``, its default, ``aio=threads``), ``qsd-io_uring`` (``aio=io_uring``) and,
+with ``--direct`` only, ``qsd-native`` (``cache.direct=on,aio=native``: Linux AIO needs
+O_DIRECT). pyvirtio is judged against the *best* QSD configuration of each cell: IOPS
+against the QSD configuration with the highest median IOPS, CPU per request against the one
+with the lowest median CPU per request, and QD1 p99 latency against the lowest median p99.
 
 Ring formats: ``pyvirtio`` offers the packed ring (its default), and the UML guest's
 virtio_blk takes it (virtio_uml acks RING_PACKED; docs/peers.md); ``pyvirtio-split`` is the
@@ -31,6 +38,12 @@ Columns, per back-end and workload:
   write, and nothing else writes while fio runs (against pyvirtio's own counters of kicks
   received, which are printed per run as a check, they agree to within 0.2%).
 * irq/req: the calls alone (interrupts the guest took per request).
+* clat p50 / p99 (us): fio's completion-latency percentiles as the guest saw them (the
+  median over the rounds of each round's percentile).
+
+Resident memory (``VmRSS``) of every back-end is printed per round: when it has started
+(no guest), once its guest has booted (idle, attached) and the highest figure sampled right
+after each fio run (under load); "per guest" is attached minus started.
 
 Ratios are pyvirtio / X: IOPS ratio >= 1 and CPU ratio <= 1 in every round mean pyvirtio
 is at least as fast and at most as expensive. The machine's load is printed first; other
@@ -63,14 +76,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from paths import ROOT  # before pyvirtio: puts the checkout's src/ on sys.path
+from procstat import cpu_seconds, load, rss_kib
 from pyvirtio.guest import UmlGuest, VhostUserDevice
 from pyvirtio.spec import ids
-from stats import Ratio, Spread
+from stats import Ratio, Spread, best
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RING_PACKED = 34
 #: per pyvirtio back-end: the ring formats its guests negotiated (from its stats)
-RINGS: dict[str, set[str]] = {"qsd": {"split"}}
+RINGS: dict[str, set[str]] = {}
+#: QSD's file configurations: back-end name -> the options added to its --blockdev
+QSD_AIO = {"qsd": "", "qsd-io_uring": ",aio=io_uring", "qsd-native": ",aio=native"}
 WORKLOADS = [("randread", 1), ("randread", 32), ("randwrite", 1), ("randwrite", 32)]
 IMAGE_SIZE = 256 << 20
 WORKING_SET = "128M"
@@ -90,6 +105,8 @@ class Sample:
     kicks: int  # host write()s of the guest's kernel (kicks)
     own_kicks: int | None  # kicks the back-end counted (pyvirtio only: a check)
     served: int | None  # requests the back-end counted (pyvirtio only)
+    clat_p50_us: float = float("nan")  # fio's completion latency percentiles
+    clat_p99_us: float = float("nan")
 
     @property
     def cpu_us_per_req(self) -> float:
@@ -105,8 +122,23 @@ class Sample:
 
 
 @dataclass
+class Memory:
+    """Resident memory of one back-end in one round, KiB."""
+
+    backend: str
+    started: int  # listening, no guest
+    attached: int = 0  # its guest booted, idle
+    loaded: int = 0  # the highest figure right after a fio run
+
+    @property
+    def per_guest(self) -> int:
+        return self.attached - self.started
+
+
+@dataclass
 class Results:
     samples: list[Sample] = field(default_factory=list)
+    memory: list[Memory] = field(default_factory=list)
 
     def of(self, backend: str, rw: str, qd: int) -> list[Sample]:
         return [s for s in self.samples if (s.backend, s.rw, s.qd) == (backend, rw, qd)]
@@ -121,13 +153,6 @@ def write_calls(pids: list[int]) -> int:
                 if line.startswith("syscw:"):
                     total += int(line.split()[1])
     return total
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 # ---- back-ends ------------------------------------------------------------------------------
@@ -218,14 +243,17 @@ class PyvirtioBackend(Backend):
 
 
 class QsdBackend(Backend):
-    name = "qsd"
+    """qemu-storage-daemon in the file configuration ``name`` (a key of QSD_AIO)."""
 
-    def __init__(self, image: Path, sock: Path, workdir: Path, direct: bool) -> None:
-        pidfile = workdir / "qsd.pid"
+    def __init__(self, image: Path, sock: Path, workdir: Path, direct: bool,
+                 name: str = "qsd") -> None:
+        self.name = name
+        pidfile = workdir / f"{name}.pid"
         pidfile.unlink(missing_ok=True)
         blockdev = f"driver=file,node-name=f0,filename={image}"
         if direct:
             blockdev += ",cache.direct=on"
+        blockdev += QSD_AIO[name]
         # --daemonize: the parent exits once the export listens, a clean readiness signal.
         subprocess.run(
             ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
@@ -250,8 +278,8 @@ def backend(kind: str, image: Path, sock: Path, workdir: Path, direct: bool,
             profile: str | None, extra: list[str], sources: dict[str, Path]
             ) -> Iterator[Backend]:
     be: Backend
-    if kind == "qsd":
-        be = QsdBackend(image, sock, workdir, direct)
+    if kind in QSD_AIO:
+        be = QsdBackend(image, sock, workdir, direct, kind)
     else:
         more = ["--no-packed"] if kind == "pyvirtio-split" else []
         be = PyvirtioBackend(image, sock, workdir, direct, profile if kind == "pyvirtio"
@@ -339,11 +367,12 @@ class BenchGuest:
             if "features" in stats1:  # older checkouts (--src) do not say
                 RINGS.setdefault(be.name, set()).add(
                     "packed" if stats1["features"] >> RING_PACKED & 1 else "split")
+        p50, p99 = clat_percentiles(terse, "read" if "read" in rw else "write")
         s = Sample(be.name, rw, qd, iops, kib // 4, cpu1 - cpu0,
-                   int(end.group(1)) - int(begin.group(1)), kicks, own_kicks, served)
-        print(f"  {be.name:8} {rw:9} QD{qd:<3} {iops:9.0f} IOPS  "
-              f"{s.cpu_us_per_req:6.1f} us/req  notif/req {s.notif_per_req:.2f}  "
-              f"irq/req {s.irq_per_req:.2f}"
+                   int(end.group(1)) - int(begin.group(1)), kicks, own_kicks, served, p50, p99)
+        print(f"  {be.name:14} {rw:9} QD{qd:<3} {iops:9.0f} IOPS  "
+              f"{s.cpu_us_per_req:6.1f} us/req  clat p50/p99 {p50:.0f}/{p99:.0f} us  "
+              f"notif/req {s.notif_per_req:.2f}  irq/req {s.irq_per_req:.2f}"
               + (f"  (kicks: guest {kicks}, pyvirtio {own_kicks})" if own_kicks is not None
                  else ""), flush=True)
         return s
@@ -357,15 +386,32 @@ class BenchGuest:
             self.guest.stop()
 
 
+def clat_percentiles(terse: list[str], direction: str) -> tuple[float, float]:
+    """fio's completion-latency p50 and p99 (us) from a terse v3 line: the read block's 20
+    percentile fields are fields 18-37 (1-based), the write block's 59-78, each
+    ``P%=usec``."""
+    first = 17 if direction == "read" else 58
+    found: dict[str, float] = {}
+    for item in terse[first : first + 20]:
+        key, _, value = item.partition("=")
+        with contextlib.suppress(ValueError):
+            found[key.rstrip("%")] = float(value)
+    nan = float("nan")
+    return (next((v for k, v in found.items() if float(k) == 50.0), nan),
+            next((v for k, v in found.items() if float(k) == 99.0), nan))
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
 def report(results: Results, workloads: list[tuple[str, int]], backends: list[str]) -> str:
-    """Per cell and back-end: min / median / max over the rounds; then pyvirtio against
-    every other back-end: ratio of medians [range of per-round ratios] and a verdict that is
-    only "ok" or "worse" when every round agrees."""
+    """Per cell and back-end: min / median / max over the rounds; then pyvirtio against the
+    best QSD configuration of each cell and against every other back-end: ratio of medians
+    [range of per-round ratios] and a verdict that is only "ok" or "worse" when every round
+    agrees; then resident memory."""
     head = (f"{'workload':15} {'back-end':14} {'IOPS min / med / max':>24} "
-            f"{'CPU us/req min / med / max':>28} {'notif/req':>10} {'irq/req':>8}")
+            f"{'CPU us/req min / med / max':>28} {'clat p50':>8} {'p99 us':>7} "
+            f"{'notif/req':>10} {'irq/req':>8}")
     lines = [head, "-" * len(head)]
     for rw, qd in workloads:
         for name in backends:
@@ -376,14 +422,44 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
             cpu = Spread.of([s.cpu_us_per_req for s in ss])
             notif = Spread.of([s.notif_per_req for s in ss])
             irq = Spread.of([s.irq_per_req for s in ss])
+            p50 = Spread.of([s.clat_p50_us for s in ss])
+            p99 = Spread.of([s.clat_p99_us for s in ss])
             lines.append(f"{rw + ' QD' + str(qd):15} {name:14} {iops.show():>24} "
-                         f"{cpu.show('.1f'):>28} {notif.median:10.2f} {irq.median:8.2f}")
+                         f"{cpu.show('.1f'):>28} {p50.median:8.0f} {p99.median:7.0f} "
+                         f"{notif.median:10.2f} {irq.median:8.2f}")
     rings = [f"{name}: {'/'.join(sorted(RINGS[name]))} ring" for name in backends
              if name in RINGS]
+    rings += [f"{name}: split ring" for name in backends if name in QSD_AIO]
     if rings:
         lines += ["", "ring format negotiated: " + ", ".join(rings)]
+    if "pyvirtio" not in backends:
+        return "\n".join(lines + memory_report(results, backends))
+    qsds = [b for b in backends if b in QSD_AIO]
+    if qsds:
+        lines += ["", "pyvirtio / best QSD configuration of the cell (IOPS: highest median; "
+                  "CPU/req and p99: lowest median)",
+                  f"{'cell':16} {'IOPS ratio [rounds]':>22} {'':10} {'CPU/req ratio [rounds]':>24}"
+                  f" {'':10} {'QD1 p99 ratio [rounds]':>24}"]
+        for rw, qd in workloads:
+            ours = results.of("pyvirtio", rw, qd)
+            if not ours:
+                continue
+
+            def against(key: str, higher: bool, ours: list[Sample] = ours, rw: str = rw,
+                        qd: int = qd) -> str:
+                values = {q: [getattr(s, key) for s in results.of(q, rw, qd)] for q in qsds}
+                pick = best(values, higher)
+                if pick is None:
+                    return f"{'n/a':>36}"
+                r = Ratio.of([getattr(s, key) for s in ours], values[pick])
+                return f"{r.show():>22} {r.verdict(higher):10} ({pick})"
+
+            cell = f"{rw} QD{qd}"
+            p99 = against("clat_p99_us", False) if qd == 1 else ""
+            lines.append(f"{cell:16} {against('iops', True)}  "
+                         f"{against('cpu_us_per_req', False)}  {p99}")
     others = [b for b in backends if b != "pyvirtio"]
-    if "pyvirtio" in backends and others:
+    if others:
         lines += ["", f"{'pyvirtio / X':32} {'IOPS ratio [rounds]':>22} {'':10} "
                   f"{'CPU/req ratio [rounds]':>24}"]
         for other in others:
@@ -397,7 +473,22 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
                 label = f"vs {other} {rw} QD{qd}"
                 lines.append(f"{label:32} {r_iops.show():>22} {r_iops.verdict():10} "
                              f"{r_cpu.show():>24} {r_cpu.verdict(higher_is_better=False)}")
-    return "\n".join(lines)
+    return "\n".join(lines + memory_report(results, backends))
+
+
+def memory_report(results: Results, backends: list[str]) -> list[str]:
+    """Resident memory per back-end, MiB min / median / max over the rounds."""
+    lines = ["", f"{'resident memory, MiB':22} {'started (idle)':>20} {'guest attached':>20} "
+             f"{'under load':>20} {'per guest':>20}"]
+    for name in backends:
+        ms = [m for m in results.memory if m.backend == name]
+        if not ms:
+            continue
+        cols = [Spread.of([getattr(m, k) / 1024 for m in ms]).show(".1f")
+                for k in ("started", "attached", "loaded")]
+        cols.append(Spread.of([m.per_guest / 1024 for m in ms]).show(".1f"))
+        lines.append(f"{name:22} " + " ".join(f"{c:>20}" for c in cols))
+    return lines
 
 
 def make_image(path: Path) -> None:
@@ -426,9 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     parser.add_argument("--direct", action="store_true",
                         help="O_DIRECT on the host for both back-ends")
-    parser.add_argument("--backends", default="pyvirtio,pyvirtio-split,qsd",
+    parser.add_argument("--backends",
                         help="pyvirtio (packed ring offered), pyvirtio-split (--no-packed), "
-                        "qsd (default: %(default)s)")
+                        "qsd (aio=threads), qsd-io_uring, qsd-native (--direct only) "
+                        "(default: all of them)")
     parser.add_argument("--workloads", default=",".join(f"{rw}:{qd}" for rw, qd in WORKLOADS),
                         help="comma-separated rw:qd (default: %(default)s)")
     parser.add_argument("--profile", metavar="FILE",
@@ -451,17 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = {label: Path(d).resolve() for label, d in
                (item.split("=", 1) for item in args.src)}
-    backends = args.backends.split(",") + list(sources)
+    default = "pyvirtio,pyvirtio-split,qsd,qsd-io_uring" + (",qsd-native" if args.direct
+                                                              else "")
+    backends = (args.backends or default).split(",") + list(sources)
+    if "qsd-native" in backends and not args.direct:
+        parser.error("qsd-native (aio=native) needs --direct: Linux AIO wants O_DIRECT")
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
     extra = (["--mmap-reads"] if args.mmap_reads else []) + args.serve_arg
     workloads = [(w.split(":")[0], int(w.split(":")[1])) for w in args.workloads.split(",")]
-    if "qsd" in backends and shutil.which("qemu-storage-daemon") is None:
+    if any(b in QSD_AIO for b in backends) and shutil.which("qemu-storage-daemon") is None:
         print("qemu-storage-daemon is missing (Debian package qemu-system-x86)",
               file=sys.stderr)
         return 2
-    load = os.getloadavg()
-    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-          f"({os.cpu_count()} CPUs); {args.rounds} rounds, {args.runtime} s per run, "
+    print(f"load average before: {load()}; {args.rounds} rounds, {args.runtime} s per run, "
           f"cache: {'O_DIRECT' if args.direct else 'host page cache'}"
           + (f", pinned to CPU(s) {args.cpus}" if cpus else ", unpinned")
           + (f", pyvirtio serve blk {' '.join(extra)}" if extra else ""), flush=True)
@@ -482,18 +576,28 @@ def main(argv: list[str] | None = None) -> int:
                                                      args.direct, args.profile, extra,
                                                      sources))
                     pin([be.pid], cpus)
+                    mem = Memory(kind, rss_kib(be.pid))
+                    results.memory.append(mem)
                     guests[kind] = BenchGuest(be, sock, args.runtime, cpus)
                     stack.callback(guests[kind].close)
+                    mem.attached = rss_kib(be.pid)
                 for rw, qd in workloads:
                     for kind in order:
                         results.samples.append(guests[kind].run(rw, qd))
+                        mem = next(m for m in reversed(results.memory) if m.backend == kind)
+                        mem.loaded = max(mem.loaded, rss_kib(guests[kind].be.pid))
+                for m in results.memory[-len(backends):]:
+                    print(f"  {m.backend:14} resident memory: {m.started / 1024:.1f} MiB "
+                          f"started, {m.attached / 1024:.1f} MiB with its guest, "
+                          f"{m.loaded / 1024:.1f} MiB under load", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    load = os.getloadavg()
-    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    print(f"\nload average after: {load()}\n")
     print(report(results, workloads, backends))
     if args.json:
-        Path(args.json).write_text(json.dumps([s.__dict__ for s in results.samples], indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"samples": [s.__dict__ for s in results.samples],
+             "memory_kib": [m.__dict__ for m in results.memory]}, indent=1))
     return 0
 
 

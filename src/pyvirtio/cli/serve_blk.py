@@ -24,7 +24,13 @@ import signal
 import time
 from typing import Any
 
-from pyvirtio.cli.serve import attach_instructions, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    add_poll_option,
+    attach_instructions,
+    poll_max,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.device.blk import BlkDevice
 from pyvirtio.errors import LocalError
 from pyvirtio.io.inflight import inflight_extensions
@@ -74,6 +80,7 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
                    "instead of waiting for a kick per request (fewer notifications and "
                    "wake-ups for both sides; only kept while it serves at least as fast; "
                    "0: always kick-driven; default %(default)s)")
+    add_poll_option(p)
     p.add_argument("--stats-file", metavar="PATH",
                    help="write request/notification counters as JSON here at exit and on "
                    "SIGUSR1")
@@ -113,6 +120,9 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
         "requests": (s.reads + s.writes + s.flushes + s.discards + s.write_zeroes
                      + s.get_ids + s.ioerr + s.unsupp),
         "kicks": server.kicks, "calls": server.calls,
+        # system calls of the event loop (epoll waits) and wake-ups polling saved
+        "loop_waits": server.loop.waits, "calls_coalesced": server.loop.coalesced,
+        "poll_hits": device.poll_hits, "poll_misses": device.poll_misses,
         "connections": server.accepted,
         "features": device.driver_features,  # what the last driver negotiated (ring format)
     }
@@ -138,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
+    device.poll_max = poll_max(args)
     try:
         server = VhostUserServer(
             args.socket, lambda: device, loop,

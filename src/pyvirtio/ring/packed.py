@@ -672,6 +672,12 @@ class PackedDeviceQueue(_PackedRing):
         :meth:`pop` (which the interface allows: anything unusual is left for pop)."""
         return []
 
+    def pop_writable(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int]]:
+        """The queue interface's batch pop of one-descriptor writable buffers as tuples.
+        Not implemented for the packed ring yet: it hands out nothing and leaves every
+        buffer to :meth:`pop` (which the interface allows)."""
+        return []
+
     def chain(self, head: int) -> DescriptorChain:
         """The chain of an in-flight buffer id, as :meth:`pop` returned it."""
         found = self._popped.get(head)

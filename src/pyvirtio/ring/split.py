@@ -30,7 +30,7 @@ from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
 from pyvirtio.ring.inorder import InOrderCompletions
-from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
+from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain, WritableBuffer
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import split as S
 
@@ -294,6 +294,62 @@ class DeviceQueue(_SplitRing):
             inflight[head] = 1
             last = (last + 1) & 0xFFFF
             append((head, hbuf, a0 - hb, l0, a1 - hb, l1, f1 == _NEXT_WRITE, a2 - hb, l2))
+        self._hot = (hb, he, hbuf)
+        if out:
+            self.last_avail_idx = last
+            if self.event_idx and self._kicks_enabled:
+                self._u16.pack_into(self._used, self._avail_event_off, last)
+        return out
+
+    def pop_writable(self, limit: int = 0xFFFF) -> list[WritableBuffer]:
+        """Batch pop: the next available buffers that are one device-writable descriptor
+        (not empty, inside one guest memory region: a Linux receive buffer with mergeable
+        receive buffers), as ``(head, buf, offset, length)`` tuples, in flight as if
+        popped.
+
+        Stops at ``limit`` buffers or at the first entry that is not such a buffer, leaving
+        it for :meth:`pop`, which applies every ring rule (a malformed entry is simply not
+        one of these). For the receive fast path of a device that fills such buffers.
+        """
+        out: list[WritableBuffer] = []
+        if self.broken is not None or self._order is not None:
+            return out  # broken, or IN_ORDER's bookkeeping: every chain goes through pop()
+        avail = self._avail
+        desc = self._desc
+        _u16 = self._u16.unpack_from
+        _desc1 = self._desc_struct.unpack_from
+        inflight = self._inflight
+        qsize = self.size
+        mask = self._mask
+        last = self.last_avail_idx
+        pending = (_u16(avail, 2)[0] - last) & 0xFFFF
+        if pending > qsize:
+            return out  # a broken avail index: pop() says so
+        if pending > limit:
+            pending = limit
+        memory = self.memory
+        if memory.generation != self._span_gen:
+            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
+            self._span_gen = memory.generation
+            self._hot = (0, 0, _EMPTY)
+        hb, he, hbuf = self._hot
+        append = out.append
+        while pending:
+            pending -= 1
+            head = _u16(avail, 4 + 2 * (last & mask))[0]
+            if head >= qsize or inflight[head]:
+                break
+            addr, length, flags, _ = _desc1(desc, head << 4)
+            if flags != _WRITE or not length:
+                break
+            if not hb <= addr <= he - length:
+                span = self._find(addr, length)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            inflight[head] = 1
+            last = (last + 1) & 0xFFFF
+            append((head, hbuf, addr - hb, length))
         self._hot = (hb, he, hbuf)
         if out:
             self.last_avail_idx = last

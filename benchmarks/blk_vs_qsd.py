@@ -55,6 +55,11 @@ bring an idle CPU back (expensive) depends on where the scheduler put the guest 
 back-end, which makes unpinned figures swing; pinned ones are steadier. The default is
 unpinned, as a user would run it.
 
+``--syscalls`` attaches ``strace -c -f`` to each back-end for every fio run and prints the
+back-end's system calls per request, in total and by call (strace slows every back-end
+down a great deal: the IOPS and CPU figures of such a run mean nothing, the counts per
+request do, whatever the machine's load).
+
 ``--profile FILE`` runs the pyvirtio server under cProfile (slower: for finding hot spots,
 not for the table) and writes the stats to FILE.
 """
@@ -107,6 +112,12 @@ class Sample:
     served: int | None  # requests the back-end counted (pyvirtio only)
     clat_p50_us: float = float("nan")  # fio's completion latency percentiles
     clat_p99_us: float = float("nan")
+    syscalls: dict[str, int] | None = None  # --syscalls: the back-end's, by name
+
+    def syscalls_per_req(self, name: str = "total") -> float:
+        if not self.syscalls or not self.requests:
+            return float("nan")
+        return self.syscalls.get(name, 0) / self.requests
 
     @property
     def cpu_us_per_req(self) -> float:
@@ -328,9 +339,10 @@ class BenchGuest:
     run each workload back to back, under the same machine conditions."""
 
     def __init__(self, be: Backend, sock: Path, runtime: int,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, syscalls: bool = False) -> None:
         self.be = be
         self.runtime = runtime
+        self.syscalls = syscalls
         script = GUEST_SCRIPT.format(runtime=runtime, working_set=WORKING_SET)
         self.guest = UmlGuest(script, devices=[VhostUserDevice(sock, ids.BLOCK)],
                               timeout=3600)
@@ -347,11 +359,13 @@ class BenchGuest:
         stats0 = be.counters()
         pids = self.guest.processes()
         writes0 = write_calls(pids)
+        tracer = Strace(be.pid) if self.syscalls else None
         cpu0 = cpu_seconds(be.pid)
         g.write(f"{rw} {qd}\n")
         begin = g.wait_for(rf"^BENCH-BEGIN {rw} {qd} (\d+)", timeout=60)
         end = g.wait_for(rf"^BENCH-END {rw} {qd} (\d+) (.*)$", timeout=self.runtime + 60)
         cpu1 = cpu_seconds(be.pid)
+        counts = tracer.stop() if tracer is not None else None
         stats1 = be.counters()
         kicks = write_calls(pids) - writes0
         terse = end.group(2).split(";")
@@ -361,20 +375,35 @@ class BenchGuest:
         kib = int(terse[5]) + int(terse[46])
         iops = float(terse[7]) + float(terse[48])
         own_kicks = served = None
+        own = ""
         if stats0 is not None and stats1 is not None:
             own_kicks = stats1["kicks"] - stats0["kicks"]
             served = stats1["requests"] - stats0["requests"]
+            if "loop_waits" in stats1 and served:  # older checkouts (--src) do not count
+                d = {k: stats1[k] - stats0[k] for k in ("loop_waits", "calls", "poll_hits",
+                                                        "poll_misses")}
+                own = (f"  per request: {d['loop_waits'] / served:.2f} epoll waits, "
+                       f"{d['calls'] / served:.2f} calls"
+                       + (f", polling found {d['poll_hits'] / served:.0%} (missed "
+                          f"{d['poll_misses']})" if d["poll_hits"] or d["poll_misses"]
+                          else ""))
             if "features" in stats1:  # older checkouts (--src) do not say
                 RINGS.setdefault(be.name, set()).add(
                     "packed" if stats1["features"] >> RING_PACKED & 1 else "split")
         p50, p99 = clat_percentiles(terse, "read" if "read" in rw else "write")
         s = Sample(be.name, rw, qd, iops, kib // 4, cpu1 - cpu0,
-                   int(end.group(1)) - int(begin.group(1)), kicks, own_kicks, served, p50, p99)
+                   int(end.group(1)) - int(begin.group(1)), kicks, own_kicks, served, p50, p99,
+                   counts)
         print(f"  {be.name:14} {rw:9} QD{qd:<3} {iops:9.0f} IOPS  "
               f"{s.cpu_us_per_req:6.1f} us/req  clat p50/p99 {p50:.0f}/{p99:.0f} us  "
               f"notif/req {s.notif_per_req:.2f}  irq/req {s.irq_per_req:.2f}"
               + (f"  (kicks: guest {kicks}, pyvirtio {own_kicks})" if own_kicks is not None
-                 else ""), flush=True)
+                 else "") + own, flush=True)
+        if counts:
+            top = sorted(((n, c) for n, c in counts.items() if n != "total"),
+                         key=lambda item: -item[1])[:6]
+            print(f"    system calls per request: {s.syscalls_per_req():.2f} ("
+                  + ", ".join(f"{n} {c / s.requests:.2f}" for n, c in top) + ")", flush=True)
         return s
 
     def close(self) -> None:
@@ -384,6 +413,36 @@ class BenchGuest:
                 self.guest.wait(timeout=30)
         finally:
             self.guest.stop()
+
+
+class Strace:
+    """``strace -c -f`` attached to a running process (every thread) until :meth:`stop`."""
+
+    def __init__(self, pid: int) -> None:
+        self.out = Path(tempfile.mkstemp(prefix="pyvirtio-bench-strace-")[1])
+        self.proc = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", str(self.out),
+                                      "-p", str(pid)], stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # let it attach to every thread before the run starts
+
+    def stop(self) -> dict[str, int]:
+        """Detach; the calls made meanwhile, by name, and their ``total``."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        counts: dict[str, int] = {}
+        try:
+            for line in self.out.read_text().splitlines():
+                fields = line.split()
+                # % time, seconds, usecs/call, calls, [errors,] name
+                if len(fields) >= 5 and fields[0][0].isdigit() and fields[3].isdigit():
+                    counts[fields[-1]] = int(fields[3])
+        finally:
+            self.out.unlink(missing_ok=True)
+        return counts
 
 
 def clat_percentiles(terse: list[str], direction: str) -> tuple[float, float]:
@@ -427,6 +486,21 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
             lines.append(f"{rw + ' QD' + str(qd):15} {name:14} {iops.show():>24} "
                          f"{cpu.show('.1f'):>28} {p50.median:8.0f} {p99.median:7.0f} "
                          f"{notif.median:10.2f} {irq.median:8.2f}")
+    if any(s.syscalls for s in results.samples):
+        lines += ["", f"{'system calls per request (strace -c -f, median)':48} "
+                  f"{'total':>7}  by call"]
+        for rw, qd in workloads:
+            for name in backends:
+                ss = [s for s in results.of(name, rw, qd) if s.syscalls]
+                if not ss:
+                    continue
+                calls = sorted({n for s in ss for n in s.syscalls if n != "total"},
+                               key=lambda n: -Spread.of([s.syscalls_per_req(n)
+                                                         for s in ss]).median)[:6]
+                by = ", ".join(f"{n} {Spread.of([s.syscalls_per_req(n) for s in ss]).median:.2f}"
+                               for n in calls)
+                total = Spread.of([s.syscalls_per_req() for s in ss]).median
+                lines.append(f"{rw + ' QD' + str(qd):15} {name:32} {total:7.2f}  {by}")
     rings = [f"{name}: {'/'.join(sorted(RINGS[name]))} ring" for name in backends
              if name in RINGS]
     rings += [f"{name}: split ring" for name in backends if name in QSD_AIO]
@@ -525,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated rw:qd (default: %(default)s)")
     parser.add_argument("--profile", metavar="FILE",
                         help="run pyvirtio under cProfile, write the stats to FILE")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count each back-end's system calls per request with strace "
+                        "(slows every back-end: for the counts, not the timings)")
     parser.add_argument("--json", metavar="FILE", help="also write every sample as JSON")
     parser.add_argument("--mmap-reads", action="store_true",
                         help="pyvirtio serves reads from the mapped image (serve blk "
@@ -578,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                     pin([be.pid], cpus)
                     mem = Memory(kind, rss_kib(be.pid))
                     results.memory.append(mem)
-                    guests[kind] = BenchGuest(be, sock, args.runtime, cpus)
+                    guests[kind] = BenchGuest(be, sock, args.runtime, cpus, args.syscalls)
                     stack.callback(guests[kind].close)
                     mem.attached = rss_kib(be.pid)
                 for rw, qd in workloads:

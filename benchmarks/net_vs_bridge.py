@@ -84,10 +84,11 @@ def guest_scripts(ifname: str, seconds: int, uml: bool) -> tuple[str, str]:
     setup = f"ip link set lo up\nip link set {ifname} up\nip addr add {{ip}}/24 dev {ifname}\n"
     server = setup.format(ip=SERVER_IP) + mount + f"""
 {run} -s -B {SERVER_IP} > /tmp/iperf.log 2>&1 &
+iperf=$!
 until netstat -ltn 2>/dev/null | grep -q ':5201 '; do usleep 50000; done
 echo BENCH-SERVER-READY
 read quit
-kill %1 2>/dev/null
+kill $iperf 2>/dev/null
 """
     client = setup.format(ip=CLIENT_IP) + mount + f"""
 i=0

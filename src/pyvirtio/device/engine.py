@@ -41,9 +41,10 @@ is the same:
   ``poll-max-ns``): a request made available in the window is served without a kick or a
   wake-up; when the window passes, kicks go back on (and the ring is looked at again).
   The window tunes itself from the gap between a completion and the next request when the
-  window missed it: a request that came within ``poll_max`` grows it (doubling from :data:`POLL_START`, up to ``poll_max``), a longer
-  sleep halves it (below :data:`POLL_START` it is 0: no polling until a short sleep is
-  seen again). An idle queue never polls: polling starts only after a completion.
+  window missed it: a request that came within ``poll_max`` grows it (doubling from
+  :data:`POLL_START`, up to ``poll_max``), a longer gap halves it (below
+  :data:`POLL_START` it is 0: no polling until a short gap is seen again). An idle queue
+  never polls: polling starts only after a completion.
 * **lost notifications**: a transport to a real peer calls :meth:`QueueEngine.watch`
   every :data:`WATCH_INTERVAL` seconds. A kick that never arrived (buffers sat in a ring
   with kicks on for a whole interval) is served then, and a queue that has waited for

@@ -14,9 +14,10 @@ entries until :meth:`NetDevice.flush_rx`. The receive fast lane: with MRG_RXBUF 
 buffer held, the buffers a frame needs are taken straight from the ring as plain tuples
 (:meth:`~pyvirtio.ring.DeviceRing.pop_writable`: Linux posts one-descriptor buffers) and
 filled without building chain objects; anything else (a chained buffer, too few buffers,
-the packed ring, which has no such pop yet) is left to the general path. A frame carrying an offload this guest did not
-negotiate is finished in software (:mod:`.offload`), so every endpoint may send any valid
-frame, and CSUM/HOST_TSO can be offered whatever the peer.
+the packed ring, which has no such pop yet) is left to the general path. A frame carrying
+an offload this guest did not negotiate is finished in software (:mod:`.offload`), so
+every endpoint may send any valid frame, and CSUM/HOST_TSO can be offered whatever the
+peer.
 
 Hostile guests: a malformed transmit chain (header, offload, size) is dropped and counted
 (``stats.tx_errors``); a malformed ring breaks its queue and sets DEVICE_NEEDS_RESET.

@@ -244,17 +244,8 @@ class DeviceQueue(_SplitRing):
         qsize = self.size
         mask = self._mask
         last = self.last_avail_idx
-        pending = (_u16(avail, 2)[0] - last) & 0xFFFF
-        if pending > qsize:
-            return out  # a broken avail index: pop() says so
-        if pending > limit:
-            pending = limit
-        memory = self.memory
-        if memory.generation != self._span_gen:
-            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
-            self._span_gen = memory.generation
-            self._hot = (0, 0, _EMPTY)
-        hb, he, hbuf = self._hot
+        pending = self._batch_pending(limit)
+        hb, he, hbuf = self._hot_span()
         append = out.append
         while pending:
             pending -= 1
@@ -296,9 +287,7 @@ class DeviceQueue(_SplitRing):
             append((head, hbuf, a0 - hb, l0, a1 - hb, l1, f1 == _NEXT_WRITE, a2 - hb, l2))
         self._hot = (hb, he, hbuf)
         if out:
-            self.last_avail_idx = last
-            if self.event_idx and self._kicks_enabled:
-                self._u16.pack_into(self._used, self._avail_event_off, last)
+            self._batch_popped(last)
         return out
 
     def pop_writable(self, limit: int = 0xFFFF) -> list[WritableBuffer]:
@@ -322,17 +311,8 @@ class DeviceQueue(_SplitRing):
         qsize = self.size
         mask = self._mask
         last = self.last_avail_idx
-        pending = (_u16(avail, 2)[0] - last) & 0xFFFF
-        if pending > qsize:
-            return out  # a broken avail index: pop() says so
-        if pending > limit:
-            pending = limit
-        memory = self.memory
-        if memory.generation != self._span_gen:
-            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
-            self._span_gen = memory.generation
-            self._hot = (0, 0, _EMPTY)
-        hb, he, hbuf = self._hot
+        pending = self._batch_pending(limit)
+        hb, he, hbuf = self._hot_span()
         append = out.append
         while pending:
             pending -= 1
@@ -352,10 +332,34 @@ class DeviceQueue(_SplitRing):
             append((head, hbuf, addr - hb, length))
         self._hot = (hb, he, hbuf)
         if out:
-            self.last_avail_idx = last
-            if self.event_idx and self._kicks_enabled:
-                self._u16.pack_into(self._used, self._avail_event_off, last)
+            self._batch_popped(last)
         return out
+
+    # what the batch pops (pop_short, pop_writable) share
+
+    def _batch_pending(self, limit: int) -> int:
+        """Entries a batch pop may look at: the available ones, at most ``limit``; 0 for a
+        broken avail index (pop() says so)."""
+        pending = (self._u16.unpack_from(self._avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            return 0
+        return min(pending, limit)
+
+    def _hot_span(self) -> tuple[int, int, memoryview]:
+        """The memory region the last batch pop used (refreshing the regions first if the
+        memory table changed)."""
+        memory = self.memory
+        if memory.generation != self._span_gen:
+            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
+            self._span_gen = memory.generation
+            self._hot = (0, 0, _EMPTY)
+        return self._hot
+
+    def _batch_popped(self, last: int) -> None:
+        """A batch pop consumed the entries up to ``last``."""
+        self.last_avail_idx = last
+        if self.event_idx and self._kicks_enabled:
+            self._u16.pack_into(self._used, self._avail_event_off, last)
 
     def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
         for span in self._spans:

@@ -15,10 +15,10 @@ such an fd raises PermissionError, as epoll does.
 
 Two things spare the data path system calls:
 
-* **coalescing** (:meth:`EventLoop.coalesce`): while the loop dispatches one epoll wake-up
-  (every ready fd, one after the other), an action asked for several times under the same
-  key (a vring's call eventfd written after each of several drains) runs once, at the end
-  of that dispatch. Outside a dispatch nothing is deferred.
+* **coalescing** (:meth:`EventLoop.coalesce`): while the loop dispatches an epoll wake-up
+  that found several fds ready, an action asked for several times under the same key (a
+  vring's call eventfd written after each of several drains) runs once, at the end of that
+  dispatch. Outside such a dispatch (one ready fd, a timer, a poller) nothing is deferred.
 * **adaptive polling** (:meth:`EventLoop.arm_poller`): a device queue that has just
   completed a request may ask to be looked at for a short window before the loop sleeps;
   the loop then checks it (a read of shared memory, no system call) until work arrives or
@@ -185,8 +185,8 @@ class EventLoop:
     def coalesce(self, key: int, action: Callable[[int], None]) -> bool:
         """Run ``action(key)`` once at the end of the dispatch under way, however often it
         is asked for with this ``key`` meanwhile; True if deferred. False when the loop is
-        not dispatching (a timer, a poller, a caller outside the loop): nothing is
-        deferred, the caller acts now."""
+        not dispatching a wake-up of several ready fds (one ready fd, a timer, a poller, a
+        caller outside the loop): nothing is deferred, the caller acts now."""
         if not self._dispatching:
             return False
         if key in self._deferred:
@@ -327,10 +327,13 @@ class EventLoop:
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         """Call the reader and/or writer of every ready fd; hang-ups and errors wake both
         directions, as ``selectors`` does."""
-        if not ready:
-            return
         readers = self._readers
         writers = self._writers
+        if len(ready) < 2:
+            # One ready fd (a kick at queue depth 1): nothing to merge its actions with, so
+            # the deferral's bookkeeping is spared.
+            self._dispatch_ready(ready, readers, writers)
+            return
         self._dispatching = True
         try:
             self._dispatch_ready(ready, readers, writers)

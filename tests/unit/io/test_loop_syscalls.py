@@ -62,14 +62,25 @@ def test_outside_a_dispatch_nothing_is_deferred(loop: EventLoop) -> None:
     assert ran == []
 
 
+def test_a_wake_up_with_one_ready_fd_defers_nothing(loop: EventLoop) -> None:
+    answers: list[bool] = []
+    fds = ready_pipe(loop, lambda: answers.append(loop.coalesce(9, lambda key: None)))
+    try:
+        loop.run_once(1.0)
+        assert answers == [False]  # nothing to merge with: the caller writes at once
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_forgotten_action_does_not_run(loop: EventLoop) -> None:
     ran: list[int] = []
 
     def reader() -> None:
-        loop.coalesce(5, ran.append)
+        assert loop.coalesce(5, ran.append)
         loop.forget_coalesced(5)  # say the fd was closed meanwhile
 
-    fds = ready_pipe(loop, reader)
+    fds = [*ready_pipe(loop, reader), *ready_pipe(loop, lambda: None)]
     try:
         loop.run_once(1.0)
         assert ran == []

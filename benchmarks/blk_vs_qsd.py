@@ -23,6 +23,9 @@ virtio_blk takes it (virtio_uml acks RING_PACKED; docs/peers.md); ``pyvirtio-spl
 same server with ``--no-packed``, so the pair of rows is packed against split on the same
 back-end; QSD (libvhost-user) offers only the split ring. The ring each row really ran is
 read from the server's stats (the negotiated features) and printed with the table.
+``pyvirtio-poll`` is pyvirtio with adaptive polling (``serve blk --poll-us``
+``--poll-us``, default 50 here): after a completion it polls the ring for a self-tuning
+window before sleeping; the row tells what polling buys at QD1 and what it costs.
 
 Columns, per back-end and workload:
 
@@ -43,7 +46,8 @@ Columns, per back-end and workload:
 
 Resident memory (``VmRSS``) of every back-end is printed per round: when it has started
 (no guest), once its guest has booted (idle, attached) and the highest figure sampled right
-after each fio run (under load); "per guest" is attached minus started.
+after each fio run (under load); "per guest" is attached minus started. So is each
+back-end's CPU share over 3 s with its guest booted and idle ("idle CPU").
 
 Ratios are pyvirtio / X: IOPS ratio >= 1 and CPU ratio <= 1 in every round mean pyvirtio
 is at least as fast and at most as expensive. The machine's load is printed first; other
@@ -140,6 +144,7 @@ class Memory:
     started: int  # listening, no guest
     attached: int = 0  # its guest booted, idle
     loaded: int = 0  # the highest figure right after a fio run
+    idle_cpu: float = float("nan")  # CPU share (1.0: a whole CPU) with its guest idle
 
     @property
     def per_guest(self) -> int:
@@ -286,13 +291,14 @@ class QsdBackend(Backend):
 
 @contextlib.contextmanager
 def backend(kind: str, image: Path, sock: Path, workdir: Path, direct: bool,
-            profile: str | None, extra: list[str], sources: dict[str, Path]
-            ) -> Iterator[Backend]:
+            profile: str | None, extra: list[str], sources: dict[str, Path],
+            poll_us: float = 50.0) -> Iterator[Backend]:
     be: Backend
     if kind in QSD_AIO:
         be = QsdBackend(image, sock, workdir, direct, kind)
     else:
-        more = ["--no-packed"] if kind == "pyvirtio-split" else []
+        more = {"pyvirtio-split": ["--no-packed"],
+                "pyvirtio-poll": [f"--poll-us={poll_us}"]}.get(kind, [])
         be = PyvirtioBackend(image, sock, workdir, direct, profile if kind == "pyvirtio"
                              else None, extra + more, kind, sources.get(kind, ROOT))
     try:
@@ -506,18 +512,16 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
     rings += [f"{name}: split ring" for name in backends if name in QSD_AIO]
     if rings:
         lines += ["", "ring format negotiated: " + ", ".join(rings)]
-    if "pyvirtio" not in backends:
-        return "\n".join(lines + memory_report(results, backends))
     qsds = [b for b in backends if b in QSD_AIO]
-    if qsds:
+    mine = [b for b in backends if b not in QSD_AIO]
+    if qsds and mine:
         lines += ["", "pyvirtio / best QSD configuration of the cell (IOPS: highest median; "
                   "CPU/req and p99: lowest median)",
-                  f"{'cell':16} {'IOPS ratio [rounds]':>22} {'':10} {'CPU/req ratio [rounds]':>24}"
-                  f" {'':10} {'QD1 p99 ratio [rounds]':>24}"]
-        for rw, qd in workloads:
-            ours = results.of("pyvirtio", rw, qd)
-            if not ours:
-                continue
+                  f"{'cell':30} {'IOPS ratio [rounds]':>22} {'':10} "
+                  f"{'CPU/req ratio [rounds]':>24} {'':10} {'QD1 p99 ratio [rounds]':>24}"]
+    for name, (rw, qd) in ((n, w) for n in (mine if qsds else []) for w in workloads):
+        ours = results.of(name, rw, qd)
+        if ours:
 
             def against(key: str, higher: bool, ours: list[Sample] = ours, rw: str = rw,
                         qd: int = qd) -> str:
@@ -528,10 +532,12 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
                 r = Ratio.of([getattr(s, key) for s in ours], values[pick])
                 return f"{r.show():>22} {r.verdict(higher):10} ({pick})"
 
-            cell = f"{rw} QD{qd}"
+            cell = f"{name} {rw} QD{qd}"
             p99 = against("clat_p99_us", False) if qd == 1 else ""
-            lines.append(f"{cell:16} {against('iops', True)}  "
+            lines.append(f"{cell:30} {against('iops', True)}  "
                          f"{against('cpu_us_per_req', False)}  {p99}")
+    if "pyvirtio" not in backends:
+        return "\n".join(lines + memory_report(results, backends))
     others = [b for b in backends if b != "pyvirtio"]
     if others:
         lines += ["", f"{'pyvirtio / X':32} {'IOPS ratio [rounds]':>22} {'':10} "
@@ -553,7 +559,7 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
 def memory_report(results: Results, backends: list[str]) -> list[str]:
     """Resident memory per back-end, MiB min / median / max over the rounds."""
     lines = ["", f"{'resident memory, MiB':22} {'started (idle)':>20} {'guest attached':>20} "
-             f"{'under load':>20} {'per guest':>20}"]
+             f"{'under load':>20} {'per guest':>20} {'idle CPU %':>20}"]
     for name in backends:
         ms = [m for m in results.memory if m.backend == name]
         if not ms:
@@ -561,8 +567,19 @@ def memory_report(results: Results, backends: list[str]) -> list[str]:
         cols = [Spread.of([getattr(m, k) / 1024 for m in ms]).show(".1f")
                 for k in ("started", "attached", "loaded")]
         cols.append(Spread.of([m.per_guest / 1024 for m in ms]).show(".1f"))
+        cols.append(Spread.of([100 * m.idle_cpu for m in ms]).show(".2f"))
         lines.append(f"{name:22} " + " ".join(f"{c:>20}" for c in cols))
     return lines
+
+
+def idle_cpu(guests: dict[str, BenchGuest], memory: list[Memory],
+             seconds: float = 3.0) -> None:
+    """Each back-end's CPU share while its guest is booted and idle (what polling, if it
+    ever ran without requests, would show)."""
+    before = {kind: cpu_seconds(g.be.pid) for kind, g in guests.items()}
+    time.sleep(seconds)
+    for m in memory:
+        m.idle_cpu = (cpu_seconds(guests[m.backend].be.pid) - before[m.backend]) / seconds
 
 
 def make_image(path: Path) -> None:
@@ -593,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="O_DIRECT on the host for both back-ends")
     parser.add_argument("--backends",
                         help="pyvirtio (packed ring offered), pyvirtio-split (--no-packed), "
-                        "qsd (aio=threads), qsd-io_uring, qsd-native (--direct only) "
-                        "(default: all of them)")
+                        "pyvirtio-poll (--poll-us), qsd (aio=threads), qsd-io_uring, "
+                        "qsd-native (--direct only) (default: all of them)")
+    parser.add_argument("--poll-us", type=float, default=50.0,
+                        help="pyvirtio-poll's --poll-us (default %(default)s)")
     parser.add_argument("--workloads", default=",".join(f"{rw}:{qd}" for rw, qd in WORKLOADS),
                         help="comma-separated rw:qd (default: %(default)s)")
     parser.add_argument("--profile", metavar="FILE",
@@ -620,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = {label: Path(d).resolve() for label, d in
                (item.split("=", 1) for item in args.src)}
-    default = "pyvirtio,pyvirtio-split,qsd,qsd-io_uring" + (",qsd-native" if args.direct
+    default = "pyvirtio,pyvirtio-split,pyvirtio-poll,qsd,qsd-io_uring" + (",qsd-native" if args.direct
                                                               else "")
     backends = (args.backends or default).split(",") + list(sources)
     if "qsd-native" in backends and not args.direct:
@@ -651,13 +670,14 @@ def main(argv: list[str] | None = None) -> int:
                     sock = workdir / f"{kind}.sock"
                     be = stack.enter_context(backend(kind, image, sock, workdir,
                                                      args.direct, args.profile, extra,
-                                                     sources))
+                                                     sources, args.poll_us))
                     pin([be.pid], cpus)
                     mem = Memory(kind, rss_kib(be.pid))
                     results.memory.append(mem)
                     guests[kind] = BenchGuest(be, sock, args.runtime, cpus, args.syscalls)
                     stack.callback(guests[kind].close)
                     mem.attached = rss_kib(be.pid)
+                idle_cpu(guests, results.memory[-len(backends):])
                 for rw, qd in workloads:
                     for kind in order:
                         results.samples.append(guests[kind].run(rw, qd))
@@ -666,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                 for m in results.memory[-len(backends):]:
                     print(f"  {m.backend:14} resident memory: {m.started / 1024:.1f} MiB "
                           f"started, {m.attached / 1024:.1f} MiB with its guest, "
-                          f"{m.loaded / 1024:.1f} MiB under load", flush=True)
+                          f"{m.loaded / 1024:.1f} MiB under load; idle CPU "
+                          f"{m.idle_cpu:.1%}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nload average after: {load()}\n")

@@ -57,8 +57,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from pyvirtio.core.reactor import PollingReactor
 from pyvirtio.errors import PeerError
 from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 
@@ -363,7 +364,7 @@ class QueueEngine:
                         # kicks stay off: the reactor polls the ring (see the module doc)
                         if not self._polling:  # (armed already: a kick came meanwhile)
                             self._polling = True
-                            device.reactor.arm_poller(  # type: ignore[union-attr]
+                            cast(PollingReactor, device.reactor).arm_poller(
                                 self, self._poll_window)
                         break
                 # kick us for what comes next, then look again (a buffer made available

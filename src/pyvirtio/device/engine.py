@@ -461,7 +461,11 @@ class QueueEngine:
     # ---- adaptive polling (the reactor's Poller) ----------------------------------------
 
     def ready(self) -> bool:
-        """A request is in the ring (the reactor polls this; no system call)."""
+        """A request is in the ring (the reactor polls this; no system call). A stale
+        engine (the queue stopped, its memory may be gone) answers True without reading
+        the ring, so :meth:`serve` drops it at once."""
+        if self.queue.engine is not self or self.ring.broken is not None:
+            return True
         return self.ring.pending() != 0
 
     def serve(self) -> None:

@@ -154,3 +154,15 @@ def test_a_reactor_that_cannot_poll_leaves_the_queue_kick_driven(memory: GuestMe
     device.start_queue(0, QSIZE, *rings)
     served_on_kicks(device, driver, alloc, 3)
     assert request(driver, alloc, "next")
+
+
+def test_a_queue_stopped_while_polled_is_dropped_without_reading_its_ring(
+        loop: EventLoop, memory: GuestMemory) -> None:
+    device, engine, driver, alloc = rng(loop, memory, poll_max=HUGE)
+    served_on_kicks(device, driver, alloc, 2)
+    assert engine.polling
+    device.reset()  # the front-end went away: the queue stops, its memory may be unmapped
+    assert device.queues[0].engine is not engine
+    loop.run_once(0.0)
+    assert not engine.polling
+    assert device.poll_hits == device.poll_misses == 0  # dropped, neither served nor timed

@@ -639,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sources = {label: Path(d).resolve() for label, d in
                (item.split("=", 1) for item in args.src)}
-    default = "pyvirtio,pyvirtio-split,pyvirtio-poll,qsd,qsd-io_uring" + (",qsd-native" if args.direct
-                                                              else "")
+    default = "pyvirtio,pyvirtio-split,pyvirtio-poll,qsd,qsd-io_uring"
+    if args.direct:
+        default += ",qsd-native"
     backends = (args.backends or default).split(",") + list(sources)
     if "qsd-native" in backends and not args.direct:
         parser.error("qsd-native (aio=native) needs --direct: Linux AIO wants O_DIRECT")

@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import os
 import pstats
-import re
 import secrets
 import shutil
 import signal
@@ -56,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from paths import ROOT  # before pyvirtio: puts the checkout's src/ on sys.path

@@ -672,7 +672,7 @@ class PackedDeviceQueue(_PackedRing):
         :meth:`pop` (which the interface allows: anything unusual is left for pop)."""
         return []
 
-    def pop_writable(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int]]:
+    def pop_writable(self, need: int) -> list[tuple[int, memoryview, int, int]]:
         """The queue interface's batch pop of one-descriptor writable buffers as tuples.
         Not implemented for the packed ring yet: it hands out nothing and leaves every
         buffer to :meth:`pop` (which the interface allows)."""

@@ -49,8 +49,8 @@ class DeviceRing(Protocol):
         """The next available chain (every ring rule applied), or None."""
     def pop_short(self, limit: int = 0xFFFF) -> list[ShortChain]:
         """Batch pop of the next short chains (three descriptors in one region) as tuples."""
-    def pop_writable(self, limit: int = 0xFFFF) -> list[WritableBuffer]:
-        """Batch pop of the next buffers of one device-writable descriptor as tuples."""
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing, of one-descriptor writable buffers for ``need`` bytes."""
     def chain(self, head: int) -> DescriptorChain:
         """The full chain of an in-flight head (one popped by :meth:`pop_short`)."""
     def rewind(self, count: int) -> None:

@@ -290,15 +290,15 @@ class DeviceQueue(_SplitRing):
             self._batch_popped(last)
         return out
 
-    def pop_writable(self, limit: int = 0xFFFF) -> list[WritableBuffer]:
-        """Batch pop: the next available buffers that are one device-writable descriptor
-        (not empty, inside one guest memory region: a Linux receive buffer with mergeable
-        receive buffers), as ``(head, buf, offset, length)`` tuples, in flight as if
-        popped.
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing: the next available buffers that are each one
+        device-writable descriptor (not empty, inside one guest memory region: Linux's
+        receive buffers with mergeable receive buffers), just enough of them to hold
+        ``need`` bytes, as ``(head, buf, offset, length)`` tuples in flight as if popped.
 
-        Stops at ``limit`` buffers or at the first entry that is not such a buffer, leaving
-        it for :meth:`pop`, which applies every ring rule (a malformed entry is simply not
-        one of these). For the receive fast path of a device that fills such buffers.
+        Pops nothing (and returns ``[]``) if the entries available before the first one
+        that is not such a buffer hold less: those are left for :meth:`pop`, which applies
+        every ring rule (a malformed entry is simply not one of these buffers).
         """
         out: list[WritableBuffer] = []
         if self.broken is not None or self._order is not None:
@@ -311,10 +311,10 @@ class DeviceQueue(_SplitRing):
         qsize = self.size
         mask = self._mask
         last = self.last_avail_idx
-        pending = self._batch_pending(limit)
+        pending = self._batch_pending(0xFFFF)
         hb, he, hbuf = self._hot_span()
         append = out.append
-        while pending:
+        while need > 0 and pending:
             pending -= 1
             head = _u16(avail, 4 + 2 * (last & mask))[0]
             if head >= qsize or inflight[head]:
@@ -327,12 +327,16 @@ class DeviceQueue(_SplitRing):
                 if span is None:
                     break
                 hb, he, hbuf = span
-            inflight[head] = 1
+            inflight[head] = 1  # (now: a head listed twice in the batch stops it)
             last = (last + 1) & 0xFFFF
+            need -= length
             append((head, hbuf, addr - hb, length))
         self._hot = (hb, he, hbuf)
-        if out:
-            self._batch_popped(last)
+        if need > 0:
+            for head, *_ in out:  # too few: nothing consumed
+                inflight[head] = 0
+            return []
+        self._batch_popped(last)
         return out
 
     # what the batch pops (pop_short, pop_writable) share

@@ -10,14 +10,9 @@ peer zero-copy (views of guest memory, valid during the call); a BUSY peer puts 
 back until ``peer_ready``: backpressure, not loss. Receive: a frame is copied into buffers
 the device holds from the receive queue (several, ``num_buffers`` in the header, with
 MRG_RXBUF), each used length exactly the bytes written; ``flush=False`` batches the used
-entries until :meth:`NetDevice.flush_rx`. The receive fast lane: with MRG_RXBUF and no
-buffer held, the buffers a frame needs are taken straight from the ring as plain tuples
-(:meth:`~pyvirtio.ring.DeviceRing.pop_writable`: Linux posts one-descriptor buffers) and
-filled without building chain objects; anything else (a chained buffer, too few buffers,
-the packed ring, which has no such pop yet) is left to the general path. A frame carrying
-an offload this guest did not negotiate is finished in software (:mod:`.offload`), so
-every endpoint may send any valid frame, and CSUM/HOST_TSO can be offered whatever the
-peer.
+entries until :meth:`NetDevice.flush_rx` (fast lane: a frame's one-descriptor buffers as
+tuples from ``pop_writable``). A frame carrying an offload this guest did not negotiate is
+finished in software (:mod:`.offload`), so any endpoint may send any valid frame.
 
 Hostile guests: a malformed transmit chain (header, offload, size) is dropped and counted
 (``stats.tx_errors``); a malformed ring breaks its queue and sets DEVICE_NEEDS_RESET.
@@ -28,7 +23,6 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +76,8 @@ _GSO = {N.VIRTIO_NET_HDR_GSO_TCPV4: (Offload.TSO4, N.VIRTIO_NET_F_HOST_TSO4),
         N.VIRTIO_NET_HDR_GSO_TCPV6: (Offload.TSO6, N.VIRTIO_NET_F_HOST_TSO6)}
 _HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
 _U16 = struct.Struct("<H")
+#: a receive buffer to fill: a chain (or a head), and its writable memory
+_Target = tuple[DescriptorChain | int, Sequence[memoryview]]
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -276,7 +272,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def on_features_ok(self) -> None:
         feats = self.driver_features
         self._mrg = F.has(feats, N.VIRTIO_NET_F_MRG_RXBUF)
-        self._rx_buf_len = 0  # the receive fast lane's guess of the guest's buffer size
         self._hdr_len = N.net_hdr_size(F.has(feats, F.VERSION_1), self._mrg)
         self._guest_offloads = Offload.from_guest_features(feats)
         if F.has(feats, N.VIRTIO_NET_F_CTRL_VQ):
@@ -296,7 +291,6 @@ class NetDevice(VirtioDevice, NetEndpoint):
     def on_reset(self) -> None:
         self._announce = False
         self._mrg = False
-        self._rx_buf_len = 0
         self._hdr_len = N.NET_HDR_SIZE
         self._ctrl_index = None
         self._active_pairs = 1
@@ -634,9 +628,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
         need = hlen + length
         spare = engine.held
         pending = engine.done
-        if self._mrg and not spare and self._place_fast(ring, hdr, frame, length, need,
-                                                        pending):
-            return self._placed(engine, frame, length, flush)
+        bufs = ring.pop_writable(need) if self._mrg and not spare else ()  # the fast lane
+        if bufs and bufs[0][3] >= hlen:
+            self.stats.rx_fast += 1
+            return self._fill(hdr, frame, length, engine, flush, pending,
+                              [(h, (b[o : o + n],)) for h, b, o, n in bufs])
+        ring.rewind(len(bufs))  # none, or one too small for a header: the general path
         try:
             while True:
                 # Pick the chains this frame will fill (nothing is written yet).
@@ -678,61 +675,13 @@ class NetDevice(VirtioDevice, NetEndpoint):
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")
-        self._fill(hdr, frame, length, [(chain, chain.writable) for chain in
-                                        (spare.popleft() for _ in range(count))], pending)
-        return self._placed(engine, frame, length, flush)
+        return self._fill(hdr, frame, length, engine, flush, pending, [
+            (chain, chain.writable) for chain in (spare.popleft() for _ in range(count))])
 
-    def _placed(self, engine: QueueEngine, frame: Frame, length: int,
-                flush: bool) -> Delivery:
-        self.stats.rx_frames += 1
-        self.stats.rx_bytes += length
-        if self.capture is not None:
-            self.capture.write_frame(frame, length)
-        if flush:
-            engine.complete(())
-        return Delivery.DELIVERED
-
-    def _place_fast(self, ring: DeviceRing, hdr: NetHdr, frame: Frame, length: int,
-                    need: int, pending: list[Completion]) -> bool:
-        """The receive fast lane (see the module doc): fill one-descriptor buffers taken
-        straight from the ring; False (nothing taken) when the general path must do it."""
-        guess = self._rx_buf_len
-        bufs = ring.pop_writable(-(-need // guess) if guess else 1)
-        if not bufs:
-            return False
-        capacity = 0
-        count = 0
-        for buf in bufs:
-            count += 1
-            capacity += buf[3]
-            if capacity >= need:
-                break
-        while capacity < need:
-            more = ring.pop_writable(1)
-            if not more:
-                ring.rewind(len(bufs))  # too few (or an unusual one): the general path
-                return False
-            bufs += more
-            count += 1
-            capacity += more[0][3]
-        if count < len(bufs):
-            ring.rewind(len(bufs) - count)  # popped beyond the frame: offered again
-            del bufs[count:]
-        if bufs[0][3] < self._hdr_len:
-            ring.rewind(count)  # cannot hold a header: the general path gives it back
-            return False
-        self._rx_buf_len = bufs[0][3]
-        self._fill(hdr, frame, length, [(head, (buf[off : off + n],))
-                                        for head, buf, off, n in bufs], pending)
-        self.stats.rx_fast += 1
-        return True
-
-    def _fill(self, hdr: NetHdr, frame: Frame, length: int,
-              targets: list[tuple[DescriptorChain | int, Sequence[memoryview]]],
-              pending: list[Completion]) -> None:
-        """Write the header (``num_buffers``: how many targets) and the frame across the
-        target buffers (a chain or a head, and its writable memory); queue each one's used
-        entry with the bytes written into it."""
+    def _fill(self, hdr: NetHdr, frame: Frame, length: int, engine: QueueEngine, flush: bool,
+              pending: list[Completion], targets: list[_Target]) -> Delivery:
+        """Write the header (``num_buffers`` = how many targets) and the frame across the
+        targets; queue each one's used entry with the bytes written into it; count it."""
         raw = _HDR.pack(*hdr)
         if self._hdr_len == N.NET_HDR_SIZE:
             raw += _U16.pack(len(targets))
@@ -758,6 +707,13 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 if not left:
                     break
             pending.append((chain, written))
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += length
+        if self.capture is not None:
+            self.capture.write_frame(frame, length)
+        if flush:
+            engine.complete(())
+        return Delivery.DELIVERED
 
     def flush_rx(self) -> None:
         """Publish every received frame still batched: one used-index update and at most

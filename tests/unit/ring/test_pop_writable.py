@@ -61,7 +61,7 @@ def test_a_chained_buffer_is_left_for_pop(pair: RingPair) -> None:
 
 
 def test_a_head_listed_twice_is_not_taken_twice(pair: RingPair) -> None:
-    (addr,) = post(pair, 100)
+    post(pair, 100)
     head = pair.avail_entry(0)
     # A hostile driver lists the same head again in the next avail slot.
     pair.memory.write(pair.driver.avail_addr + 4 + 2 * 1, U16.pack(head))

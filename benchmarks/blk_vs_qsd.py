@@ -530,7 +530,7 @@ def report(results: Results, workloads: list[tuple[str, int]], backends: list[st
                 if pick is None:
                     return f"{'n/a':>36}"
                 r = Ratio.of([getattr(s, key) for s in ours], values[pick])
-                return f"{r.show():>22} {r.verdict(higher):10} ({pick})"
+                return f"{r.show():>22} {r.verdict(higher):10} {'(' + pick + ')':15}"
 
             cell = f"{name} {rw} QD{qd}"
             p99 = against("clat_p99_us", False) if qd == 1 else ""

@@ -98,7 +98,38 @@ class _SplitRing:
         return self._break(reason)
 
 
-class DeviceQueue(_SplitRing):
+class RegionSpans:
+    """What the batch pops (``pop_short``, ``pop_writable``) of both ring formats keep of
+    guest memory: its regions as ``(gpa, end, buffer)``, and the one used last."""
+
+    memory: GuestMemory
+    _spans: tuple[tuple[int, int, memoryview], ...]
+    _span_gen: int
+    _hot: tuple[int, int, memoryview]
+
+    def _init_spans(self) -> None:
+        self._spans = ()
+        self._span_gen = -1
+        self._hot = (0, 0, _EMPTY)
+
+    def _hot_span(self) -> tuple[int, int, memoryview]:
+        """The memory region the last batch pop used (refreshing the regions first if the
+        memory table changed)."""
+        memory = self.memory
+        if memory.generation != self._span_gen:
+            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
+            self._span_gen = memory.generation
+            self._hot = (0, 0, _EMPTY)
+        return self._hot
+
+    def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
+        for span in self._spans:
+            if span[0] <= addr and addr + length <= span[1]:
+                return span
+        return None
+
+
+class DeviceQueue(_SplitRing, RegionSpans):
     """The device side of a split virtqueue.
 
     ``last_avail_idx`` is the next avail ring slot to consume; ``used_idx`` the next used
@@ -133,10 +164,7 @@ class DeviceQueue(_SplitRing):
         self._kicks_enabled = True
         self._inflight = bytearray(size)  # 1 while a head is popped and not yet published
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
-        # pop_short's view of guest memory: the regions, and the one used last
-        self._spans: tuple[tuple[int, int, memoryview], ...] = ()
-        self._span_gen = -1
-        self._hot: tuple[int, int, memoryview] = (0, 0, _EMPTY)
+        self._init_spans()
         self._desc3 = struct.Struct(endian + "QIHH" * 3)  # an indirect table of three
         # VIRTIO_F_IN_ORDER: completions are published in pop order, runs of completely
         # filled buffers as one used element (ring/inorder.py).
@@ -349,27 +377,11 @@ class DeviceQueue(_SplitRing):
             return 0
         return min(pending, limit)
 
-    def _hot_span(self) -> tuple[int, int, memoryview]:
-        """The memory region the last batch pop used (refreshing the regions first if the
-        memory table changed)."""
-        memory = self.memory
-        if memory.generation != self._span_gen:
-            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
-            self._span_gen = memory.generation
-            self._hot = (0, 0, _EMPTY)
-        return self._hot
-
     def _batch_popped(self, last: int) -> None:
         """A batch pop consumed the entries up to ``last``."""
         self.last_avail_idx = last
         if self.event_idx and self._kicks_enabled:
             self._u16.pack_into(self._used, self._avail_event_off, last)
-
-    def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
-        for span in self._spans:
-            if span[0] <= addr and addr + length <= span[1]:
-                return span
-        return None
 
     def chain(self, head: int) -> DescriptorChain:
         """The full chain of ``head``, which is in flight (popped by :meth:`pop_short`):

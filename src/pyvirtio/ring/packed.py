@@ -687,8 +687,14 @@ class PackedDeviceQueue(_PackedRing, RegionSpans):
         hb, he, hbuf = self._hot_span()
         indirect = self.indirect
         append = out.append
+        flags_at = self._u16.unpack_from
         while len(out) < limit:
             mark = _AVAIL if wrap else _USED  # this lap's available marking
+            # The flags first, the descriptor after them: the driver stores the head's
+            # flags last, so a descriptor read in one go with its flags may be older than
+            # the flags that say it is available.
+            if flags_at(ring, 16 * pos + 14)[0] & _AVAIL_USED != mark:
+                break
             a0, l0, buf_id, f0 = unpack(ring, 16 * pos)
             if f0 & _AVAIL_USED != mark:
                 break

@@ -45,7 +45,7 @@ from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
 from pyvirtio.ring.inorder import InOrderCompletions
-from pyvirtio.ring.queue import ShortChain
+from pyvirtio.ring.queue import ShortChain, WritableBuffer
 from pyvirtio.ring.split import MAX_INDIRECT_DESCRIPTORS, U64_LIMIT, RegionSpans, _map_area
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import packed as P
@@ -191,7 +191,7 @@ class PackedDeviceQueue(_PackedRing, RegionSpans):
         # outside the ring (vhost-user's packed inflight region): taken by resume().
         self._saved: dict[int, list[tuple[int, int, int, int]]] = {}
         # in flight, in pop order (rewind): the chain, or the tuple pop_short handed out
-        self._popped: dict[int, DescriptorChain | ShortChain] = {}
+        self._popped: dict[int, DescriptorChain | ShortChain | WritableBuffer] = {}
         self._init_spans()
         self._order = InOrderCompletions() if in_order else None
         self._used_total = 0  # descriptors used since start (for notification windows)
@@ -749,11 +749,57 @@ class PackedDeviceQueue(_PackedRing, RegionSpans):
                 self._evt.pack_into(self._device_evt, 0, encode(pos, wrap), _DESC)
         return out
 
-    def pop_writable(self, need: int) -> list[tuple[int, memoryview, int, int]]:
-        """The queue interface's batch pop of one-descriptor writable buffers as tuples.
-        Not implemented for the packed ring yet: it hands out nothing and leaves every
-        buffer to :meth:`pop` (which the interface allows)."""
-        return []
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing, of the next buffers that are each one device-writable
+        descriptor (not empty, in one guest memory region), just enough of them for
+        ``need`` bytes (see :meth:`pyvirtio.ring.split.DeviceQueue.pop_writable`); pops
+        nothing if the buffers before the first other one hold less."""
+        out: list[WritableBuffer] = []
+        if self.broken is not None or self._order is not None:
+            return out
+        ring = self._desc
+        unpack = self._desc_struct.unpack_from
+        flags_at = self._u16.unpack_from
+        size = self.size
+        ndescs = self._ndescs
+        room = size - self._descs_in_flight()
+        pos, wrap = self._avail_pos, self._avail_wrap
+        hb, he, hbuf = self._hot_span()
+        starts = []
+        while need > 0 and room > 0:
+            mark = _AVAIL if wrap else _USED
+            if flags_at(ring, 16 * pos + 14)[0] & _AVAIL_USED != mark:
+                break  # (the flags first: see pop_short)
+            addr, length, buf_id, flags = unpack(ring, 16 * pos)
+            if flags ^ mark != _WRITE or not length or buf_id >= size or ndescs[buf_id]:
+                break
+            if not hb <= addr <= he - length:
+                span = self._find(addr, length)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            ndescs[buf_id] = 1  # in flight now: a buffer id listed twice stops the batch
+            out.append((buf_id, hbuf, addr - hb, length))
+            starts.append(pos)
+            need -= length
+            room -= 1
+            pos += 1
+            if pos == size:
+                pos, wrap = 0, wrap ^ 1
+        self._hot = (hb, he, hbuf)
+        if need > 0:
+            for buf_id, *_ in out:  # too few: nothing consumed
+                ndescs[buf_id] = 0
+            return []
+        for tup, start in zip(out, starts, strict=True):
+            buf_id = tup[0]
+            self._start[buf_id] = start
+            self._capacity[buf_id] = tup[3]
+            self._popped[buf_id] = tup
+        self._avail_pos, self._avail_wrap = pos, wrap
+        if self.event_idx and self._kicks_enabled:
+            self._evt.pack_into(self._device_evt, 0, encode(pos, wrap), _DESC)
+        return out
 
     def chain(self, head: int) -> DescriptorChain:
         """The chain of an in-flight buffer id, as :meth:`pop` returned it (or built from
@@ -764,6 +810,11 @@ class PackedDeviceQueue(_PackedRing, RegionSpans):
             raise QueueUsageError(f"{self.name}: buffer {head} is not in flight")
         if isinstance(found, DescriptorChain):
             return found
+        if len(found) == 4:  # from pop_writable
+            _, buf, off, length = found
+            chain = DescriptorChain(head, [], [buf[off : off + length]], 0, length)
+            self._popped[head] = chain
+            return chain
         _, buf, o0, l0, o1, l1, w1, o2, l2 = found
         middle = [buf[o1 : o1 + l1]]
         chain = DescriptorChain(head, [buf[o0 : o0 + l0], *([] if w1 else middle)],

@@ -198,15 +198,17 @@ def qemu_guests(socks: Sequence[str], seconds: int) -> tuple[Guest, Guest]:
 
 
 class PyvirtioPath:
-    """``pyvirtio serve net`` with two sockets, kept for every round (guests reconnect);
-    from this checkout, or from the checkout ``src``; UML guests, or QEMU ones (``qemu``)."""
+    """``pyvirtio serve net`` (or another ``command``: ``("join", "net")``) with two sockets,
+    kept for every round (guests reconnect); from this checkout, or from the checkout
+    ``src``; UML guests, or QEMU ones (``qemu``)."""
 
     def __init__(self, workdir: Path, profile: str | None, name: str = "pyvirtio",
-                 src: Path = ROOT, extra: Sequence[str] = (), qemu: bool = False) -> None:
+                 src: Path = ROOT, extra: Sequence[str] = (), qemu: bool = False,
+                 command: Sequence[str] = ("serve", "net")) -> None:
         self.name = name
         self.qemu = qemu
         self.socks = [str(workdir / f"{name}-vm{i}.sock") for i in range(2)]
-        args = ["serve", "net", "-q", *(a for s in self.socks for a in ("--socket", s)),
+        args = [*command, "-q", *(a for s in self.socks for a in ("--socket", s)),
                 *(a for m in MACS for a in ("--mac", m)), *extra]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "pyvirtio", *args]
@@ -220,7 +222,8 @@ class PyvirtioPath:
         deadline = time.monotonic() + 20
         while not all(os.path.exists(s) for s in self.socks):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"pyvirtio serve net did not start: {self.log.name}")
+                raise RuntimeError(f"pyvirtio {' '.join(command)} did not start: "
+                                   f"{self.log.name}")
             time.sleep(0.05)
         self.pid = self.proc.pid
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.ceph import ceph_cluster  # noqa: F401 - the session's Ceph cluster fixture
 from peers import require_binaries
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,6 +7,8 @@
 * :class:`BlkServer`: ``python -m pyvirtio serve blk IMAGE ...`` as a child process (the real
   command line), its banner parsed, its log in a file; SIGTERM (clean) or SIGKILL (crash),
   always stopped.
+* What a real guest runs on its disk: :data:`FS_SCRIPT` (a file system written and read
+  back) and :data:`FIO` (the host's fio through hostfs, crc32c-verified).
 * :class:`SlowBlkDevice`: a BlkDevice whose writes take ``delay`` seconds each and say so in
   the log, so a test can SIGKILL the server while a request is certainly in flight (server
   child processes import it as ``helpers.blk:SlowBlkDevice`` with ``tests/`` on PYTHONPATH).
@@ -14,10 +16,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -124,6 +129,43 @@ class GuardedImage:
 def block_pattern(i: int) -> bytes:
     """What the crash test's guest writes into block ``i`` (``printf '%-4096s'``)."""
     return f"pyvirtio block {i}".ljust(BLOCK).encode()
+
+
+# ---- what a real guest runs on its disk ------------------------------------------------------
+
+FS_BLOCKS = 8192  # the ext2 file system: 8192 blocks of 4 KiB (32 MiB) at the start
+
+#: busybox makes an ext2 file system, writes files, syncs, unmounts, drops the caches,
+#: mounts it again and reports the checksums before (``fs_before``) and after (``fs_after``)
+FS_SCRIPT = """
+mkdir -p /mnt
+mke2fs -q -b 4096 {dev} {fs_blocks} || exit 1
+mount -t ext2 {dev} /mnt || exit 1
+mkdir -p /mnt/dir/sub
+dd if=/dev/urandom of=/mnt/a bs=1k count=300 2>/dev/null
+dd if=/dev/urandom of=/mnt/dir/b bs=4k count=1000 2>/dev/null
+dd if=/dev/urandom of=/mnt/dir/sub/c bs=1 count=12345 2>/dev/null
+echo hello > /mnt/dir/hello.txt
+sums() {{ cd /mnt && sha256sum a dir/b dir/sub/c dir/hello.txt | sha256sum | cut -d' ' -f1; cd /; }}
+result fs_before $(sums)
+sync
+umount /mnt || exit 1
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext2 {dev} /mnt || exit 1
+result fs_after $(sums)
+result fs_hello $(cat /mnt/dir/hello.txt)
+umount /mnt || exit 1
+"""
+
+# fio writes every 4 KiB block of the range once (random order, queue depth 16), then
+# reads everything back checking each block's crc32c. terse v3 fields: 5 error, 6 read
+# KiB, 47 write KiB.
+FIO = ("host_run /usr/bin/fio --name=verify --filename={dev} --rw=randwrite --bs=4k "
+       "--iodepth=16 --ioengine=libaio --direct=1 --offset={offset} --size=64M "
+       "--verify=crc32c --verify_fatal=1 --output-format=terse --terse-version=3 "
+       "> /tmp/fio-{name}.out 2>&1\n"
+       "result fio_{name}_status $?\n"
+       "result fio_{name} $(tail -1 /tmp/fio-{name}.out | cut -d';' -f5,6,47)\n")
 
 
 # ---- in memory: a device probed by our driver -----------------------------------------------
@@ -236,14 +278,17 @@ def segments(*segs: tuple[int, int, int]) -> bytes:
 
 
 class BlkServer(ServeProcess):
-    """``python -m pyvirtio [-v] serve blk IMAGE --socket SOCK ARGS`` in a child process,
-    stderr to ``log_path``; returns once the banner is complete (the socket listens).
-    :meth:`stop` is the clean shutdown, :meth:`kill` a crash."""
+    """``python -m pyvirtio [-v] serve blk TARGET --socket SOCK ARGS`` in a child process
+    (inside network namespace ``netns`` if given: its socket is still a path any guest
+    reaches), stderr to ``log_path``; returns once the banner is complete (the socket
+    listens). :meth:`stop` is the clean shutdown, :meth:`kill` a crash, :meth:`stats` the
+    counters of ``--stats-file`` now."""
 
-    def __init__(self, image: Path, sock: Path, args: Sequence[str] = (), *,
-                 log_path: Path, verbose: bool = True, timeout: float = 30.0) -> None:
+    def __init__(self, image: Path | str, sock: Path, args: Sequence[str] = (), *,
+                 log_path: Path, verbose: bool = True, timeout: float = 30.0,
+                 netns: str | None = None) -> None:
         super().__init__("blk", [str(image), "--socket", str(sock), *args], log_path=log_path,
-                         global_args=["-v"] if verbose else [])
+                         global_args=["-v"] if verbose else [], netns=netns)
         self.sock = sock
         try:
             self.wait_for(r"^pyvirtio: virtio-blk on ", timeout)
@@ -251,6 +296,21 @@ class BlkServer(ServeProcess):
         except BaseException:
             self.close()
             raise
+
+    def stats(self, path: Path, timeout: float = 10.0) -> dict[str, Any]:
+        """Ask for the counters (SIGUSR1) and return them once ``path`` holds the new ones
+        (the server must run with ``--stats-file PATH``)."""
+        seq = json.loads(path.read_text())["seq"] if path.exists() else -1
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                data: dict[str, Any] = json.loads(path.read_text())
+                if data["seq"] > seq:
+                    return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no new counters in {path} after {timeout} s")
+            time.sleep(0.02)
 
     def wait_log(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match[str]:
         """The first match of ``pattern`` in the log from character ``start``."""

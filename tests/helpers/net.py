@@ -4,8 +4,10 @@
   checksums) and verified with an independent, deliberately naive checksum loop, never with
   the code under test.
 * ``pyvirtio serve net`` as a child process (:class:`SwitchProcess`), network namespaces
-  (:class:`Netns`), guest scripts, and :class:`RawNetFrontend`, a vhost-user front-end whose
-  virtio-net descriptors the test places by hand (possibly hostile).
+  (:class:`Netns`, joined like two hosts by :func:`join_namespaces`), guest scripts (two
+  guests ping each other and stream 16 MiB: :func:`run_pair`, :func:`check_pair`), and
+  :class:`RawNetFrontend`, a vhost-user front-end whose virtio-net descriptors the test
+  places by hand (possibly hostile).
 
 Every process and namespace made here is registered with a :class:`Cleanup` that the test's
 fixture runs on any exit, so nothing outlives a failing test.
@@ -22,6 +24,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import dpkt
 
@@ -29,6 +32,7 @@ from helpers.serve_process import ServeProcess
 from pyvirtio.driver import base as driver_base
 from pyvirtio.driver.base import Driver, Virtqueue
 from pyvirtio.driver.net import NetDriver
+from pyvirtio.guest import Guest, GuestResult
 from pyvirtio.io.vhost_user_client import VhostUserClient
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec import features as F
@@ -221,6 +225,20 @@ class SwitchProcess(ServeProcess):
         return table
 
 
+class JoinProcess(ServeProcess):
+    """``pyvirtio -v join KIND ARGS`` in a child process, stderr joined to stdout; waits
+    until every socket listens (the banner's last UML line names the last socket)."""
+
+    def __init__(self, kind: str, args: Sequence[str], *, ready_timeout: float = 20.0) -> None:
+        super().__init__(kind, args, global_args=VERBOSE, command="join")
+        try:
+            last = SwitchProcess._last_socket(args)
+            self.wait_for(r"virtio_uml\.device=" + re.escape(last), ready_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+
 # ---- namespaces ----------------------------------------------------------------------------
 
 class Netns:
@@ -250,6 +268,23 @@ class Netns:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=TIMEOUT)
+
+
+def join_namespaces(a: Netns, b: Netns, a_addr: str, b_addr: str, *, name: str = "veth",
+                    mtu: int | None = None) -> tuple[str, str]:
+    """A veth pair between two namespaces (two hosts on one link): ``{name}0`` in ``a``
+    with address ``a_addr``, ``{name}1`` in ``b`` with ``b_addr`` (CIDR), both up. The
+    pair is made inside ``a``, so no name ever appears in the host's own namespace; it goes
+    away with the namespaces."""
+    ends = f"{name}0", f"{name}1"
+    a.run("ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1], "netns",
+          b.name)
+    for ns, end, addr in ((a, ends[0], a_addr), (b, ends[1], b_addr)):
+        if mtu is not None:
+            ns.run("ip", "link", "set", end, "mtu", str(mtu))
+        ns.run("ip", "addr", "add", addr, "dev", end)
+        ns.run("ip", "link", "set", end, "up")
+    return ends
 
 
 def pcap_frames(path: str | os.PathLike[str]) -> list[bytes]:
@@ -361,6 +396,72 @@ result ping_{ip} $?
 """
 
 
+# ---- two guests stream to each other ---------------------------------------------------------
+
+#: what :func:`sender_script` sends, and the port :func:`receiver_script` listens on
+PAYLOAD_MIB = 16
+PORT = 5001
+
+
+def receiver_script(ip: str, peer: str) -> str:
+    """Guest shell: eth0 gets ``ip``, nc listens on :data:`PORT` (``NET-LISTENING``), the
+    peer answers pings, and what arrives is reported (``recv_size``, ``recv_sha``)."""
+    return net_setup(ip) + f"""
+# busybox nc quits as soon as either input ends, and a background job's stdin is
+# /dev/null: hand the connection to a program that reads it to the sender's end instead.
+printf '#!/bin/sh\\nexec cat > /tmp/recv\\n' > /tmp/save
+chmod +x /tmp/save
+nc -l -p {PORT} -e /tmp/save &
+ncpid=$!
+until netstat -ltn 2>/dev/null | grep -q ':{PORT} '; do usleep 50000; done
+echo NET-LISTENING
+{ping_until(peer)}
+wait $ncpid
+result nc_listen $?
+result recv_size $(stat -c %s /tmp/recv)
+result recv_sha $(sha256sum /tmp/recv | cut -d' ' -f1)
+"""
+
+
+def sender_script(ip: str, peer: str) -> str:
+    """Guest shell: eth0 gets ``ip``, the peer answers pings (``NET-WAITING-FOR-GO``), and
+    on "go" :data:`PAYLOAD_MIB` MiB of random bytes go to the peer (``sent_sha``)."""
+    return net_setup(ip) + f"""
+dd if=/dev/urandom of=/tmp/data bs=1M count={PAYLOAD_MIB} 2>/dev/null
+result sent_sha $(sha256sum /tmp/data | cut -d' ' -f1)
+{ping_until(peer)}
+echo NET-WAITING-FOR-GO
+read go
+nc {peer} {PORT} < /tmp/data
+result nc_send $?
+"""
+
+
+@dataclass
+class PairRun:
+    sender: GuestResult
+    receiver: GuestResult
+    sender_ip: str
+    receiver_ip: str
+
+
+def run_pair(sender: Guest, receiver: Guest, sender_ip: str, receiver_ip: str) -> PairRun:
+    """Boot both guests at once; start the sender's stream once the receiver listens."""
+    with receiver, sender:
+        receiver.wait_for("NET-LISTENING", timeout=120)
+        sender.wait_for("NET-WAITING-FOR-GO", timeout=120)
+        sender.write("go\n")
+        r_sender = sender.wait(timeout=120)
+        r_receiver = receiver.wait(timeout=60)
+    return PairRun(r_sender, r_receiver, sender_ip, receiver_ip)
+
+
+def check_pair(run: PairRun, *switches: ServeProcess) -> None:
+    """:func:`check_guest_pair` with the switches' logs going with a failure (what they saw
+    of the guests' rings)."""
+    check_guest_pair(run, "".join(f"\n--- switch log ---\n{p.tail(40)}" for p in switches))
+
+
 # ---- a raw virtio-net front-end ------------------------------------------------------------
 
 class RawNet(Driver):
@@ -453,3 +554,16 @@ def eth_frame(dst: bytes, src: bytes, size: int, fill: int = 0x42) -> bytes:
     """An Ethernet frame of ``size`` bytes with the local experimental ethertype 0x88b5
     (guests' stacks ignore it)."""
     return eth(dst, src, ETH_P_EXPERIMENTAL, bytes([fill]) * (size - 14))
+
+
+def check_guest_pair(run: PairRun, context: str = "") -> None:
+    """Both guests pinged each other and the receiver got the sender's 16 MiB intact;
+    ``context`` (e.g. the server's log) goes with a failure."""
+    s, r = run.sender, run.receiver
+    assert s.ok, s.describe() + context
+    assert r.ok, r.describe() + context
+    assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail() + context
+    assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail() + context
+    assert s.results["nc_send"] == "0", s.tail() + context
+    assert r.results["recv_size"] == str(PAYLOAD_MIB << 20), r.tail() + context
+    assert r.results["recv_sha"] == s.results["sent_sha"], context

@@ -25,6 +25,18 @@ class ManualReactor:
         self.timers.append(timer)
         return timer
 
+    def call_every(self, interval: float, callback: Callable[[], None]) -> Timer:
+        """A periodic timer: armed again each time it fires, until cancelled."""
+        timer = Timer(callback)
+
+        def again() -> None:
+            self.timers.append(timer)
+            callback()
+
+        timer.callback = again
+        self.timers.append(timer)
+        return timer
+
     def time(self) -> float:
         return 0.0
 

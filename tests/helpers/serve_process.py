@@ -33,8 +33,8 @@ class ServeProcess:
 
     def __init__(self, kind: str, args: Sequence[str], *, log_path: Path | None = None,
                  global_args: Sequence[str] = (), netns: str | None = None,
-                 stdin: int | None = None) -> None:
-        argv = [sys.executable, "-m", "pyvirtio", *global_args, "serve", kind, *args]
+                 stdin: int | None = None, command: str = "serve") -> None:
+        argv = [sys.executable, "-m", "pyvirtio", *global_args, command, kind, *args]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(

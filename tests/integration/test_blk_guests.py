@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 
 from helpers.blk import (
+    FIO,
+    FS_BLOCKS,
+    FS_SCRIPT,
     BlkServer,
     GuardedImage,
 )
@@ -34,38 +37,6 @@ from pyvirtio.spec import features as F
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MiB = 1 << 20
-FS_BLOCKS = 8192  # the ext2 file system: 8192 blocks of 4 KiB (32 MiB) at the start
-
-FS_SCRIPT = """
-mkdir -p /mnt
-mke2fs -q -b 4096 {dev} {fs_blocks} || exit 1
-mount -t ext2 {dev} /mnt || exit 1
-mkdir -p /mnt/dir/sub
-dd if=/dev/urandom of=/mnt/a bs=1k count=300 2>/dev/null
-dd if=/dev/urandom of=/mnt/dir/b bs=4k count=1000 2>/dev/null
-dd if=/dev/urandom of=/mnt/dir/sub/c bs=1 count=12345 2>/dev/null
-echo hello > /mnt/dir/hello.txt
-sums() {{ cd /mnt && sha256sum a dir/b dir/sub/c dir/hello.txt | sha256sum | cut -d' ' -f1; cd /; }}
-result fs_before $(sums)
-sync
-umount /mnt || exit 1
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext2 {dev} /mnt || exit 1
-result fs_after $(sums)
-result fs_hello $(cat /mnt/dir/hello.txt)
-umount /mnt || exit 1
-"""
-
-# fio writes every 4 KiB block of the range once (random order, queue depth 16), then
-# reads everything back checking each block's crc32c. terse v3 fields: 5 error, 6 read
-# KiB, 47 write KiB.
-FIO = ("host_run /usr/bin/fio --name=verify --filename={dev} --rw=randwrite --bs=4k "
-       "--iodepth=16 --ioengine=libaio --direct=1 --offset={offset} --size=64M "
-       "--verify=crc32c --verify_fatal=1 --output-format=terse --terse-version=3 "
-       "> /tmp/fio-{name}.out 2>&1\n"
-       "result fio_{name}_status $?\n"
-       "result fio_{name} $(tail -1 /tmp/fio-{name}.out | cut -d';' -f5,6,47)\n")
-
 TRIM_SCRIPT = """
 dd if=/dev/urandom of={dev} bs=1M seek={seek} count=16 oflag=direct 2>/dev/null
 sync

@@ -26,23 +26,25 @@ import dpkt
 import pytest
 
 from helpers.net import (
+    PAYLOAD_MIB,
+    PairRun,
     RawNetFrontend,
     SwitchProcess,
+    check_pair,
     eth_frame,
-    net_setup,
-    ping_until,
+    receiver_script,
+    run_pair,
+    sender_script,
 )
 from helpers.paths import SRC
 from peers import require_guest
-from pyvirtio.guest import Guest, GuestResult, QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
+from pyvirtio.guest import QemuGuest, UmlGuest, VhostUserDevice, VhostUserNet
 from pyvirtio.spec import ids
 from pyvirtio.spec import net as N
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 MACS = ["02:70:79:76:00:01", "02:70:79:76:00:02", "02:70:79:76:00:03"]
-PAYLOAD_MIB = 16
-PORT = 5001
 
 
 @dataclass
@@ -70,68 +72,6 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
     proc.close()
 
 
-def receiver_script(ip: str, peer: str) -> str:
-    return net_setup(ip) + f"""
-# busybox nc quits as soon as either input ends, and a background job's stdin is
-# /dev/null: hand the connection to a program that reads it to the sender's end instead.
-printf '#!/bin/sh\\nexec cat > /tmp/recv\\n' > /tmp/save
-chmod +x /tmp/save
-nc -l -p {PORT} -e /tmp/save &
-ncpid=$!
-until netstat -ltn 2>/dev/null | grep -q ':{PORT} '; do usleep 50000; done
-echo NET-LISTENING
-{ping_until(peer)}
-wait $ncpid
-result nc_listen $?
-result recv_size $(stat -c %s /tmp/recv)
-result recv_sha $(sha256sum /tmp/recv | cut -d' ' -f1)
-"""
-
-
-def sender_script(ip: str, peer: str) -> str:
-    return net_setup(ip) + f"""
-dd if=/dev/urandom of=/tmp/data bs=1M count={PAYLOAD_MIB} 2>/dev/null
-result sent_sha $(sha256sum /tmp/data | cut -d' ' -f1)
-{ping_until(peer)}
-echo NET-WAITING-FOR-GO
-read go
-nc {peer} {PORT} < /tmp/data
-result nc_send $?
-"""
-
-
-@dataclass
-class PairRun:
-    sender: GuestResult
-    receiver: GuestResult
-    sender_ip: str
-    receiver_ip: str
-
-
-def run_pair(sender: Guest, receiver: Guest, sender_ip: str, receiver_ip: str) -> PairRun:
-    """Boot both guests at once; start the sender's stream once the receiver listens."""
-    with receiver, sender:
-        receiver.wait_for("NET-LISTENING", timeout=120)
-        sender.wait_for("NET-WAITING-FOR-GO", timeout=120)
-        sender.write("go\n")
-        r_sender = sender.wait(timeout=120)
-        r_receiver = receiver.wait(timeout=60)
-    return PairRun(r_sender, r_receiver, sender_ip, receiver_ip)
-
-
-def check_pair(run: PairRun, lan: Lan) -> None:
-    s, r = run.sender, run.receiver
-    # The switch's own log goes with a failure: what it saw of the guests' rings.
-    switch = f"\n--- switch log ---\n{lan.proc.tail(40)}"
-    assert s.ok, s.describe() + switch
-    assert r.ok, r.describe() + switch
-    assert s.results[f"ping_{run.receiver_ip}"] == "0", s.tail()
-    assert r.results[f"ping_{run.sender_ip}"] == "0", r.tail()
-    assert s.results["nc_send"] == "0"
-    assert r.results["recv_size"] == str(PAYLOAD_MIB << 20)
-    assert r.results["recv_sha"] == s.results["sent_sha"]
-
-
 @pytest.fixture(scope="module")
 def uml_pair(lan: Lan) -> PairRun:
     return run_pair(
@@ -144,7 +84,7 @@ def uml_pair(lan: Lan) -> PairRun:
 
 def test_two_uml_guests_ping_each_other_and_stream_16_mib_intact(uml_pair: PairRun,
                                                                  lan: Lan) -> None:
-    check_pair(uml_pair, lan)
+    check_pair(uml_pair, lan.proc)
     # The guests use the MACs the CLI assigned (--mac base, incremented per socket).
     assert uml_pair.sender.results["mac"] == MACS[0]
     assert uml_pair.receiver.results["mac"] == MACS[1]
@@ -162,7 +102,7 @@ def test_a_uml_and_a_qemu_guest_ping_each_other_and_stream_16_mib_intact(
                   devices=[VhostUserNet(lan.sock(2), mac=MACS[2])]),
         UmlGuest(receiver_script("10.0.0.1", "10.0.0.3"), timeout=180,
                  devices=[VhostUserDevice(lan.sock(0), ids.NET)]),
-        "10.0.0.3", "10.0.0.1"), lan)
+        "10.0.0.3", "10.0.0.1"), lan.proc)
     stats = lan.proc.stats()
     # vm0 sent the first stream and received the second (counters outlive its guests).
     for port, column in (("vm2", "tx_bytes"), ("vm0", "rx_bytes"), ("vm0", "tx_bytes")):

@@ -30,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     import pyvirtio.cli.balloon
     import pyvirtio.cli.demo
+    import pyvirtio.cli.join
     import pyvirtio.cli.serve
 
     pyvirtio.cli.demo.register(sub)
     pyvirtio.cli.balloon.register(sub)
     pyvirtio.cli.serve.register(sub)
+    pyvirtio.cli.join.register(sub)
     return parser
 
 

@@ -1,5 +1,10 @@
-"""``pyvirtio serve blk IMAGE``: a raw image as a virtio-blk disk (QEMU: vhost-user-blk-pci,
-UML: ``virtio_uml.device=SOCKET:2``).
+"""``pyvirtio serve blk TARGET``: a raw image, or an NBD export, as a virtio-blk disk (QEMU:
+vhost-user-blk-pci, UML: ``virtio_uml.device=SOCKET:2``).
+
+TARGET is a file path, or names remote storage (:func:`open_target` maps one to a
+back-end): ``nbd://HOST[:PORT]/EXPORT`` and ``nbd+unix:///EXPORT?socket=PATH`` through
+libnbd (:mod:`pyvirtio.device.blk.nbd`), ``rbd:POOL/IMAGE[@CONF]`` a Ceph RBD image through
+librbd (:mod:`pyvirtio.device.blk.rbd`).
 
 The device outlives its front-ends: a guest that goes away (even killed) leaves the device
 reset and the next one may connect. With the INFLIGHT_SHMFD protocol feature (on unless
@@ -31,7 +36,11 @@ from pyvirtio.cli.serve import (
     run_servers,
     transport_features,
 )
-from pyvirtio.device.blk import BlkDevice
+from pyvirtio.core.reactor import Reactor
+from pyvirtio.device.blk import BlkBackend, BlkDevice
+from pyvirtio.device.blk.nbd import NbdBackend, is_nbd_target
+from pyvirtio.device.blk.rbd import PREFIX as RBD_PREFIX
+from pyvirtio.device.blk.rbd import RbdBackend
 from pyvirtio.errors import LocalError
 from pyvirtio.io.inflight import inflight_extensions
 from pyvirtio.io.loop import EventLoop
@@ -43,12 +52,29 @@ log = logging.getLogger("pyvirtio.cli.serve_blk")
 
 def register(kinds: Any, common: argparse.ArgumentParser) -> None:
     p = kinds.add_parser(
-        "blk", parents=[common], help="block device (virtio-blk) on a raw image",
-        description="Serve a raw image file (or a host block device) as a virtio-blk disk. "
-        "Reads and writes go with preadv/pwritev straight between the image and guest "
-        "memory; discard and write-zeroes punch holes in the image.",
+        "blk", parents=[common], help="block device (virtio-blk) on a raw image, NBD or RBD",
+        description="Serve a raw image file (or a host block device), an NBD export or a "
+        "Ceph RBD image as a virtio-blk disk. For a file, reads and writes go with "
+        "preadv/pwritev straight between the image and guest memory; discard and "
+        "write-zeroes punch holes in the image. For NBD, libnbd moves the data straight "
+        "between the server and guest memory, many requests in flight; FLUSH, DISCARD and "
+        "WRITE_ZEROES are offered only if the export supports them, a read-only export is "
+        "served read-only, and a lost connection is re-established while requests wait "
+        "(see --reconnect-timeout). For RBD, librbd's asynchronous calls serve many "
+        "requests at once, their completions handed to the event loop.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="TARGET forms:\n"
+        "  PATH                              a raw image file or a host block device\n"
+        "  nbd://HOST[:PORT]/EXPORT          an NBD export over TCP (default port 10809)\n"
+        "  nbd+unix:///EXPORT?socket=PATH    an NBD export over a unix socket\n"
+        "  (nbds:// and nbds+unix:// are the same with TLS; an empty EXPORT is the\n"
+        "  server's default export)\n"
+        "  rbd:POOL/IMAGE[@CEPH_CONF]        a Ceph RBD image through librbd (python3-rbd);\n"
+        "                                    also rbd:POOL/NAMESPACE/IMAGE",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw image file or block device")
+    p.add_argument("image", metavar="TARGET",
+                   help="raw image file or block device, an NBD URI or a Ceph RBD image "
+                   "(forms below)")
     p.add_argument("--socket", required=True, metavar="PATH", help="unix socket to listen on")
     p.add_argument("--readonly", action="store_true",
                    help="offer VIRTIO_BLK_F_RO and refuse every modification (IOERR)")
@@ -81,6 +107,10 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
                    "wake-ups for both sides; only kept while it serves at least as fast; "
                    "0: always kick-driven; default %(default)s)")
     add_poll_option(p)
+    p.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="NBD: how long requests wait for a lost connection to come back "
+                   "before they fail with an I/O error (reconnecting goes on; default "
+                   "%(default)s)")
     p.add_argument("--stats-file", metavar="PATH",
                    help="write request/notification counters as JSON here at exit and on "
                    "SIGUSR1")
@@ -107,6 +137,22 @@ def device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def open_target(target: str, args: argparse.Namespace, reactor: Reactor) -> BlkBackend | str:
+    """The storage TARGET names: an NBD URI becomes an :class:`NbdBackend` on ``reactor``,
+    ``rbd:POOL/IMAGE[@CONF]`` an :class:`RbdBackend` completing on ``reactor``; anything
+    else is a file path, which :class:`BlkDevice` opens itself."""
+    if target.startswith(RBD_PREFIX):
+        if args.direct or args.mmap_reads:
+            raise LocalError("--direct and --mmap-reads apply to image files only")
+        return RbdBackend.from_target(target, read_only=args.readonly, reactor=reactor)
+    if is_nbd_target(target):
+        if args.direct or args.mmap_reads:
+            raise LocalError("--direct and --mmap-reads apply to image files only")
+        return NbdBackend(target, reactor, connections=args.queues, read_only=args.readonly,
+                          reconnect_timeout=args.reconnect_timeout)
+    return target
+
+
 def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
     """Counters for the benchmark: requests by type, kicks received, calls sent."""
     s = device.stats
@@ -125,6 +171,7 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
         "poll_hits": device.poll_hits, "poll_misses": device.poll_misses,
         "connections": server.accepted,
         "features": device.driver_features,  # what the last driver negotiated (ring format)
+        "backend": dict(getattr(device.backend, "counters", dict)()),
     }
 
 
@@ -140,11 +187,18 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"pyvirtio serve blk: --queues must be at least 1, not {args.queues}")
     if args.batch_interval < 0:
         raise SystemExit("pyvirtio serve blk: --batch-interval must not be negative")
-    try:
-        device = BlkDevice(args.image, **device_kwargs(args))
-    except (LocalError, OSError) as exc:
-        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
+    if args.reconnect_timeout <= 0:
+        raise SystemExit("pyvirtio serve blk: --reconnect-timeout must be positive")
     loop = EventLoop()
+    backend: BlkBackend | str | None = None
+    try:
+        backend = open_target(args.image, args, loop)
+        device = BlkDevice(backend, **device_kwargs(args))
+    except (LocalError, OSError) as exc:
+        if isinstance(backend, BlkBackend):
+            backend.close()
+        loop.close()
+        raise SystemExit(f"pyvirtio serve blk: {args.image}: {exc}") from exc
     # Before any socket is bound: a signal from then on shuts down cleanly.
     loop.stop_on_signals()
     device.reactor = loop
@@ -156,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except BaseException:
         device.close()
+        if isinstance(backend, BlkBackend):
+            backend.close()
         loop.close()
         raise
 
@@ -178,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
             log.warning("flushing %s at exit failed: %s", args.image, exc)
         dump_stats()
         device.close()
+        if isinstance(backend, BlkBackend):
+            backend.close()  # a back-end made here (the device closes only what it opened)
 
     mode = "read-only" if device.read_only else "read-write"
     extra = f",num-queues={args.queues}" if args.queues > 1 else ""

@@ -35,6 +35,11 @@ class Reactor(Protocol):
     def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
         """Call ``callback`` once after ``delay`` seconds."""
 
+    def call_every(self, interval: float, callback: Callable[[], None]) -> TimerHandle:
+        """Call ``callback`` every ``interval`` seconds until the handle is cancelled. For
+        watchdogs: unlike a re-armed :meth:`call_later`, it costs a busy loop nothing
+        between the calls."""
+
     def time(self) -> float:
         """The loop's monotonic clock."""
 

@@ -31,6 +31,8 @@ benchmark can tell system calls per request.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
@@ -57,6 +59,91 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("interval", _Timespec), ("value", _Timespec)]
+
+
+_CLOCK_MONOTONIC = 1
+_TFD_FLAGS = os.O_NONBLOCK | os.O_CLOEXEC  # TFD_NONBLOCK | TFD_CLOEXEC have these values
+
+
+def _load_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
+    """libc's timerfd_create and timerfd_settime (Python has them only from 3.13), or None
+    where they are missing (the loop then falls back to re-armed one-shot timers)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError, TypeError):
+        return None
+    create.argtypes = [ctypes.c_int, ctypes.c_int]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec),
+                        ctypes.c_void_p]
+    return create, settime
+
+
+_timerfd = _load_timerfd()
+
+
+class PeriodicTimer:
+    """A callback run every ``interval`` seconds until cancelled (:meth:`EventLoop.call_every`).
+
+    Backed by a timerfd the kernel re-arms itself: a loop woken thousands of times a second
+    (a vhost-user server at queue depth 1) then sleeps in epoll_wait without a timeout and
+    pays nothing per wake-up for a watchdog that fires four times a second. (A one-shot
+    timer makes every sleep arm and cancel a kernel timer, measured at ~5 us of system time
+    per request here.)
+    """
+
+    __slots__ = ("_fallback", "_loop", "callback", "cancelled", "fd", "interval")
+
+    def __init__(self, loop: EventLoop, interval: float, callback: Callback) -> None:
+        self._loop = loop
+        self.interval = interval
+        self.callback = callback
+        self.cancelled = False
+        self.fd = -1
+        self._fallback: Timer | None = None
+        if _timerfd is not None:
+            create, settime = _timerfd
+            fd = create(_CLOCK_MONOTONIC, _TFD_FLAGS)
+            if fd >= 0:
+                sec, frac = divmod(interval, 1.0)
+                ts = _Timespec(int(sec), int(frac * 1e9))
+                if settime(fd, 0, ctypes.byref(_Itimerspec(ts, ts)), None) == 0:
+                    self.fd = fd
+                    loop.add_reader(fd, self._expired)
+                    return
+                os.close(fd)
+        self._fallback = loop.call_later(interval, self._again)
+
+    def _expired(self) -> None:
+        try:
+            os.read(self.fd, 8)  # the expiry count: what it says is not needed
+        except BlockingIOError:
+            return
+        self.callback()
+
+    def _again(self) -> None:
+        if not self.cancelled:
+            self._fallback = self._loop.call_later(self.interval, self._again)
+            self.callback()
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.fd >= 0:
+            self._loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if self._fallback is not None:
+            self._fallback.cancel()
 
 
 _EPOLLIN = select.EPOLLIN
@@ -178,6 +265,13 @@ class EventLoop:
         timer = Timer(self.time() + max(0.0, delay), callback)
         heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
+
+    def call_every(self, interval: float, callback: Callback) -> PeriodicTimer:
+        """Call ``callback`` every ``interval`` seconds until the handle is cancelled
+        (see :class:`PeriodicTimer`: free for the wake-ups in between)."""
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, not {interval}")
+        return PeriodicTimer(self, interval, callback)
 
     def call_soon(self, callback: Callback) -> Timer:
         return self.call_later(0.0, callback)
@@ -306,22 +400,27 @@ class EventLoop:
         dispatch = self._dispatch
         timers = self._timers
         unpollable = self._unpollable
+        monotonic = time.monotonic
         while not self._stopping:
             # No timer: sleep without a timeout (stop() and signals wake the poll), which
-            # spares arming and cancelling a kernel timer at every wake-up.
+            # spares arming and cancelling a kernel timer at every wake-up. A transport's
+            # watchdog keeps a timer armed all the time, so the timer checks are written
+            # inline: a wake-up per request must not pay for them in calls.
             timeout = -1.0
             if self._pollers:
                 self._spin()
                 if self._pollers:
                     timeout = 0.0  # armed again: look at the fds without sleeping
             if timers and timeout:
-                timeout = max(0.0, timers[0][0] - self.time())
+                timeout = timers[0][0] - monotonic()
+                if timeout < 0.0:
+                    timeout = 0.0
             if unpollable:
                 dispatch(self._poll())
             else:
                 self.waits += 1
                 dispatch(poll(timeout))
-            if timers:
+            if timers and timers[0][0] <= monotonic():
                 self._fire_due_timers()
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:

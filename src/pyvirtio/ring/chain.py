@@ -121,3 +121,35 @@ def split_header(segments: list[memoryview], size: int
         return first, [first[size:], *segments[1:]]
     head, rest = split_segments(segments, size)
     return b"".join(head), rest
+
+
+def transfer(src: Sequence[bytes | bytearray | memoryview], offset: int,
+             dst: Sequence[memoryview]) -> int:
+    """Copy bytes of the segments ``src``, from ``offset`` bytes in, into the segments
+    ``dst`` from their start, until either runs out; returns how many bytes were copied.
+    (A joiner's copy from one guest's readable buffers into another's writable ones.)"""
+    copied = 0
+    segs = iter(dst)
+    out = next(segs, None)
+    pos = 0
+    for seg in src:
+        n = len(seg)
+        if offset >= n:
+            offset -= n
+            continue
+        view = memoryview(seg)[offset:]
+        offset = 0
+        while len(view) and out is not None:
+            room = len(out) - pos
+            if room <= 0:
+                out = next(segs, None)
+                pos = 0
+                continue
+            take = min(room, len(view))
+            out[pos : pos + take] = view[:take]
+            pos += take
+            copied += take
+            view = view[take:]
+        if out is None:
+            break
+    return copied

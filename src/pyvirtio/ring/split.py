@@ -162,6 +162,9 @@ class DeviceQueue(_SplitRing, RegionSpans):
         self._signalled_used = self.used_idx
         self._signalled_valid = False
         self._kicks_enabled = True
+        # A full barrier ran after the last used->idx store (enable_notifications' own):
+        # needs_notification may then skip its barrier, as the drain ends with both.
+        self._fenced = False
         self._inflight = bytearray(size)  # 1 while a head is popped and not yet published
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
         self._init_spans()
@@ -520,6 +523,7 @@ class DeviceQueue(_SplitRing, RegionSpans):
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element is stored before the index (program order; x86 keeps stores ordered).
         self._u16.pack_into(self._used, 2, self.used_idx)
+        self._fenced = False
 
     def push_many(self, completions: Iterable[tuple[DescriptorChain | int, int]]) -> int:
         """Return several chains with one used->idx update; returns how many."""
@@ -535,26 +539,34 @@ class DeviceQueue(_SplitRing, RegionSpans):
                 n += 1
             self._publish_in_order()  # one pass: runs span the whole call
             return n
+        inflight = self._inflight
+        size = self.size
+        mask = self._mask
         for chain, written in completions:
-            head = self._take(chain, written)
-            pack(used, 4 + 8 * (idx & self._mask), head, written)
+            if type(chain) is int and 0 <= chain < size and inflight[chain] and written >= 0:
+                head = chain  # a fast lane's (head, length): checked inline, no call
+                inflight[head] = 0
+            else:
+                head = self._take(chain, written)
+            pack(used, 4 + 8 * (idx & mask), head, written)
             idx = (idx + 1) & 0xFFFF
             n += 1
         if n:
             self.used_idx = idx
             self._u16.pack_into(used, 2, idx)
+            self._fenced = False
         return n
 
     def _take(self, chain: DescriptorChain | int, written: int) -> int:
-        if isinstance(chain, DescriptorChain):
+        if isinstance(chain, int):
+            head = chain
+        else:
             head = chain.head
             if written > chain.writable_len:
                 raise QueueUsageError(
                     f"{self.name}: used length {written} for chain {head} exceeds its "
                     f"{chain.writable_len} writable bytes"
                 )
-        else:
-            head = chain
         if written < 0:
             raise QueueUsageError(f"{self.name}: negative used length {written}")
         if not 0 <= head < self.size or not self._inflight[head]:
@@ -581,6 +593,7 @@ class DeviceQueue(_SplitRing, RegionSpans):
         if batches:
             self.used_idx = idx
             self._u16.pack_into(self._used, 2, idx)
+            self._fenced = False
 
     def in_flight(self) -> list[int]:
         """Heads popped and not yet pushed."""
@@ -619,12 +632,14 @@ class DeviceQueue(_SplitRing, RegionSpans):
         valid = self._signalled_valid
         self._signalled_used = new
         self._signalled_valid = True
-        full_barrier()  # our used->idx store must be visible before we read used_event
+        if not self._fenced:
+            full_barrier()  # our used->idx store must be visible before we read used_event
         if self.event_idx:
             if not valid:
                 return True  # no reference point yet (fresh or restored queue): be safe
             used_event = self._u16.unpack_from(self._avail, self._used_event_off)[0]
-            return S.vring_need_event(used_event, new, old)
+            # S.vring_need_event(used_event, new, old), inline: once per drain
+            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         flags = self._u16.unpack_from(self._avail, 0)[0]
         return not flags & S.VRING_AVAIL_F_NO_INTERRUPT
 
@@ -643,7 +658,8 @@ class DeviceQueue(_SplitRing, RegionSpans):
         else:
             self._u16.pack_into(self._used, 0, 0)
         full_barrier()
-        return self.avail_idx != self.last_avail_idx
+        self._fenced = True  # it also orders every used->idx store made before it
+        return self._u16.unpack_from(self._avail, 2)[0] != self.last_avail_idx
 
     @property
     def used_event(self) -> int:

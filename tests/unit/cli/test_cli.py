@@ -48,3 +48,29 @@ def test_in_memory_demo_delivers_the_served_bytes() -> None:
     result = run(sys.executable, "-m", "pyvirtio", "demo", "--in-memory", "--bytes", "65536")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+def test_join_help_explains_kinds_routes_and_negotiation() -> None:
+    result = run(sys.executable, "-m", "pyvirtio", "join", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for needed in ("net", "console", "--map", "--withhold", "--multi-round", "used length",
+                   "dropped and counted", "nothing is dropped", "TSO", "multi-round bit"):
+        assert needed in text, needed
+
+
+def test_join_refuses_bad_options_before_binding(tmp_path: Path) -> None:
+    socks = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    args = [a for s in socks for a in ("--socket", s)]
+    cases = {
+        ("net", *args, "--withhold", "1:guest_tso9"): "unknown feature",
+        ("net", *args, "--withhold", "x:csum"): "SIDE:FEATURES",
+        ("console", *args, "--map", "0:7>1:0"): "no queue 7",
+        ("net", *args, "--socket", str(tmp_path / "c.sock")): "exactly 2 sides",
+        ("net", *args, "--mac", "02:00:00:00:00:01"): "once per --socket",
+    }
+    for argv, reason in cases.items():
+        result = run(sys.executable, "-m", "pyvirtio", "join", *argv)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert reason in result.stderr, (argv, result.stderr)
+    assert not any(Path(s).exists() for s in socks)

@@ -72,3 +72,32 @@ def test_serve_stops_on_a_sigterm_that_arrives_right_after_the_banner(
         watchdog.cancel()
     assert "banner" in out.getvalue()
     assert loop.stop_reason == "signal SIGTERM"
+
+
+# ---- periodic timers --------------------------------------------------------------------
+
+
+def test_a_periodic_timer_fires_repeatedly_until_cancelled(loop: EventLoop) -> None:
+    fired: list[float] = []
+    timer = loop.call_every(0.01, lambda: fired.append(loop.time()))
+    loop.run(until=lambda: len(fired) >= 3, timeout=5.0)
+    assert len(fired) >= 3
+    timer.cancel()
+    count = len(fired)
+    loop.run(timeout=0.05)
+    assert len(fired) == count
+
+
+def test_a_periodic_timer_leaves_no_one_shot_timer_armed(loop: EventLoop) -> None:
+    """A busy loop sleeps without a timeout while only periodic timers exist: they live in
+    a timerfd, not in the loop's timer heap, so no wake-up arms a kernel timer."""
+    timer = loop.call_every(0.25, lambda: None)
+    assert loop._timers == []
+    assert timer.fd >= 0
+    timer.cancel()
+    assert timer.fd == -1
+
+
+def test_a_periodic_interval_must_be_positive(loop: EventLoop) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        loop.call_every(0, lambda: None)

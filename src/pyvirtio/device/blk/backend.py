@@ -179,6 +179,11 @@ class BlkBackend:
     physical_block_size: int = SECTOR_SIZE
     #: whether discard can give space back (otherwise discards succeed as no-ops)
     can_discard: bool = False
+    #: what the storage can do at all: the device offers FLUSH, DISCARD and WRITE_ZEROES
+    #: only where it can (a network export may lack any of them)
+    supports_flush: bool = True
+    supports_discard: bool = True
+    supports_write_zeroes: bool = True
     #: a file descriptor the device may ``os.preadv``/``os.pwritev`` directly for any
     #: validated IN/OUT request (no alignment constraints beyond the block size, no
     #: bookkeeping in :meth:`readv`/:meth:`writev`), or -1: the device's inline fast path

@@ -69,6 +69,8 @@ class BlkDevice(VirtioDevice):
     change it). ``read_only`` forces RO. ``flush=False`` (with ``config_wce=False``) never
     syncs. ``blk_size`` raises the logical block size above the back-end's. The discard and
     write-zeroes limits are published in config space and enforced (IOERR beyond them).
+    FLUSH, DISCARD and WRITE_ZEROES are offered only where the back-end supports them
+    (:attr:`~BlkBackend.supports_flush` ...), RO also where the back-end is read-only.
     ``batch_interval``: batch mode (:mod:`pyvirtio.device.engine`; needs a reactor). Every
     argument is JSON-friendly, so the device can be built in a child process.
     """
@@ -118,6 +120,11 @@ class BlkDevice(VirtioDevice):
             self._owns_backend = True
         be = self.backend
         self.read_only = read_only or be.read_only
+        # Offer only what the storage can do (CONFIG_WCE goes with FLUSH).
+        flush = flush and be.supports_flush
+        config_wce = config_wce and flush
+        discard = discard and be.supports_discard
+        write_zeroes = write_zeroes and be.supports_write_zeroes
         lbs = max(blk_size or SECTOR_SIZE, be.block_size)
         if lbs < SECTOR_SIZE or lbs & (lbs - 1) or lbs % be.block_size:
             self.close()

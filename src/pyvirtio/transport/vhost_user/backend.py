@@ -675,13 +675,13 @@ class BackendProtocol:
                               self.name, v.describe(), v.ring.used_idx)
                 self._notify_queue(v.index)
         if self._watch is None and self.reactor is not None:
-            self._watch = self.reactor.call_later(WATCH_INTERVAL, self._watch_rings)
+            self._watch = self.reactor.call_every(WATCH_INTERVAL, self._watch_rings)
         self.on_kick(v.index)
 
     def _watch_rings(self) -> None:
         """Every WATCH_INTERVAL while a ring runs: let each queue make up for a lost
-        notification, and say so (a real peer that loses them, or a bug of ours)."""
-        self._watch = None
+        notification, and say so (a real peer that loses them, or a bug of ours). Stops
+        when no ring runs; the next ring started starts it again."""
         if self.closed or self.reactor is None:
             return
         running = False
@@ -698,8 +698,9 @@ class BackendProtocol:
                     self.log.warning("%s: %s: %s (so far: %d kicks missed, %d interrupts "
                                      "repeated)", self.name, v.describe(), done,
                                      d.lost_kicks, d.renotified)
-        if running:
-            self._watch = self.reactor.call_later(WATCH_INTERVAL, self._watch_rings)
+        if not running and self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def _start_ring(self, v: Vring) -> None:
         desc, avail, used = self._translate(v)

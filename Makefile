@@ -1,8 +1,11 @@
 # The two commands: `make demo` and `make test`. Both install what is missing first.
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+# e.g. make bench-blk BENCH_ARGS="--rounds 1 --runtime 1" (a smoke run)
+BENCH_ARGS ?=
 
-.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-join bench-ring ceph-start ceph-stop chaos-report clean
+.PHONY: deps demo test lint typecheck unit bench-blk bench-net bench-join bench-ring bench-driver \
+	ceph-start ceph-stop chaos-report clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -23,16 +26,19 @@ typecheck: deps
 	$(PY) -m mypy
 
 bench-blk: deps
-	$(PY) benchmarks/blk_vs_qsd.py
+	$(PY) benchmarks/blk_vs_qsd.py $(BENCH_ARGS)
 
 bench-net: deps
-	$(PY) benchmarks/net_vs_bridge.py
+	$(PY) benchmarks/net_vs_bridge.py $(BENCH_ARGS)
 
 bench-join: deps
-	$(PY) benchmarks/net_join.py
+	$(PY) benchmarks/net_join.py $(BENCH_ARGS)
 
 bench-ring: deps
-	$(PY) benchmarks/ring_split_vs_packed.py
+	$(PY) benchmarks/ring_split_vs_packed.py $(BENCH_ARGS)
+
+bench-driver: deps
+	$(PY) benchmarks/driver_vs_linux.py $(BENCH_ARGS)
 
 # A single-node Ceph cluster on loopback for development (pyvirtio.testing.ceph; the tests
 # start their own): `make ceph-start` prints its ceph.conf, then

@@ -3,8 +3,8 @@
 ``pyvirtio serve net`` (``make bench-join``).
 
 Both paths carry TCP between two User-Mode Linux guests, the host's iperf3 in each guest
-through hostfs, ``--seconds`` long, one stream (the guests, scripts and timing are those of
-``benchmarks/net_vs_bridge.py``):
+through hostfs, ``--seconds`` long, one stream and four, both directions (the guests,
+scripts, cells and timing are those of ``benchmarks/net_vs_bridge.py``):
 
 * join: ``pyvirtio join net``: each guest's transmit chains copied straight into the other
   guest's receive buffers (point to point, no MAC learning, no queue in between);
@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from net_vs_bridge import PyvirtioPath, Sample, load, run_pair
+from net_vs_bridge import CELLS, PyvirtioPath, Sample, cell_name, load, run_round
 from stats import Ratio, Spread
 
 PATHS = {"join": ("join", "net"), "switch": ("serve", "net")}
@@ -51,21 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths.append((name, path))
         for r in range(args.rounds):
             order = paths[r % len(paths):] + paths[:r % len(paths)]
+            print(f"round {r + 1}/{args.rounds}", flush=True)
             for name, path in order:
                 server, client = path.guests(args.seconds)
-                s = run_pair(server, client, name, path.proc.pid)
-                samples.append(s)
-                cpu = f", server CPU {s.server_cpu_s:.1f} s" if s.server_cpu_s is not None else ""
-                print(f"round {r + 1} {name:8s} {s.mbits:8.0f} Mbit/s "
-                      f"(retransmits {s.retransmits}{cpu})", flush=True)
+                samples += run_round(server, client, name, path.proc.pid, args.seconds, None)
     print(f"load average after: {load()}")
-    mbits = {name: [s.mbits for s in samples if s.path == name] for name in PATHS}
-    print(f"\n{args.rounds} rounds, {args.seconds} s iperf3, one TCP stream, UML <-> UML; "
+    print(f"\n{args.rounds} rounds, {args.seconds} s iperf3 per cell, UML <-> UML; "
           "Mbit/s min / median / max:")
-    for name in PATHS:
-        print(f"  {LABELS[name]:36s} {Spread.of(mbits[name]).show():>24}")
-    ratio = Ratio.of(mbits["join"], mbits["switch"])
-    print(f"  {'ratio join / switch [rounds]':36s} {ratio.show():>24} {ratio.verdict()}")
+    for streams, reverse in CELLS:
+        mbits = {name: [s.mbits for s in samples
+                        if (s.path, s.streams, s.reverse) == (name, streams, reverse)]
+                 for name in PATHS}
+        for name in PATHS:
+            print(f"  {LABELS[name]:30s} {cell_name(streams, reverse):12s} "
+                  f"{Spread.of(mbits[name]).show():>24}")
+        ratio = Ratio.of(mbits["join"], mbits["switch"])
+        print(f"  {'ratio join / switch [rounds]':43s} {ratio.show():>24} {ratio.verdict()}")
     return 0
 
 

@@ -11,7 +11,7 @@ otherwise it is "undecided".
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -66,3 +66,15 @@ class Ratio:
 
     def show(self) -> str:
         return f"{self.of_medians:5.2f} [{self.low:.2f}-{self.high:.2f}]"
+
+
+def best(candidates: Mapping[str, Sequence[float]], higher_is_better: bool = True
+         ) -> str | None:
+    """The candidate with the best median (the highest, or the lowest with
+    ``higher_is_better=False``): the strongest peer of a cell, which a comparison is judged
+    against. None when no candidate has a value."""
+    medians = {name: statistics.median(v) for name, v in candidates.items() if v}
+    if not medians:
+        return None
+    pick = max if higher_is_better else min
+    return pick(medians, key=lambda name: medians[name])

@@ -80,6 +80,22 @@ def register(sub: Any) -> None:
         module.register(kinds, common)
 
 
+def add_poll_option(p: argparse.ArgumentParser) -> None:
+    """``--poll-us``, for the devices whose queues carry requests (blk, net)."""
+    p.add_argument("--poll-us", type=float, default=0.0, metavar="US",
+                   help="adaptive polling: after a completion, look at the ring for a "
+                   "self-tuning window of at most US microseconds before sleeping, so a "
+                   "request that follows at once needs no kick or wake-up (costs CPU "
+                   "while a guest is busy, none while idle; default 0: off)")
+
+
+def poll_max(args: argparse.Namespace) -> float:
+    """The adaptive polling bound ``--poll-us`` asks for, in seconds (0: no polling)."""
+    if args.poll_us < 0:
+        raise SystemExit("pyvirtio serve: --poll-us must not be negative")
+    return float(args.poll_us) / 1e6
+
+
 def transport_features(args: argparse.Namespace) -> int:
     """The transport feature offer the common options ask for."""
     features = DEFAULT_TRANSPORT_FEATURES

@@ -30,8 +30,10 @@ import time
 from typing import Any
 
 from pyvirtio.cli.serve import (
+    add_poll_option,
     attach_instructions,
     make_hostile,
+    poll_max,
     run_servers,
     transport_features,
 )
@@ -105,6 +107,7 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
                    "instead of waiting for a kick per request (fewer notifications and "
                    "wake-ups for both sides; only kept while it serves at least as fast; "
                    "0: always kick-driven; default %(default)s)")
+    add_poll_option(p)
     p.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="NBD: how long requests wait for a lost connection to come back "
                    "before they fail with an I/O error (reconnecting goes on; default "
@@ -164,6 +167,9 @@ def stats(device: BlkDevice, server: VhostUserServer) -> dict[str, Any]:
         "requests": (s.reads + s.writes + s.flushes + s.discards + s.write_zeroes
                      + s.get_ids + s.ioerr + s.unsupp),
         "kicks": server.kicks, "calls": server.calls,
+        # system calls of the event loop (epoll waits) and wake-ups polling saved
+        "loop_waits": server.loop.waits, "calls_coalesced": server.loop.coalesced,
+        "poll_hits": device.poll_hits, "poll_misses": device.poll_misses,
         "connections": server.accepted,
         "features": device.driver_features,  # what the last driver negotiated (ring format)
         "backend": dict(getattr(device.backend, "counters", dict)()),
@@ -198,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     loop.stop_on_signals()
     device.reactor = loop
     make_hostile(device, args)
+    device.poll_max = poll_max(args)
     try:
         server = VhostUserServer(
             args.socket, lambda: device, loop,

@@ -29,7 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvirtio.cli.serve import make_hostile, run_servers, transport_features
+from pyvirtio.cli.serve import (
+    add_poll_option,
+    make_hostile,
+    poll_max,
+    run_servers,
+    transport_features,
+)
 from pyvirtio.core.features import describe
 from pyvirtio.device.net import NetDevice
 from pyvirtio.device.net.endpoint import format_mac, parse_mac
@@ -75,6 +81,7 @@ def register(kinds: Any, common: argparse.ArgumentParser) -> None:
                    help="MAC base (once) or one MAC per socket (repeated)")
     p.add_argument("--pcap", metavar="FILE",
                    help="capture frames in pcap format (FILE may contain {port})")
+    add_poll_option(p)
     p.add_argument("--stats", action="store_true",
                    help="print a per-port table (frames, bytes, drops) every second")
     p.add_argument("--mtu", type=int, metavar="BYTES",
@@ -255,6 +262,7 @@ def _run(args: argparse.Namespace) -> int:
                                transport_features=transport_features(args))
             device.reactor = loop
             make_hostile(device, args)
+            device.poll_max = poll_max(args)
             port = switch.add_port(device, name, capture=capture_for(name))
             # One device per port for the server's lifetime: reset between front-ends, so
             # the switch port (and what it learned) outlives a guest's reboot.

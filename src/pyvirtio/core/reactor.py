@@ -42,3 +42,24 @@ class Reactor(Protocol):
 
     def time(self) -> float:
         """The loop's monotonic clock."""
+
+
+class Poller(Protocol):
+    """Something a :class:`PollingReactor` looks at, without a system call, before it
+    sleeps: a device queue whose ring it watches for a short window after a completion
+    instead of waiting for the driver's kick (adaptive polling)."""
+
+    def ready(self) -> bool:
+        """Whether work has arrived (cheap: a look at shared memory)."""
+
+    def serve(self) -> None:
+        """Work arrived while armed: the poller is disarmed; serve it (it may re-arm)."""
+
+    def expire(self) -> None:
+        """The window passed without work: the poller is disarmed; arrange to be woken the
+        ordinary way (e.g. turn the driver's kicks back on)."""
+
+
+class PollingReactor(Reactor, Protocol):
+    def arm_poller(self, poller: Poller, window: float) -> None:
+        """Look at ``poller`` for up to ``window`` seconds before sleeping next."""

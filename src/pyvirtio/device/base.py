@@ -83,6 +83,9 @@ class VirtioDevice:
     drain_budget: int = -1
     #: seconds between looks at a busy ring in batch mode (None: always kick-driven)
     batch_interval: float | None = None
+    #: adaptive polling: the longest window (seconds) the reactor polls a ring after a
+    #: completion before sleeping (0: never poll; see :mod:`pyvirtio.device.engine`)
+    poll_max: float = 0.0
     #: multi-round negotiation: the round from which offers never carry MULTI_ROUND
     max_rounds: int = core_features.MAX_ROUNDS
 
@@ -132,6 +135,9 @@ class VirtioDevice:
         #: lost notifications the engine's watch made up for (see QueueEngine.watch)
         self.lost_kicks = 0
         self.renotified = 0
+        #: adaptive polling: requests found by polling; windows that passed without one
+        self.poll_hits = 0
+        self.poll_misses = 0
         self._idle_kick_reported = False  # a kick before DRIVER_OK was recorded (once)
         #: hostile-device mode (:mod:`pyvirtio.device.chaos`): faults injected on purpose
         self.chaos: Chaos | None = None

@@ -32,6 +32,19 @@ is the same:
   serve requests at least about as fast as kicks did. Leaving goes through the usual
   enable-and-look-again step, and completions are signalled at the end of every drain, so
   nothing is ever left waiting for a kick that will not come.
+* **adaptive polling** (``poll_max`` on the device, with a reactor that can poll,
+  :class:`pyvirtio.core.reactor.PollingReactor`; off by default): a driver that waits for
+  each completion before submitting again (queue depth 1) sends its next request a few
+  microseconds after our interrupt, and then has to kick us and we have to wake up. With
+  polling, a drain that completed something leaves kicks off and has the reactor look at
+  the ring for a short window before it sleeps (as QEMU's iothreads do with
+  ``poll-max-ns``): a request made available in the window is served without a kick or a
+  wake-up; when the window passes, kicks go back on (and the ring is looked at again).
+  The window tunes itself from the gap between a completion and the next request when the
+  window missed it: a request that came within ``poll_max`` grows it (doubling from
+  :data:`POLL_START`, up to ``poll_max``), a longer gap halves it (below
+  :data:`POLL_START` it is 0: no polling until a short gap is seen again). An idle queue
+  never polls: polling starts only after a completion.
 * **lost notifications**: a transport to a real peer calls :meth:`QueueEngine.watch`
   every :data:`WATCH_INTERVAL` seconds. A kick that never arrived (buffers sat in a ring
   with kicks on for a whole interval) is served then, and a queue that has waited for
@@ -44,8 +57,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from pyvirtio.core.reactor import PollingReactor
 from pyvirtio.errors import PeerError
 from pyvirtio.ring import DescriptorChain, DeviceRing, RingError
 
@@ -82,6 +96,9 @@ _MIN_BACKOFF = 0.1
 _MAX_BACKOFF = 5.0
 _monotonic = time.monotonic
 
+#: adaptive polling: the first window (seconds) after a short sleep; smaller ones are 0
+POLL_START = 4e-6
+
 #: seconds between a transport's calls of :meth:`QueueEngine.watch`
 WATCH_INTERVAL = 0.25
 #: a queue waiting for buffers interrupts the driver again after 1, 2, 4, ... watches
@@ -108,8 +125,9 @@ class QueueEngine:
     """Serves one running queue of a device (see the module doc)."""
 
     __slots__ = ("_b_count", "_b_start", "_backoff", "_batching", "_drained", "_drains",
-                 "_kick_rate", "_quiet", "_renotify_at", "_seen_drains", "_seen_pending",
-                 "_tick", "_trial_after", "_w_count", "_w_start", "again", "blocked",
+                 "_kick_rate", "_poll_window", "_polling", "_quiet", "_renotify_at",
+                 "_seen_drains", "_seen_pending", "_slept_at", "_tick", "_trial_after",
+                 "_w_count", "_w_start", "again", "blocked",
                  "device", "done", "fast", "held", "index", "queue", "ring",
                  "running", "waiting", "yielded")
 
@@ -141,6 +159,19 @@ class QueueEngine:
         self._seen_pending = False  # buffers were available at the previous watch()
         self._quiet = 0  # watches spent waiting for buffers since the last interrupt
         self._renotify_at = 1
+        self._polling = False  # armed on the reactor: kicks left off, the ring polled
+        self._poll_window = 0.0  # seconds the next poll lasts (0: sleep at once)
+        self._slept_at = 0.0  # when kicks went back on after a completion (0: not timed)
+
+    @property
+    def poll_window(self) -> float:
+        """The current adaptive polling window, seconds (0: the queue sleeps at once)."""
+        return self._poll_window
+
+    @property
+    def polling(self) -> bool:
+        """Whether the reactor is polling the ring (kicks off) right now."""
+        return self._polling
 
     @property
     def batching(self) -> bool:
@@ -269,6 +300,12 @@ class QueueEngine:
         self._drained = True
         self._drains += 1
         device = self.device
+        poll_max = device.poll_max
+        if poll_max:
+            if not hasattr(device.reactor, "arm_poller"):
+                poll_max = 0.0  # the reactor cannot poll (or there is none)
+            elif self._slept_at and not self._polling:
+                self._tune(_monotonic() - self._slept_at, poll_max)
         index = self.index
         done = self.done
         tracker = queue.tracker
@@ -338,6 +375,15 @@ class QueueEngine:
                     break  # kicks stay off: run() comes when the device can go on
                 if self.yielded or self._batching:
                     break  # kicks stay off: the scheduled drain or the tick looks again
+                if poll_max and published and not self.again:
+                    self._slept_at = _monotonic()  # the gap to the next request tunes
+                    if self._poll_window:
+                        # kicks stay off: the reactor polls the ring (see the module doc)
+                        if not self._polling:  # (armed already: a kick came meanwhile)
+                            self._polling = True
+                            cast(PollingReactor, device.reactor).arm_poller(
+                                self, self._poll_window)
+                        break
                 # kick us for what comes next, then look again (a buffer made available
                 # meanwhile sent no kick)
                 if not ring.enable_notifications() and not self.again:
@@ -377,7 +423,7 @@ class QueueEngine:
         buffers at two watches in a row with no drain between them.
         """
         if (not self.current() or self.running or self.yielded or self.blocked
-                or self._batching):
+                or self._batching or self._polling):
             self._seen_pending = False  # kicks are off on purpose, or a drain is coming
             return None
         device, index = self.device, self.index
@@ -428,6 +474,51 @@ class QueueEngine:
                 self.device.poll_queue(self.index)
 
         self.device.reactor.call_later(0.0, resume)  # type: ignore[union-attr]
+
+    # ---- adaptive polling (the reactor's Poller) ----------------------------------------
+
+    def ready(self) -> bool:
+        """A request is in the ring (the reactor polls this; no system call). A stale
+        engine (the queue stopped, its memory may be gone) answers True without reading
+        the ring, so :meth:`serve` drops it at once."""
+        if self.queue.engine is not self or self.ring.broken is not None:
+            return True
+        return self.ring.pending() != 0
+
+    def serve(self) -> None:
+        """The poll found a request: serve it without a kick (the drain polls again)."""
+        self._polling = False
+        if not self.current():
+            return
+        self.device.poll_hits += 1
+        self._slept_at = 0.0  # the window covered the gap: keep it
+        self._drained = False
+        self.device.poll_queue(self.index)
+        if not self._drained and self.current():
+            self.ring.enable_notifications()  # the transport holds the queue: kicks back on
+
+    def expire(self) -> None:
+        """The window passed without a request: kicks back on, and look once more (a
+        request made available just now sent no kick). The next drain measures the whole
+        gap since the completion and tunes the window."""
+        self._polling = False
+        if not self.current():
+            return
+        self.device.poll_misses += 1
+        if self.ring.enable_notifications():
+            self.device.poll_queue(self.index)
+
+    def _tune(self, gap: float, poll_max: float) -> None:
+        """The next request came ``gap`` seconds after the last completion, past the
+        window: a gap that polling up to ``poll_max`` would have covered grows the window,
+        a longer one shrinks it (see the module doc)."""
+        self._slept_at = 0.0
+        window = self._poll_window
+        if gap > poll_max:
+            window /= 2
+            self._poll_window = window if window >= POLL_START else 0.0
+        elif window < poll_max:
+            self._poll_window = min(poll_max, max(POLL_START, 2 * window))
 
     # ---- batch mode ---------------------------------------------------------------------
 

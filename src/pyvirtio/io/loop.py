@@ -12,6 +12,21 @@ always ready, as poll(2) and select(2) do, so its callback runs at every turn of
 (which then does not sleep) until it is removed; a reader finds its data or end of file at
 once. Without it (fds a peer sent, which must be eventfds, pipes or sockets) registering
 such an fd raises PermissionError, as epoll does.
+
+Two things spare the data path system calls:
+
+* **coalescing** (:meth:`EventLoop.coalesce`): while the loop dispatches an epoll wake-up
+  that found several fds ready, an action asked for several times under the same key (a
+  vring's call eventfd written after each of several drains) runs once, at the end of that
+  dispatch. Outside such a dispatch (one ready fd, a timer, a poller) nothing is deferred.
+* **adaptive polling** (:meth:`EventLoop.arm_poller`): a device queue that has just
+  completed a request may ask to be looked at for a short window before the loop sleeps;
+  the loop then checks it (a read of shared memory, no system call) until work arrives or
+  the window passes (:class:`pyvirtio.core.reactor.Poller`). The loop does not block while
+  a poller is armed; other fds are looked at (without sleeping) between windows.
+
+:attr:`EventLoop.waits` counts the epoll waits (system calls) the loop made, so a
+benchmark can tell system calls per request.
 """
 
 from __future__ import annotations
@@ -26,6 +41,8 @@ import select
 import signal
 import time
 from collections.abc import Callable, Iterable
+
+from pyvirtio.core.reactor import Poller
 
 log = logging.getLogger("pyvirtio.io.loop")
 
@@ -153,6 +170,13 @@ class EventLoop:
         self.add_reader(self._wake_r, self._drain_wake)
         self._old_handlers: dict[int, object] = {}
         self.stop_reason: str | None = None
+        self._dispatching = False
+        self._deferred: dict[int, Callable[[int], None]] = {}  # key -> action(key)
+        self._pollers: list[tuple[Poller, float]] = []  # armed: (poller, deadline)
+        #: epoll waits made (each one system call), for counting system calls per request
+        self.waits = 0
+        #: actions :meth:`coalesce` merged into one already pending
+        self.coalesced = 0
 
     # ---- Reactor ------------------------------------------------------------------------
 
@@ -200,6 +224,7 @@ class EventLoop:
 
     def _poll(self) -> list[tuple[int, int]]:
         """epoll's ready list plus the always-ready fds epoll refused (no sleep then)."""
+        self.waits += 1
         ready = self._epoll.poll(0)
         registered = self._registered
         ready += [(fd, registered[fd]) for fd in self._unpollable]
@@ -251,6 +276,48 @@ class EventLoop:
     def call_soon(self, callback: Callback) -> Timer:
         return self.call_later(0.0, callback)
 
+    def coalesce(self, key: int, action: Callable[[int], None]) -> bool:
+        """Run ``action(key)`` once at the end of the dispatch under way, however often it
+        is asked for with this ``key`` meanwhile; True if deferred. False when the loop is
+        not dispatching a wake-up of several ready fds (one ready fd, a timer, a poller, a
+        caller outside the loop): nothing is deferred, the caller acts now."""
+        if not self._dispatching:
+            return False
+        if key in self._deferred:
+            self.coalesced += 1
+        self._deferred[key] = action
+        return True
+
+    def forget_coalesced(self, key: int) -> None:
+        """Drop the action deferred under ``key`` (its fd is being closed)."""
+        self._deferred.pop(key, None)
+
+    def arm_poller(self, poller: Poller, window: float) -> None:
+        """Look at ``poller`` (see :class:`pyvirtio.core.reactor.Poller`) for up to
+        ``window`` seconds before the loop next sleeps."""
+        self._pollers.append((poller, time.monotonic() + window))
+
+    def _spin(self) -> None:
+        """Look at the armed pollers until each has work (served) or its window passed
+        (expired). Pollers armed meanwhile (a served queue asking again) wait for the next
+        turn of the loop, so other fds are looked at in between."""
+        armed, self._pollers = self._pollers, []
+        now = time.monotonic()
+        while armed:
+            if self._stopping:
+                for poller, _ in armed:
+                    self._run_callback(poller.expire)
+                return
+            for i in range(len(armed) - 1, -1, -1):
+                poller, deadline = armed[i]
+                if poller.ready():
+                    del armed[i]
+                    self._run_callback(poller.serve)
+                elif now >= deadline:
+                    del armed[i]
+                    self._run_callback(poller.expire)
+            now = time.monotonic()
+
     # ---- running ------------------------------------------------------------------------
 
     def stop(self, reason: str = "stopped") -> None:
@@ -289,12 +356,17 @@ class EventLoop:
     def run_once(self, timeout: float | None = None) -> None:
         """Wait for events or the next timer (at most ``timeout`` s) and dispatch them."""
         timers = self._timers
+        if self._pollers:
+            self._spin()
+            if self._pollers:
+                timeout = 0.0  # armed again: look at the fds without sleeping
         if timers:
             delay = max(0.0, timers[0][0] - self.time())
             timeout = delay if timeout is None else min(timeout, delay)
         if self._unpollable:
             self._dispatch(self._poll())
         else:
+            self.waits += 1
             self._dispatch(self._epoll.poll(-1 if timeout is None else timeout))
         if timers:
             self._fire_due_timers()
@@ -335,11 +407,19 @@ class EventLoop:
             # watchdog keeps a timer armed all the time, so the timer checks are written
             # inline: a wake-up per request must not pay for them in calls.
             timeout = -1.0
-            if timers:
+            if self._pollers:
+                self._spin()
+                if self._pollers:
+                    timeout = 0.0  # armed again: look at the fds without sleeping
+            if timers and timeout:
                 timeout = timers[0][0] - monotonic()
                 if timeout < 0.0:
                     timeout = 0.0
-            dispatch(self._poll() if unpollable else poll(timeout))
+            if unpollable:
+                dispatch(self._poll())
+            else:
+                self.waits += 1
+                dispatch(poll(timeout))
             if timers and timers[0][0] <= monotonic():
                 self._fire_due_timers()
 
@@ -348,6 +428,26 @@ class EventLoop:
         directions, as ``selectors`` does."""
         readers = self._readers
         writers = self._writers
+        if len(ready) < 2:
+            # One ready fd (a kick at queue depth 1): nothing to merge its actions with, so
+            # the deferral's bookkeeping is spared.
+            self._dispatch_ready(ready, readers, writers)
+            return
+        self._dispatching = True
+        try:
+            self._dispatch_ready(ready, readers, writers)
+        finally:
+            self._dispatching = False
+            deferred = self._deferred
+            while deferred:
+                key, action = deferred.popitem()
+                try:
+                    action(key)
+                except Exception:
+                    log.exception("deferred action %r failed; the loop keeps running", action)
+
+    def _dispatch_ready(self, ready: list[tuple[int, int]], readers: dict[int, Callback],
+                        writers: dict[int, Callback]) -> None:
         for fd, events in ready:
             if events & ~_EPOLLOUT:
                 cb = readers.get(fd)
@@ -383,3 +483,5 @@ class EventLoop:
         self._readers.clear()
         self._writers.clear()
         self._timers.clear()
+        self._pollers.clear()
+        self._deferred.clear()

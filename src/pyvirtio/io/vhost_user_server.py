@@ -85,6 +85,7 @@ class _Connection:
         self._kicks: dict[int, int] = {}  # fd -> vring index
         self._polls: dict[int, Timer] = {}
         self._bad_signal_fds: set[int] = set()
+        self._coalesce = server.loop.coalesce
         self.closed = False
         self.close_reason = ""
         extensions = list(server.extensions(device)) if server.extensions else []
@@ -262,6 +263,14 @@ class _Connection:
         self._bad_signal_fds.discard(fd)
 
     def signal(self, fd: int) -> None:
+        # Inside one epoll wake-up the loop writes each fd once, after every ready fd was
+        # served (several drains of a queue, several frames into a receive queue: one call).
+        if not self._coalesce(fd, self._signal_now):
+            self._signal_now(fd)
+
+    def _signal_now(self, fd: int) -> None:
+        if self.closed:
+            return  # deferred past the connection's end: its fds are closed (or reused)
         self.server.calls += 1
         try:
             os.write(fd, _ONE)
@@ -277,6 +286,9 @@ class _Connection:
         return memfd.map_memory_fd(fd, gpa, size, fd_offset, user_addr)
 
     def close_fd(self, fd: int) -> None:
+        # A call deferred to the end of this wake-up must not reach whatever gets the number
+        # next (a memory region's fd, say).
+        self.loop.forget_coalesced(fd)
         memfd.close_fd(fd)
 
     def send_backend(self, fd: int, data: bytes) -> None:

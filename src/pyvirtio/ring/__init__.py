@@ -10,7 +10,7 @@ from pyvirtio.ring.chain import DescriptorChain, gather, scatter
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
 from pyvirtio.ring.factory import device_ring, driver_ring, fresh_base, is_packed
 from pyvirtio.ring.packed import PackedDeviceQueue, PackedDriverQueue
-from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
+from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain, WritableBuffer
 from pyvirtio.ring.split import DeviceQueue, DriverQueue
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "QueueUsageError",
     "RingError",
     "ShortChain",
+    "WritableBuffer",
     "device_ring",
     "driver_ring",
     "fresh_base",

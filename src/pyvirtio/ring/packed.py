@@ -45,7 +45,8 @@ from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
 from pyvirtio.ring.inorder import InOrderCompletions
-from pyvirtio.ring.split import MAX_INDIRECT_DESCRIPTORS, U64_LIMIT, _map_area
+from pyvirtio.ring.queue import ShortChain, WritableBuffer
+from pyvirtio.ring.split import MAX_INDIRECT_DESCRIPTORS, U64_LIMIT, RegionSpans, _map_area
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import packed as P
 
@@ -148,7 +149,7 @@ class _PackedRing:
         return self.desc_addr + 16 * pos
 
 
-class PackedDeviceQueue(_PackedRing):
+class PackedDeviceQueue(_PackedRing, RegionSpans):
     """The device side of a packed virtqueue.
 
     ``last_avail_idx`` (the next position to pop) and ``used_idx`` (the next position to
@@ -189,7 +190,9 @@ class PackedDeviceQueue(_PackedRing):
         # Buffers a previous back-end left in flight, with their descriptors as saved
         # outside the ring (vhost-user's packed inflight region): taken by resume().
         self._saved: dict[int, list[tuple[int, int, int, int]]] = {}
-        self._popped: dict[int, DescriptorChain] = {}  # in flight, in pop order (rewind)
+        # in flight, in pop order (rewind): the chain, or the tuple pop_short handed out
+        self._popped: dict[int, DescriptorChain | ShortChain | WritableBuffer] = {}
+        self._init_spans()
         self._order = InOrderCompletions() if in_order else None
         self._used_total = 0  # descriptors used since start (for notification windows)
         self._signalled_total = 0
@@ -686,19 +689,160 @@ class PackedDeviceQueue(_PackedRing):
             self._order.popped(head, len(descs), wlen)
         return chain
 
-    def pop_short(self, limit: int = 0xFFFF) -> list[tuple[int, memoryview, int, int, int,
-                                                           int, bool, int, int]]:
-        """The queue interface's batch pop of short split chains as tuples. The packed ring
-        has no such fast path yet: it hands out nothing and leaves every buffer to
-        :meth:`pop` (which the interface allows: anything unusual is left for pop)."""
-        return []
+    def pop_short(self, limit: int = 0xFFFF) -> list[ShortChain]:
+        """Batch pop: the next available buffers that are *short*, as plain tuples (see
+        :meth:`pyvirtio.ring.split.DeviceQueue.pop_short`): three descriptors, in the ring
+        (not across its end) or as an indirect table of three, readable, then readable or
+        writable, then writable, none empty, all inside one guest memory region. Stops at
+        ``limit`` or at the first buffer that is not short, leaving it for :meth:`pop`,
+        which gives every verdict (this method never breaks the queue)."""
+        out: list[ShortChain] = []
+        if self.broken is not None or self._order is not None:
+            return out  # broken, or IN_ORDER's bookkeeping: every buffer goes through pop()
+        ring = self._desc
+        unpack = self._desc_struct.unpack_from
+        size = self.size
+        ndescs = self._ndescs
+        room = size - self._descs_in_flight()
+        pos, wrap = self._avail_pos, self._avail_wrap
+        hb, he, hbuf = self._hot_span()
+        indirect = self.indirect
+        append = out.append
+        flags_at = self._u16.unpack_from
+        while len(out) < limit:
+            mark = _AVAIL if wrap else _USED  # this lap's available marking
+            # The flags first, the descriptor after them: the driver stores the head's
+            # flags last, so a descriptor read in one go with its flags may be older than
+            # the flags that say it is available.
+            if flags_at(ring, 16 * pos + 14)[0] & _AVAIL_USED != mark:
+                break
+            a0, l0, buf_id, f0 = unpack(ring, 16 * pos)
+            if f0 & _AVAIL_USED != mark:
+                break
+            f0 ^= mark
+            if f0 == _INDIRECT:
+                if not indirect or l0 != 48 or room < 1:
+                    break
+                if not hb <= a0 <= he - 48:
+                    span = self._find(a0, 48)
+                    if span is None:
+                        break
+                    hb, he, hbuf = span
+                t = a0 - hb
+                a0, l0, _, f0 = unpack(hbuf, t)
+                a1, l1, _, f1 = unpack(hbuf, t + 16)
+                a2, l2, _, f2 = unpack(hbuf, t + 32)
+                used = 1
+            elif f0 == _NEXT and pos + 2 < size and room >= 3:
+                a1, l1, _, f1 = unpack(ring, 16 * pos + 16)
+                a2, l2, buf_id, f2 = unpack(ring, 16 * pos + 32)
+                if f1 & _AVAIL_USED != mark or f2 & _AVAIL_USED != mark:
+                    break
+                f0, f1, f2 = 0, f1 ^ mark ^ _NEXT, f2 ^ mark
+                used = 3
+            else:
+                break
+            if (f0 or f2 != _WRITE or (f1 != _WRITE and f1) or not (l0 and l1 and l2)
+                    or buf_id >= size or ndescs[buf_id]):
+                break
+            if not hb <= a0 <= he - l0:
+                span = self._find(a0, l0)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            if not (hb <= a1 and a1 + l1 <= he and hb <= a2 and a2 + l2 <= he):
+                break
+            tup = (buf_id, hbuf, a0 - hb, l0, a1 - hb, l1, f1 == _WRITE, a2 - hb, l2)
+            ndescs[buf_id] = used
+            self._start[buf_id] = pos
+            self._capacity[buf_id] = l2 + (l1 if f1 else 0)
+            self._popped[buf_id] = tup
+            append(tup)
+            room -= used
+            pos += used
+            if pos >= size:
+                pos -= size
+                wrap ^= 1
+        self._hot = (hb, he, hbuf)
+        if out:
+            self._avail_pos, self._avail_wrap = pos, wrap
+            if self.event_idx and self._kicks_enabled:
+                self._evt.pack_into(self._device_evt, 0, encode(pos, wrap), _DESC)
+        return out
+
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing, of the next buffers that are each one device-writable
+        descriptor (not empty, in one guest memory region), just enough of them for
+        ``need`` bytes (see :meth:`pyvirtio.ring.split.DeviceQueue.pop_writable`); pops
+        nothing if the buffers before the first other one hold less."""
+        out: list[WritableBuffer] = []
+        if self.broken is not None or self._order is not None:
+            return out
+        ring = self._desc
+        unpack = self._desc_struct.unpack_from
+        flags_at = self._u16.unpack_from
+        size = self.size
+        ndescs = self._ndescs
+        room = size - self._descs_in_flight()
+        pos, wrap = self._avail_pos, self._avail_wrap
+        hb, he, hbuf = self._hot_span()
+        starts = []
+        while need > 0 and room > 0:
+            mark = _AVAIL if wrap else _USED
+            if flags_at(ring, 16 * pos + 14)[0] & _AVAIL_USED != mark:
+                break  # (the flags first: see pop_short)
+            addr, length, buf_id, flags = unpack(ring, 16 * pos)
+            if flags ^ mark != _WRITE or not length or buf_id >= size or ndescs[buf_id]:
+                break
+            if not hb <= addr <= he - length:
+                span = self._find(addr, length)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            ndescs[buf_id] = 1  # in flight now: a buffer id listed twice stops the batch
+            out.append((buf_id, hbuf, addr - hb, length))
+            starts.append(pos)
+            need -= length
+            room -= 1
+            pos += 1
+            if pos == size:
+                pos, wrap = 0, wrap ^ 1
+        self._hot = (hb, he, hbuf)
+        if need > 0:
+            for buf_id, *_ in out:  # too few: nothing consumed
+                ndescs[buf_id] = 0
+            return []
+        for tup, start in zip(out, starts, strict=True):
+            buf_id = tup[0]
+            self._start[buf_id] = start
+            self._capacity[buf_id] = tup[3]
+            self._popped[buf_id] = tup
+        self._avail_pos, self._avail_wrap = pos, wrap
+        if self.event_idx and self._kicks_enabled:
+            self._evt.pack_into(self._device_evt, 0, encode(pos, wrap), _DESC)
+        return out
 
     def chain(self, head: int) -> DescriptorChain:
-        """The chain of an in-flight buffer id, as :meth:`pop` returned it."""
+        """The chain of an in-flight buffer id, as :meth:`pop` returned it (or built from
+        what :meth:`pop_short` handed out: the ring itself may already hold used
+        descriptors where the buffer's were)."""
         found = self._popped.get(head)
         if found is None:
             raise QueueUsageError(f"{self.name}: buffer {head} is not in flight")
-        return found
+        if isinstance(found, DescriptorChain):
+            return found
+        if len(found) == 4:  # from pop_writable
+            _, buf, off, length = found
+            chain = DescriptorChain(head, [], [buf[off : off + length]], 0, length)
+            self._popped[head] = chain
+            return chain
+        _, buf, o0, l0, o1, l1, w1, o2, l2 = found
+        middle = [buf[o1 : o1 + l1]]
+        chain = DescriptorChain(head, [buf[o0 : o0 + l0], *([] if w1 else middle)],
+                                [*(middle if w1 else []), buf[o2 : o2 + l2]],
+                                l0 + (0 if w1 else l1), l2 + (l1 if w1 else 0))
+        self._popped[head] = chain
+        return chain
 
     def fail(self, reason: str) -> RingError:
         """Mark the queue broken (the device refused a request); returns the error."""

@@ -18,6 +18,9 @@ from pyvirtio.ring.chain import DescriptorChain
 #: buffer, then offset and length of each of its three descriptors, and whether the middle
 #: one is device-writable
 ShortChain = tuple[int, memoryview, int, int, int, int, bool, int, int]
+#: a buffer of one device-writable descriptor as :meth:`DeviceRing.pop_writable` hands it
+#: out: head, the memory region's buffer, the offset and length of the descriptor in it
+WritableBuffer = tuple[int, memoryview, int, int]
 
 
 class DeviceRing(Protocol):
@@ -46,6 +49,8 @@ class DeviceRing(Protocol):
         """The next available chain (every ring rule applied), or None."""
     def pop_short(self, limit: int = 0xFFFF) -> list[ShortChain]:
         """Batch pop of the next short chains (three descriptors in one region) as tuples."""
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing, of one-descriptor writable buffers for ``need`` bytes."""
     def chain(self, head: int) -> DescriptorChain:
         """The full chain of an in-flight head (one popped by :meth:`pop_short`)."""
     def rewind(self, count: int) -> None:

@@ -30,7 +30,7 @@ from pyvirtio.ring.barrier import full_barrier
 from pyvirtio.ring.chain import DescriptorChain
 from pyvirtio.ring.errors import QueueFullError, QueueUsageError, RingError
 from pyvirtio.ring.inorder import InOrderCompletions
-from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain
+from pyvirtio.ring.queue import DeviceRing, DriverRing, ShortChain, WritableBuffer
 from pyvirtio.spec import LE, Endian
 from pyvirtio.spec import split as S
 
@@ -98,7 +98,38 @@ class _SplitRing:
         return self._break(reason)
 
 
-class DeviceQueue(_SplitRing):
+class RegionSpans:
+    """What the batch pops (``pop_short``, ``pop_writable``) of both ring formats keep of
+    guest memory: its regions as ``(gpa, end, buffer)``, and the one used last."""
+
+    memory: GuestMemory
+    _spans: tuple[tuple[int, int, memoryview], ...]
+    _span_gen: int
+    _hot: tuple[int, int, memoryview]
+
+    def _init_spans(self) -> None:
+        self._spans = ()
+        self._span_gen = -1
+        self._hot = (0, 0, _EMPTY)
+
+    def _hot_span(self) -> tuple[int, int, memoryview]:
+        """The memory region the last batch pop used (refreshing the regions first if the
+        memory table changed)."""
+        memory = self.memory
+        if memory.generation != self._span_gen:
+            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
+            self._span_gen = memory.generation
+            self._hot = (0, 0, _EMPTY)
+        return self._hot
+
+    def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
+        for span in self._spans:
+            if span[0] <= addr and addr + length <= span[1]:
+                return span
+        return None
+
+
+class DeviceQueue(_SplitRing, RegionSpans):
     """The device side of a split virtqueue.
 
     ``last_avail_idx`` is the next avail ring slot to consume; ``used_idx`` the next used
@@ -136,10 +167,7 @@ class DeviceQueue(_SplitRing):
         self._fenced = False
         self._inflight = bytearray(size)  # 1 while a head is popped and not yet published
         self.max_indirect = MAX_INDIRECT_DESCRIPTORS
-        # pop_short's view of guest memory: the regions, and the one used last
-        self._spans: tuple[tuple[int, int, memoryview], ...] = ()
-        self._span_gen = -1
-        self._hot: tuple[int, int, memoryview] = (0, 0, _EMPTY)
+        self._init_spans()
         self._desc3 = struct.Struct(endian + "QIHH" * 3)  # an indirect table of three
         # VIRTIO_F_IN_ORDER: completions are published in pop order, runs of completely
         # filled buffers as one used element (ring/inorder.py).
@@ -247,17 +275,8 @@ class DeviceQueue(_SplitRing):
         qsize = self.size
         mask = self._mask
         last = self.last_avail_idx
-        pending = (_u16(avail, 2)[0] - last) & 0xFFFF
-        if pending > qsize:
-            return out  # a broken avail index: pop() says so
-        if pending > limit:
-            pending = limit
-        memory = self.memory
-        if memory.generation != self._span_gen:
-            self._spans = tuple((r.gpa, r.end, r.buf) for r in memory.regions)
-            self._span_gen = memory.generation
-            self._hot = (0, 0, _EMPTY)
-        hb, he, hbuf = self._hot
+        pending = self._batch_pending(limit)
+        hb, he, hbuf = self._hot_span()
         append = out.append
         while pending:
             pending -= 1
@@ -299,16 +318,73 @@ class DeviceQueue(_SplitRing):
             append((head, hbuf, a0 - hb, l0, a1 - hb, l1, f1 == _NEXT_WRITE, a2 - hb, l2))
         self._hot = (hb, he, hbuf)
         if out:
-            self.last_avail_idx = last
-            if self.event_idx and self._kicks_enabled:
-                self._u16.pack_into(self._used, self._avail_event_off, last)
+            self._batch_popped(last)
         return out
 
-    def _find(self, addr: int, length: int) -> tuple[int, int, memoryview] | None:
-        for span in self._spans:
-            if span[0] <= addr and addr + length <= span[1]:
-                return span
-        return None
+    def pop_writable(self, need: int) -> list[WritableBuffer]:
+        """Batch pop, all or nothing: the next available buffers that are each one
+        device-writable descriptor (not empty, inside one guest memory region: Linux's
+        receive buffers with mergeable receive buffers), just enough of them to hold
+        ``need`` bytes, as ``(head, buf, offset, length)`` tuples in flight as if popped.
+
+        Pops nothing (and returns ``[]``) if the entries available before the first one
+        that is not such a buffer hold less: those are left for :meth:`pop`, which applies
+        every ring rule (a malformed entry is simply not one of these buffers).
+        """
+        out: list[WritableBuffer] = []
+        if self.broken is not None or self._order is not None:
+            return out  # broken, or IN_ORDER's bookkeeping: every chain goes through pop()
+        avail = self._avail
+        desc = self._desc
+        _u16 = self._u16.unpack_from
+        _desc1 = self._desc_struct.unpack_from
+        inflight = self._inflight
+        qsize = self.size
+        mask = self._mask
+        last = self.last_avail_idx
+        pending = self._batch_pending(0xFFFF)
+        hb, he, hbuf = self._hot_span()
+        append = out.append
+        while need > 0 and pending:
+            pending -= 1
+            head = _u16(avail, 4 + 2 * (last & mask))[0]
+            if head >= qsize or inflight[head]:
+                break
+            addr, length, flags, _ = _desc1(desc, head << 4)
+            if flags != _WRITE or not length:
+                break
+            if not hb <= addr <= he - length:
+                span = self._find(addr, length)
+                if span is None:
+                    break
+                hb, he, hbuf = span
+            inflight[head] = 1  # (now: a head listed twice in the batch stops it)
+            last = (last + 1) & 0xFFFF
+            need -= length
+            append((head, hbuf, addr - hb, length))
+        self._hot = (hb, he, hbuf)
+        if need > 0:
+            for head, *_ in out:  # too few: nothing consumed
+                inflight[head] = 0
+            return []
+        self._batch_popped(last)
+        return out
+
+    # what the batch pops (pop_short, pop_writable) share
+
+    def _batch_pending(self, limit: int) -> int:
+        """Entries a batch pop may look at: the available ones, at most ``limit``; 0 for a
+        broken avail index (pop() says so)."""
+        pending = (self._u16.unpack_from(self._avail, 2)[0] - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            return 0
+        return min(pending, limit)
+
+    def _batch_popped(self, last: int) -> None:
+        """A batch pop consumed the entries up to ``last``."""
+        self.last_avail_idx = last
+        if self.event_idx and self._kicks_enabled:
+            self._u16.pack_into(self._used, self._avail_event_off, last)
 
     def chain(self, head: int) -> DescriptorChain:
         """The full chain of ``head``, which is in flight (popped by :meth:`pop_short`):

@@ -6,16 +6,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+from helpers.engine import QSIZE, driver_ring, start
 from pyvirtio.device.rng import RngDevice
 from pyvirtio.memory import GuestMemory
 from pyvirtio.memory.alloc import Allocator
 from pyvirtio.ring import DriverQueue
-from pyvirtio.spec import features as F
-from pyvirtio.spec import split as SP
-from pyvirtio.spec import status as S
 from pyvirtio.transport.vhost_user.inflight import QueueInflight, queue_region_size
-
-QSIZE = 16
 
 
 class FrozenClock:
@@ -30,23 +26,6 @@ class FrozenClock:
 
     def cancel(self) -> None:
         pass
-
-
-def start(device: RngDevice, memory: GuestMemory) -> None:
-    device.memory = memory
-    device.set_driver_features(F.bit(F.VERSION_1) | F.bit(F.EVENT_IDX) | F.bit(F.INDIRECT_DESC))
-    device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK)
-    device.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-
-
-def driver_ring(memory: GuestMemory) -> tuple[DriverQueue, Allocator, tuple[int, int, int]]:
-    """A split driver ring (EVENT_IDX, INDIRECT) at the bottom of ``memory``."""
-    alloc = Allocator(0, 1 << 20)
-    rings = (alloc.alloc(SP.desc_table_size(QSIZE), 4096),
-             alloc.alloc(SP.avail_size(QSIZE), 4096),
-             alloc.alloc(SP.used_size(QSIZE), 4096))
-    return (DriverQueue(memory, QSIZE, *rings, event_idx=True, indirect=True,
-                        allocator=alloc), alloc, rings)
 
 
 def test_a_restarted_rng_back_end_resubmits_what_its_predecessor_held() -> None:

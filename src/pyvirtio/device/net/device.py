@@ -10,9 +10,9 @@ peer zero-copy (views of guest memory, valid during the call); a BUSY peer puts 
 back until ``peer_ready``: backpressure, not loss. Receive: a frame is copied into buffers
 the device holds from the receive queue (several, ``num_buffers`` in the header, with
 MRG_RXBUF), each used length exactly the bytes written; ``flush=False`` batches the used
-entries until :meth:`NetDevice.flush_rx`. A frame carrying an offload this guest did not
-negotiate is finished in software (:mod:`.offload`), so every endpoint may send any valid
-frame, and CSUM/HOST_TSO can be offered whatever the peer.
+entries until :meth:`NetDevice.flush_rx` (fast lane: a frame's one-descriptor buffers as
+tuples from ``pop_writable``). A frame carrying an offload this guest did not negotiate is
+finished in software (:mod:`.offload`), so any endpoint may send any valid frame.
 
 Hostile guests: a malformed transmit chain (header, offload, size) is dropped and counted
 (``stats.tx_errors``); a malformed ring breaks its queue and sets DEVICE_NEEDS_RESET.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyvirtio.device.base import VirtioDevice
@@ -76,6 +76,8 @@ _GSO = {N.VIRTIO_NET_HDR_GSO_TCPV4: (Offload.TSO4, N.VIRTIO_NET_F_HOST_TSO4),
         N.VIRTIO_NET_HDR_GSO_TCPV6: (Offload.TSO6, N.VIRTIO_NET_F_HOST_TSO6)}
 _HDR = N.net_hdr_struct()  # the 10-byte header; num_buffers is packed separately
 _U16 = struct.Struct("<H")
+#: a receive buffer to fill: a chain (or a head), and its writable memory
+_Target = tuple[DescriptorChain | int, Sequence[memoryview]]
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -95,6 +97,7 @@ class NetStats:
     rx_busy: int = 0  # times we answered BUSY (no receive buffers)
     rx_converted: int = 0  # frames checksummed or segmented in software for this guest
     rx_bad_buffers: int = 0  # receive buffers too small to hold even a header: returned empty
+    rx_fast: int = 0  # frames the receive fast lane placed (straight from the ring)
 
 
 @dataclass
@@ -625,6 +628,12 @@ class NetDevice(VirtioDevice, NetEndpoint):
         need = hlen + length
         spare = engine.held
         pending = engine.done
+        bufs = ring.pop_writable(need) if self._mrg and not spare else ()  # the fast lane
+        if bufs and bufs[0][3] >= hlen:
+            self.stats.rx_fast += 1
+            return self._fill(hdr, frame, length, engine, flush, pending,
+                              [(h, (b[o : o + n],)) for h, b, o, n in bufs])
+        ring.rewind(len(bufs))  # none, or one too small for a header: the general path
         try:
             while True:
                 # Pick the chains this frame will fill (nothing is written yet).
@@ -666,29 +675,22 @@ class NetDevice(VirtioDevice, NetEndpoint):
         except RingError as exc:
             self._peer_problem(str(exc), needs_reset=True)
             return self._rx_drop(f"receive queue {index} broke: {exc}")
-        self._fill(hdr, frame, length, count, spare, pending)
-        self.stats.rx_frames += 1
-        self.stats.rx_bytes += length
-        if self.capture is not None:
-            self.capture.write_frame(frame, length)
-        if flush:
-            engine.complete(())
-        return Delivery.DELIVERED
+        return self._fill(hdr, frame, length, engine, flush, pending, [
+            (chain, chain.writable) for chain in (spare.popleft() for _ in range(count))])
 
-    def _fill(self, hdr: NetHdr, frame: Frame, length: int, count: int,
-              spare: deque[DescriptorChain], pending: list[Completion]) -> None:
-        """Write the header (``num_buffers`` = ``count``) and the frame across the first
-        ``count`` held buffers; queue each one's used entry with the bytes written into it."""
+    def _fill(self, hdr: NetHdr, frame: Frame, length: int, engine: QueueEngine, flush: bool,
+              pending: list[Completion], targets: list[_Target]) -> Delivery:
+        """Write the header (``num_buffers`` = how many targets) and the frame across the
+        targets; queue each one's used entry with the bytes written into it; count it."""
         raw = _HDR.pack(*hdr)
         if self._hdr_len == N.NET_HDR_SIZE:
-            raw += _U16.pack(count)
+            raw += _U16.pack(len(targets))
         src = [raw, *frame]
         left = len(raw) + length
         i = off = 0  # where the copy is in src: segment, offset
-        for _ in range(count):
-            chain = spare.popleft()
+        for chain, writable in targets:
             written = 0
-            for dst in chain.writable:
+            for dst in writable:
                 room = len(dst)
                 pos = 0
                 while pos < room and left:
@@ -705,6 +707,13 @@ class NetDevice(VirtioDevice, NetEndpoint):
                 if not left:
                     break
             pending.append((chain, written))
+        self.stats.rx_frames += 1
+        self.stats.rx_bytes += length
+        if self.capture is not None:
+            self.capture.write_frame(frame, length)
+        if flush:
+            engine.complete(())
+        return Delivery.DELIVERED
 
     def flush_rx(self) -> None:
         """Publish every received frame still batched: one used-index update and at most
